@@ -1,0 +1,100 @@
+"""Feature cache: pooled features stored on disk, keyed by backbone and image content.
+
+Layout: `<cache_dir>/<backbone cache key>/chunk-<id>.safetensors`, each chunk holding `keys`
+(image content hashes, 16 bytes each) and `features` (float32), with a SHA-256 of both in its
+metadata. Chunks are written to a temporary name, fsynced and renamed, so a killed extraction leaves
+only whole chunks behind and a rerun resumes from them. Writers never touch each other's files, so
+runs sharing one cache directory need no coordination. A chunk that fails its checksum is moved
+aside with a warning and its images are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+HASH_BYTES = 16
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TRANSFERLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transferlab"
+
+
+def content_hash(path) -> bytes:
+    """Hash of the file's bytes: the same picture under another name hits the cache."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
+def _checksum(keys: np.ndarray, feats: np.ndarray) -> str:
+    return hashlib.sha256(keys.tobytes() + feats.tobytes()).hexdigest()
+
+
+class FeatureCache:
+    """All chunks of one backbone cache key; `get` looks features up by content hash."""
+
+    def __init__(self, cache_dir, key: str, meta: dict | None = None):
+        self.dir = Path(cache_dir) / "features" / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if meta is not None and not (self.dir / "backbone.json").exists():
+            self._atomic_write(self.dir / "backbone.json", json.dumps(meta, indent=2).encode())
+        self._index: dict[bytes, np.ndarray] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read every whole chunk (also ones another process wrote since)."""
+        for chunk in sorted(self.dir.glob("chunk-*.safetensors")):
+            try:
+                data = load_file(str(chunk))
+                keys, feats = data["keys"], data["features"]
+                with safe_open(str(chunk), "np") as f:
+                    expected = (f.metadata() or {}).get("sha256")
+                if expected != _checksum(keys, feats):
+                    raise ValueError("checksum mismatch")
+            except Exception as exc:
+                warnings.warn(f"feature cache chunk {chunk} is corrupt ({exc}); moved aside, its images will be recomputed")
+                os.replace(chunk, chunk.with_suffix(".corrupt"))
+                continue
+            for k, v in zip(keys, feats):
+                self._index[k.tobytes()] = v
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        return self._index.get(key)
+
+    def put(self, keys: list[bytes], feats: np.ndarray) -> Path:
+        """Write one chunk atomically and index it."""
+        karr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), HASH_BYTES).copy()
+        farr = np.ascontiguousarray(feats, dtype=np.float32)
+        path = self.dir / f"chunk-{uuid.uuid4().hex}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({"keys": karr, "features": farr}, str(tmp), metadata={"sha256": _checksum(karr, farr)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for k, v in zip(keys, farr):
+            self._index[k] = v
+        return path
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""Features: the frozen backbone's pooled penultimate activations ("CNN codes"), extracted once.
+
+Images are hashed, looked up in the cache, and only the missing ones are decoded (DataLoader workers)
+and passed through the backbone in batches (channels_last, bf16/fp16 autocast where the device does it
+natively). New features are written to the cache in chunks as they come, so memory stays flat and an
+interrupted run resumes. Unreadable images are skipped and returned with their reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone
+from .cache import FeatureCache, content_hash, default_cache_dir
+from .images import ImageError, load_rgb
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+VIEWS = ("plain", "hflip")
+
+
+class ExtractionError(RuntimeError):
+    """Extraction cannot go on (e.g. --strict and an unreadable image)."""
+
+
+@dataclass
+class Extraction:
+    features: np.ndarray
+    paths: list[str]
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    computed: int = 0
+    from_cache: int = 0
+    precision: str = "fp32"
+    device: str = "cpu"
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.computed + self.from_cache) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' picks bf16 where the hardware runs it natively, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+class _Images(Dataset):
+    def __init__(self, paths, transform, view):
+        self.paths, self.transform, self.view = paths, transform, view
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            x = self.transform(load_rgb(self.paths[i]))
+            reason = ""
+        except ImageError as exc:
+            x, reason = None, exc.reason
+        except Exception as exc:  # a transform failing on an odd image must not stop the run
+            x, reason = None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+        if x is not None and self.view == "hflip":
+            x = torch.flip(x, dims=[-1])
+        return x, i, reason
+
+
+def _collate(batch):
+    ok = [b for b in batch if b[0] is not None]
+    x = torch.stack([b[0] for b in ok]) if ok else None
+    return x, [b[1] for b in ok], [(b[1], b[2]) for b in batch if b[0] is None]
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores // 2))
+
+
+def forward_features(model: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Pooled features of a preprocessed batch, in float32 on the CPU."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return model(x).float().cpu()
+
+
+def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, precision: str = "auto",
+                     device: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+                     chunk_size: int = 512, view: str = "plain", progress: bool = True,
+                     strict: bool = False, description: str = "features") -> Extraction:
+    """Features for `paths` (in order, unreadable ones skipped), computing only what the cache lacks."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got '{view}'")
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.cache_key(prec, view),
+                         meta={**backbone.describe(), "precision": prec, "view": view})
+
+    skipped: dict[str, str] = {}
+    keys: dict[str, bytes] = {}
+    for p in paths:
+        try:
+            keys[p] = content_hash(p)
+        except OSError as exc:
+            skipped[p] = f"cannot read ({exc.strerror or exc})"
+    todo: dict[bytes, str] = {}
+    for p, k in keys.items():
+        if cache.get(k) is None and k not in todo:
+            todo[k] = p
+    from_cache = sum(1 for k in keys.values() if cache.get(k) is not None)
+
+    if todo:
+        _compute(cache, list(todo.items()), backbone, dev, prec, batch_size,
+                 default_workers(dev) if num_workers is None else num_workers, chunk_size, view,
+                 progress, strict, skipped, description)
+
+    kept = [p for p in paths if p in keys and p not in skipped]
+    feats = np.stack([cache.get(keys[p]) for p in kept]) if kept else np.zeros((0, backbone.num_features), np.float32)
+    return Extraction(features=feats, paths=kept,
+                      skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
+                      seconds=time.perf_counter() - start, computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
+                      from_cache=from_cache, precision=prec, device=str(dev))
+
+
+def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_size, view, progress, strict,
+             skipped, description):
+    todo_keys = [k for k, _ in todo]
+    todo_paths = [p for _, p in todo]
+    model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
+    loader = DataLoader(_Images(todo_paths, backbone.transform(), view), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    pending_keys: list[bytes] = []
+    pending: list[np.ndarray] = []
+
+    def flush():
+        if pending_keys:
+            cache.put(list(pending_keys), np.concatenate(pending))
+            pending_keys.clear()
+            pending.clear()
+
+    columns = [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()]
+    t0 = time.perf_counter()
+    done = 0
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=len(todo_paths), rate="-")
+        try:
+            for x, idx, failed in loader:
+                for i, reason in failed:
+                    if strict:
+                        raise ExtractionError(f"{todo_paths[i]}: {reason} (--strict)")
+                    skipped[todo_paths[i]] = reason
+                if x is not None:
+                    pending.append(forward_features(model, x, dev, prec).numpy())
+                    pending_keys.extend(todo_keys[i] for i in idx)
+                if len(pending_keys) >= chunk_size:
+                    flush()
+                done += len(idx) + len(failed)
+                bar.update(task, advance=len(idx) + len(failed), rate=f"{done / (time.perf_counter() - t0):.1f}")
+        finally:
+            flush()  # keep every finished batch, also on Ctrl-C or an error

@@ -1,0 +1,154 @@
+"""Heads: classifiers trained on cached features, each a scikit-learn estimator.
+
+`softmax` is the seed's Model 1 (a linear softmax layer, Adam lr 1e-4, ReduceLROnPlateau on the
+training loss with PyTorch's defaults, 50 epochs); `svm` is its Model 2 (`SVC(kernel="rbf")`).
+Because they train on cached features, the softmax head costs seconds instead of re-running the
+backbone every epoch; `fit_linear_softmax` is the one loop used both on features and through a
+frozen backbone, which is how tests prove the two give the same head.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.svm import SVC
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+# SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that).
+warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
+
+
+def fit_linear_softmax(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, forward=None,
+                       epochs: int = 50, lr: float = 1e-4, batch_size: int = 32, weight_decay: float = 0.0,
+                       class_weight: torch.Tensor | None = None, seed: int = 0,
+                       valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Train `linear` with the seed's recipe; `forward(batch)` maps inputs to logits (default: linear).
+
+    Returns the per-epoch history: epoch, train_loss, train_acc (over the epoch's mini-batches),
+    valid_loss, valid_acc (after the epoch, NaN without validation data) and lr (used in the epoch).
+    """
+    forward = forward or linear
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    eval_loss = nn.CrossEntropyLoss(weight=class_weight, reduction="sum")
+    n = len(targets)
+    history: dict[str, list[float]] = {k: [] for k in ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr")}
+    for epoch in range(1, epochs + 1):
+        history["lr"].append(opt.param_groups[0]["lr"])
+        total_loss, correct = 0.0, 0
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            logits = forward(inputs[idx])
+            loss = loss_fn(logits, targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == targets[idx]).sum().item()
+        train_loss = total_loss / n
+        sched.step(train_loss)
+        history["epoch"].append(epoch)
+        history["train_loss"].append(train_loss)
+        history["train_acc"].append(correct / n)
+        vloss = vacc = math.nan
+        if valid is not None and len(valid[1]):
+            with torch.no_grad():
+                vlogits = forward(valid[0])
+                vloss = eval_loss(vlogits, valid[1]).item() / len(valid[1])
+                vacc = (vlogits.argmax(1) == valid[1]).float().mean().item()
+        history["valid_loss"].append(vloss)
+        history["valid_acc"].append(vacc)
+    return history
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's 'balanced' rule: n_samples / (n_classes * count)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return w
+
+
+class SoftmaxHead(ClassifierMixin, BaseEstimator):
+    """A linear softmax layer trained with Adam + ReduceLROnPlateau (the seed's Model 1).
+
+    `logit_adjust` (tau) subtracts tau * log(class prior) from the logits at prediction time
+    (Menon et al., 2021), which favours rare classes. `history_` holds the per-epoch curves
+    when `fit` is given validation data through `eval_set`.
+    """
+
+    def __init__(self, epochs: int = 50, lr: float = 1e-4, batch_size: int = 32, weight_decay: float = 0.0,
+                 class_weight: str | None = None, logit_adjust: float = 0.0, seed: int = 0):
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.class_weight = class_weight
+        self.logit_adjust = logit_adjust
+        self.seed = seed
+
+    def fit(self, X, y, eval_set: tuple | None = None):
+        X = np.asarray(X, dtype=np.float32)
+        self.classes_, y_idx = np.unique(np.asarray(y), return_inverse=True)
+        k = len(self.classes_)
+        torch.manual_seed(self.seed)
+        linear = nn.Linear(X.shape[1], k)
+        weight = torch.tensor(balanced_weights(y_idx, k), dtype=torch.float32) if self.class_weight == "balanced" else None
+        valid = None
+        if eval_set is not None:
+            Xv, yv = eval_set
+            keep = np.isin(yv, self.classes_)
+            valid = (torch.from_numpy(np.asarray(Xv, np.float32)[keep]),
+                     torch.from_numpy(np.searchsorted(self.classes_, np.asarray(yv)[keep])))
+        self.history_ = fit_linear_softmax(linear, torch.from_numpy(X), torch.from_numpy(y_idx), epochs=self.epochs,
+                                           lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                                           class_weight=weight, seed=self.seed, valid=valid)
+        self.coef_ = linear.weight.detach().numpy().copy()
+        self.intercept_ = linear.bias.detach().numpy().copy()
+        prior = np.bincount(y_idx, minlength=k) / len(y_idx)
+        self.log_prior_ = np.log(np.maximum(prior, 1e-12))
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X):
+        check_is_fitted(self, "coef_")
+        logits = np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        return logits - self.logit_adjust * self.log_prior_
+
+    def predict_proba(self, X):
+        z = self.decision_function(X)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+
+def seed_svm(seed: int = 0):
+    """The seed's Model 2: an RBF SVM with scikit-learn's defaults (probabilities via Platt scaling).
+
+    Predictions are SVC's own (`predict`), exactly as with `probability=False`; the probabilities are
+    only used for ranking and reports.
+    """
+    return SVC(kernel="rbf", probability=True, random_state=seed)
+
+
+def make_head(name: str, *, seed: int = 0, epochs: int = 50):
+    """A fresh, unfitted estimator for a head name."""
+    if name == "softmax":
+        return SoftmaxHead(epochs=epochs, seed=seed)
+    if name == "svm":
+        return seed_svm(seed)
+    raise ValueError(f"unknown method '{name}' (known: {', '.join(HEADS)})")
+
+
+HEADS = ("softmax", "svm")
+SEED_METHODS = ("softmax", "svm")

@@ -1,0 +1,78 @@
+"""Images: which files count as images, and how each one becomes an RGB picture.
+
+Every decoded image is RGB, 8 bits per channel, EXIF orientation applied, first frame of
+animations, transparency composited on white. Anything unreadable raises `ImageError`
+with the path and the reason, so callers can skip and report it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IGNORED_DIRS = frozenset({"__MACOSX"})
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_hidden_or_ignored(path: Path) -> bool:
+    return any(part.startswith(".") or part in IGNORED_DIRS for part in path.parts)
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension, not hidden (`.DS_Store`, `._x.jpg`), not under `__MACOSX`."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode `path` fully into an RGB image, or raise ImageError naming the file."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                if img.width < 1 or img.height < 1:
+                    raise ImageError(path, "image has no pixels")
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"too large to decode safely ({exc})") from None
+    except Exception as exc:  # PIL raises many types for broken files
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"cannot decode ({type(exc).__name__}: {exc})"
+        raise ImageError(path, reason) from None

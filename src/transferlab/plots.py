@@ -1,0 +1,175 @@
+"""PNG figures for the report: learning curves, learning rate, confusion matrix, class counts, data efficiency.
+
+Uses ``matplotlib.figure.Figure`` directly (Agg canvas), so no global pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+DPI = 120
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _series(history: dict, key: str, n: int) -> np.ndarray | None:
+    """history[key] as floats, or None when absent or all NaN."""
+    values = history.get(key)
+    if values is None or len(values) == 0:
+        return None
+    arr = np.asarray(values, dtype=np.float64)[:n]
+    return None if np.all(np.isnan(arr)) else arr
+
+
+def _epochs(history: dict) -> np.ndarray:
+    if history.get("epoch") is not None and len(history["epoch"]):
+        return np.asarray(history["epoch"], dtype=np.float64)
+    n = max((len(v) for v in history.values()), default=0)
+    return np.arange(1, n + 1, dtype=np.float64)
+
+
+def _no_data(ax, text="no data") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def plot_learning_curves(history: dict[str, list[float]], path, title: str = "") -> Path:
+    """Loss and accuracy (train / valid) per epoch, side by side; missing or NaN validation is skipped."""
+    epochs = _epochs(history)
+    fig = Figure(figsize=(11, 4.2))
+    panels = fig.subplots(1, 2)
+    for ax, metric, label in zip(panels, ("loss", "acc"), ("loss", "accuracy")):
+        drawn = False
+        for split, style in (("train", dict(color="tab:blue")), ("valid", dict(color="tab:orange"))):
+            y = _series(history, f"{split}_{metric}", len(epochs))
+            if y is not None:
+                x = epochs[:len(y)]
+                ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=split, **style)
+                drawn = True
+        if drawn:
+            no_valid = _series(history, f"valid_{metric}", len(epochs)) is None
+            ax.legend(title="no validation data" if no_valid else None)
+        else:
+            _no_data(ax)
+        ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> Path:
+    """Learning rate per epoch as a step line, log y axis."""
+    epochs = _epochs(history)
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    lr = _series(history, "lr", len(epochs))
+    if lr is None:
+        _no_data(ax, "no learning-rate history")
+    else:
+        ax.step(epochs[:len(lr)], lr, where="post", color="tab:green")
+        if np.nanmin(lr) > 0:
+            ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="learning rate", title=title or "learning rate schedule")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normalize: bool = True) -> Path:
+    """Confusion matrix (rows = true class), colour = row-normalised share, cells annotated with counts."""
+    cm = np.asarray(cm, dtype=np.float64)
+    k = len(classes)
+    support = cm.sum(axis=1)
+    if normalize:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shown = np.where(support[:, None] > 0, cm / support[:, None], 0.0)
+    else:
+        shown = cm
+    size = max(5.0, 0.55 * k + 3.5)
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, shown.max()))
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar.set_label("share of the true class (row)" if normalize else "images")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    dark = shown[i, j] > 0.55 * (1 if normalize else shown.max())
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
+    names = [f"{i} {c}" for i, c in enumerate(classes)]
+    ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(k), [f"{n} (n={int(s)})" for n, s in zip(names, support)], fontsize=8)
+    ax.set_xticks(np.arange(k + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(k + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="lightgrey", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    note = ", ".join((["colour: share of the row"] if normalize else []) + (["numbers: image counts"] if k <= 20 else []))
+    ax.set(xlabel="predicted class", ylabel="true class", title=(title or "confusion matrix") + (f"\n({note})" if note else ""))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str], path, title: str = "") -> Path:
+    """Images per class for each split as grouped horizontal bars, log count axis."""
+    splits = list(counts)
+    k = len(classes)
+    fig = Figure(figsize=(9, max(3.5, k * (0.14 * max(1, len(splits)) + 0.1) + 1.2)))
+    ax = fig.subplots()
+    height = 0.8 / max(1, len(splits))
+    y = np.arange(k)
+    peak = 1
+    for s, split in enumerate(splits):
+        values = np.array([counts[split].get(c, 0) for c in classes], dtype=np.float64)
+        peak = max(peak, values.max(initial=0))
+        pos = y - 0.4 + height * (s + 0.5)
+        bars = ax.barh(pos, values, height=height, label=f"{split} ({int(values.sum())})")
+        ax.bar_label(bars, labels=[str(int(v)) if v else "" for v in values], padding=2, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, peak * 3)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_yticks(y, [f"{i} {c}" for i, c in enumerate(classes)], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="images (log scale)", ylabel="class", title=title or "images per class")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(title="split (total)", loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_data_efficiency(points: dict[str, list[tuple[int, float]]], path, ylabel: str = "validation macro-F1",
+                         title: str = "") -> Path:
+    """Score against training images per class, one line per method, log x axis."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ticks: set[int] = set()
+    for name, pts in points.items():
+        pts = sorted(pts)
+        if not pts:
+            continue
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o", label=name)
+        ticks.update(int(v) for v in x)
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(sorted(ticks))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter("")
+        ax.legend(title="method")
+    else:
+        _no_data(ax)
+    ax.set(xlabel="training images per class (log scale)", ylabel=ylabel, title=title or "data efficiency")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

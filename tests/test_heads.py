@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+
+from transferlab.heads import SoftmaxHead, balanced_weights, fit_linear_softmax, make_head
+
+
+def _blobs(n_per=(40, 20, 6), d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2.0, (len(n_per), d))
+    X = np.concatenate([centers[k] + rng.normal(0, 1.0, (n, d)) for k, n in enumerate(n_per)]).astype(np.float32)
+    y = np.concatenate([np.full(n, k) for k, n in enumerate(n_per)])
+    return X, y
+
+
+def test_cached_features_training_equals_training_through_frozen_backbone(tiny_backbone):
+    """The seed trained its softmax layer through the frozen network; on cached features it is the same head."""
+    torch.manual_seed(0)
+    images = torch.randn(24, 3, *tiny_backbone.input_size)
+    targets = torch.arange(24) % 3
+    backbone = tiny_backbone.model.eval()
+    with torch.no_grad():
+        feats = backbone(images)
+
+    torch.manual_seed(1)
+    head_a = torch.nn.Linear(tiny_backbone.num_features, 3)
+    torch.manual_seed(1)
+    head_b = torch.nn.Linear(tiny_backbone.num_features, 3)
+    hist_a = fit_linear_softmax(head_a, feats, targets, epochs=4, lr=1e-2, batch_size=8, seed=5)
+    hist_b = fit_linear_softmax(head_b, images, targets, forward=lambda x: head_b(backbone(x)),
+                                epochs=4, lr=1e-2, batch_size=8, seed=5)
+    torch.testing.assert_close(head_a.weight, head_b.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head_a.bias, head_b.bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hist_a["train_loss"], hist_b["train_loss"], rtol=1e-5)
+    assert not torch.equal(head_a.weight, torch.nn.Linear(tiny_backbone.num_features, 3).weight)
+    # BatchNorm statistics of the frozen backbone did not move
+    assert all(not m.training for m in backbone.modules())
+
+
+def test_softmax_head_learns_and_records_history():
+    X, y = _blobs()
+    head = SoftmaxHead(epochs=30, lr=1e-2, seed=0).fit(X[::2], y[::2], eval_set=(X[1::2], y[1::2]))
+    h = head.history_
+    assert len(h["epoch"]) == 30 and h["train_loss"][-1] < h["train_loss"][0]
+    assert not np.isnan(h["valid_acc"]).any() and h["valid_acc"][-1] > 0.8
+    assert (head.predict(X[1::2]) == y[1::2]).mean() > 0.8
+    p = head.predict_proba(X)
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
+    assert p.shape == (len(X), 3)
+
+
+def test_reduce_lr_on_plateau_defaults_cut_lr_by_ten():
+    X, y = np.zeros((16, 4), np.float32), np.arange(16) % 2  # nothing to learn: the loss plateaus at log 2
+    head = SoftmaxHead(epochs=40, lr=0.5, batch_size=16, seed=0).fit(X, y)
+    lrs = head.history_["lr"]
+    assert lrs[0] == 0.5 and min(lrs) < 0.5
+    assert all(b in (a, pytest.approx(a * 0.1)) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_same_seed_same_head_other_seed_differs():
+    X, y = _blobs()
+    a = SoftmaxHead(epochs=3, seed=0).fit(X, y)
+    b = SoftmaxHead(epochs=3, seed=0).fit(X, y)
+    c = SoftmaxHead(epochs=3, seed=1).fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert not np.array_equal(a.coef_, c.coef_)
+
+
+def test_logit_adjustment_and_balanced_weights_favour_rare_class():
+    X, y = _blobs(n_per=(200, 10), d=2, seed=3)
+    plain = SoftmaxHead(epochs=20, lr=1e-2, seed=0).fit(X, y)
+    adjusted = clone(plain).set_params(logit_adjust=1.0).fit(X, y)
+    assert (adjusted.predict(X) == 1).sum() >= (plain.predict(X) == 1).sum()
+    w = balanced_weights(y, 2)
+    np.testing.assert_allclose(w, [210 / (2 * 200), 210 / (2 * 10)])
+
+
+def test_heads_are_sklearn_estimators():
+    X, y = _blobs()
+    for name in ("softmax", "svm"):
+        est = make_head(name, seed=0, epochs=5)
+        est2 = clone(est)
+        assert est2.get_params() == est.get_params()
+    search = GridSearchCV(SoftmaxHead(epochs=5), {"lr": [1e-3, 1e-2]}, cv=2, scoring="f1_macro").fit(X, y)
+    assert search.best_params_["lr"] in (1e-3, 1e-2)
+    svm = make_head("svm", seed=0).fit(X, y)
+    assert svm.predict_proba(X).shape == (len(X), 3)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_head("nope")

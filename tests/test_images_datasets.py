@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferlab.datasets import DatasetError, discover
+from transferlab.images import ImageError, load_rgb
+
+from .conftest import make_image, make_imagefolder
+
+
+# --- images -------------------------------------------------------------------------------------
+
+def _save(img: Image.Image, path: Path, fmt=None, **kw) -> Path:
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16", "1"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    base = Image.new("RGB", (10, 6), (200, 30, 60))
+    if mode == "I;16":
+        img = Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10) * 1000)
+        path, fmt = tmp_path / "x.png", "PNG"
+    elif mode == "CMYK":
+        img, path, fmt = base.convert("CMYK"), tmp_path / "x.jpg", "JPEG"
+    else:
+        img, path, fmt = base.convert(mode), tmp_path / "x.png", "PNG"
+    out = load_rgb(_save(img, path, fmt))
+    assert out.mode == "RGB" and out.size == (10, 6)
+
+
+def test_sixteen_bit_keeps_dynamic_range(tmp_path):
+    arr = np.linspace(0, 65535, 60, dtype=np.uint16).reshape(6, 10)
+    out = np.asarray(load_rgb(_save(Image.fromarray(arr), tmp_path / "x.png")))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_palette_transparency_composited_on_white(tmp_path):
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.info["transparency"] = 0
+    out = np.asarray(load_rgb(_save(img, tmp_path / "p.png", transparency=0)))
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif.tobytes())
+    assert load_rgb(path).size == (10, 20)
+
+
+def test_gif_first_frame_and_webp_tiff_bmp(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert np.asarray(load_rgb(tmp_path / "a.gif"))[0, 0, 0] > 200
+    for ext in ("webp", "tiff", "bmp"):
+        _save(Image.new("RGB", (5, 5), (1, 2, 3)), tmp_path / f"a.{ext}")
+        assert load_rgb(tmp_path / f"a.{ext}").size == (5, 5)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"this is text, not an image", "cannot decode"),
+])
+def test_unreadable_files_name_path_and_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason) as err:
+        load_rgb(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_jpeg_is_an_image_error(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buf, "JPEG")
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[:200])
+    with pytest.raises(ImageError):
+        load_rgb(tmp_path / "t.jpg")
+
+
+def test_png_named_jpg_still_loads(tmp_path):
+    path = _save(Image.new("RGB", (3, 3)), tmp_path / "really_png.jpg", "PNG")
+    assert load_rgb(path).size == (3, 3)
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+def test_imagefolder_classes_from_train_sorted_and_valid_carved(small_folder):
+    ds = discover(small_folder, seed=0, valid_fraction=0.25)
+    assert ds.classes == ["ant", "bee", "cat"]
+    counts = ds.counts()
+    assert counts["test"] == {"ant": 4, "bee": 3, "cat": 2}
+    assert counts["valid"] == {"ant": 3, "bee": 2, "cat": 1}
+    assert {k: counts["train"][k] + counts["valid"][k] for k in ds.classes} == {"ant": 12, "bee": 8, "cat": 5}
+    # seeded: the same carve twice, another seed another carve
+    assert discover(small_folder, seed=0, valid_fraction=0.25).paths("valid") == ds.paths("valid")
+    assert discover(small_folder, seed=1, valid_fraction=0.25).paths("valid") != ds.paths("valid")
+
+
+def test_test_class_not_in_train_is_named(small_folder):
+    make_image(small_folder / "test" / "dog" / "x.png", 0, np.random.default_rng(0))
+    with pytest.raises(DatasetError, match="'dog'"):
+        discover(small_folder)
+
+
+def test_train_class_absent_from_test_is_fine(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4, "c": 4}, "test": {"a": 2, "b": 2}})
+    ds = discover(root)
+    assert ds.classes == ["a", "b", "c"] and ds.counts()["test"]["c"] == 0
+
+
+def test_hidden_files_macosx_and_empty_class_ignored(small_folder):
+    (small_folder / "train" / "ant" / ".DS_Store").write_bytes(b"junk")
+    (small_folder / "train" / "ant" / "._000.png").write_bytes(b"junk")
+    make_image(small_folder / "train" / "__MACOSX" / "ant" / "x.png", 0, np.random.default_rng(0))
+    (small_folder / "train" / "empty").mkdir()
+    ds = discover(small_folder)
+    assert ds.classes == ["ant", "bee", "cat"]
+    assert not any(".DS_Store" in p or "__MACOSX" in p or "/._" in p for p in ds.paths("train") + ds.paths("valid"))
+    assert any("empty" in n and "no images" in n for n in ds.notes)
+
+
+def test_flat_class_folders_are_split_stratified(tmp_path):
+    root = tmp_path / "flat"
+    make_imagefolder(tmp_path, {"flat": {"x": 20, "y": 10}})
+    ds = discover(root, seed=3, test_fraction=0.2, valid_fraction=0.1)
+    c = ds.counts()
+    assert c["test"] == {"x": 4, "y": 2}
+    assert sum(c["valid"].values()) >= 2 and min(c["train"].values()) > 0
+    assert sum(sum(v.values()) for v in c.values()) == 30
+
+
+def test_csv_manifest_with_splits_and_escape_refused(tmp_path):
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
+    lines = ["path,label,split"]
+    for cls in ("a", "b"):
+        lines += [f"imgs/all/{cls}/000.png,{cls},train", f"imgs/all/{cls}/001.png,{cls},train",
+                  f"imgs/all/{cls}/002.png,{cls},test"]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    ds = discover(tmp_path / "m.csv")
+    assert ds.classes == ["a", "b"] and ds.counts()["test"] == {"a": 1, "b": 1}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "evil.csv").write_text("../imgs/all/a/000.png,a\n../imgs/all/b/000.png,b\n")
+    with pytest.raises(DatasetError, match="outside"):
+        discover(tmp_path / "sub" / "evil.csv")
+    assert len(discover(tmp_path / "sub" / "evil.csv", allow_outside=True, valid_fraction=0).classes) == 2
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "single", "not_csv"])
+def test_hard_errors_are_clear(tmp_path, case):
+    if case == "missing":
+        target, match = tmp_path / "nope", "not found"
+    elif case == "empty":
+        (tmp_path / "e" / "train" / "a").mkdir(parents=True)
+        target, match = tmp_path / "e", "no training images"
+    elif case == "single":
+        target, match = make_imagefolder(tmp_path / "s", {"train": {"only": 3}}), "single class"
+    else:
+        (tmp_path / "x.txt").write_text("hi")
+        target, match = tmp_path / "x.txt", "not a CSV"
+    with pytest.raises(DatasetError, match=match):
+        discover(target)
+
+
+def test_discover_never_writes_in_dataset(small_folder):
+    before = {p: p.stat().st_mtime_ns for p in small_folder.rglob("*")}
+    discover(small_folder)
+    assert {p: p.stat().st_mtime_ns for p in small_folder.rglob("*")} == before
+    assert os.access(small_folder, os.R_OK)
