@@ -54,6 +54,7 @@ class FeatureCache:
         if meta is not None and not (self.dir / "backbone.json").exists():
             self._atomic_write(self.dir / "backbone.json", json.dumps(meta, indent=2).encode())
         self._index: dict[bytes, np.ndarray] = {}
+        self._seconds: dict[bytes, float] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -63,15 +64,17 @@ class FeatureCache:
                 data = load_file(str(chunk))
                 keys, feats = data["keys"], data["features"]
                 with safe_open(str(chunk), "np") as f:
-                    expected = (f.metadata() or {}).get("sha256")
-                if expected != _checksum(keys, feats):
+                    meta = f.metadata() or {}
+                if meta.get("sha256") != _checksum(keys, feats):
                     raise ValueError("checksum mismatch")
             except Exception as exc:
                 warnings.warn(f"feature cache chunk {chunk} is corrupt ({exc}); moved aside, its images will be recomputed")
                 os.replace(chunk, chunk.with_suffix(".corrupt"))
                 continue
+            per_image = float(meta.get("seconds", "nan")) / max(1, len(keys))
             for k, v in zip(keys, feats):
                 self._index[k.tobytes()] = v
+                self._seconds[k.tobytes()] = per_image
 
     def __len__(self) -> int:
         return len(self._index)
@@ -79,18 +82,23 @@ class FeatureCache:
     def get(self, key: bytes) -> np.ndarray | None:
         return self._index.get(key)
 
-    def put(self, keys: list[bytes], feats: np.ndarray) -> Path:
-        """Write one chunk atomically and index it."""
+    def compute_seconds(self, key: bytes) -> float:
+        """Wall time spent computing this image's features when its chunk was written (NaN if unknown)."""
+        return self._seconds.get(key, float("nan"))
+
+    def put(self, keys: list[bytes], feats: np.ndarray, seconds: float = float("nan")) -> Path:
+        """Write one chunk atomically and index it; `seconds` is the time it took to compute."""
         karr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), HASH_BYTES).copy()
         farr = np.ascontiguousarray(feats, dtype=np.float32)
         path = self.dir / f"chunk-{uuid.uuid4().hex}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({"keys": karr, "features": farr}, str(tmp), metadata={"sha256": _checksum(karr, farr)})
+        save_file({"keys": karr, "features": farr}, str(tmp), metadata={"sha256": _checksum(karr, farr), "seconds": repr(float(seconds))})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         for k, v in zip(keys, farr):
             self._index[k] = v
+            self._seconds[k] = seconds / max(1, len(keys))
         return path
 
     @staticmethod

@@ -39,6 +39,7 @@ class Extraction:
     from_cache: int = 0
     precision: str = "fp32"
     device: str = "cpu"
+    cold_seconds: float = float("nan")
 
     @property
     def images_per_second(self) -> float:
@@ -148,11 +149,13 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
                  progress, strict, skipped, description)
 
     kept = [p for p in paths if p in keys and p not in skipped]
+    unique = {keys[p] for p in kept}
+    cold = float(sum(cache.compute_seconds(k) for k in unique))
     feats = np.stack([cache.get(keys[p]) for p in kept]) if kept else np.zeros((0, backbone.num_features), np.float32)
     return Extraction(features=feats, paths=kept,
                       skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
                       seconds=time.perf_counter() - start, computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
-                      from_cache=from_cache, precision=prec, device=str(dev))
+                      from_cache=from_cache, precision=prec, device=str(dev), cold_seconds=cold)
 
 
 def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_size, view, progress, strict,
@@ -166,9 +169,13 @@ def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_si
     pending_keys: list[bytes] = []
     pending: list[np.ndarray] = []
 
+    last = [time.perf_counter()]
+
     def flush():
         if pending_keys:
-            cache.put(list(pending_keys), np.concatenate(pending))
+            now = time.perf_counter()
+            cache.put(list(pending_keys), np.concatenate(pending), seconds=now - last[0])
+            last[0] = now
             pending_keys.clear()
             pending.clear()
 

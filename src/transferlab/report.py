@@ -57,7 +57,7 @@ def _fmt(v, digits=3) -> str:
 
 
 def _seconds(s) -> str:
-    if s is None:
+    if s is None or math.isnan(s):
         return "–"
     return f"{s:.2f} s" if s < 120 else f"{int(s // 60)}m {s % 60:.0f}s"
 
@@ -203,6 +203,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         ["step", "time", "notes"],
         ["feature extraction (this run)", _seconds(ex["seconds"]),
          f"{ex['computed']} computed, {ex['from_cache']} from cache, {_fmt(ex['images_per_second'], 1)} images/s"],
+        ["feature extraction (cold)", _seconds(ex["cold_seconds"]),
+         "backbone forward + decoding, as recorded in the cache when these features were computed"],
         ["feature extraction (fully cached)", _seconds(ex["cached_seconds"]), f"{ex['images']} images, no forward pass"],
         *[[f"{n}: train", _seconds(m["train_seconds"]), "on cached features"] for n, m in methods.items()],
         *[[f"{n}: predict test", _seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],

@@ -70,7 +70,7 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
                                      y=np.array([s.label for s in samples], dtype=np.int64),
                                      paths=[s.path for s in samples])
     info = {"seconds": first.seconds, "images": len(all_paths), "computed": first.computed,
-            "from_cache": first.from_cache, "cached_seconds": warm.seconds,
+            "from_cache": first.from_cache, "cached_seconds": warm.seconds, "cold_seconds": first.cold_seconds,
             "images_per_second": first.images_per_second, "precision": first.precision, "device": first.device,
             "skipped": first.skipped}
     return splits, info
