@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import classification_report
+
+from transferlab.cli import main
+from transferlab.study import StudyConfig, run_study
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
+        "--workers", "0"]
+
+
+def _cfg(data, out, cache_dir, **kw):
+    return StudyConfig(data=str(data), out=str(out), backbone="test_efficientnet", weights="random",
+                       input_size=(32, 40), epochs=kw.pop("epochs", 5), cache_dir=str(cache_dir), progress=False,
+                       num_workers=0, **kw)
+
+
+@pytest.fixture
+def study(small_folder, tmp_path, cache_dir):
+    cfg = _cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25)
+    return cfg, run_study(cfg)
+
+
+def test_metrics_json_has_stable_keys(study):
+    cfg, metrics = study
+    saved = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    for key in ("backbone", "input_size", "seed", "classes", "n_train", "n_valid", "n_test", "extract", "methods"):
+        assert key in saved, key
+    assert saved["input_size"] == [32, 40] and saved["classes"] == ["ant", "bee", "cat"]
+    assert saved["n_train"] + saved["n_valid"] == 25 and saved["n_test"] == 9
+    assert {"seconds", "images", "from_cache"} <= set(saved["extract"]) and saved["extract"]["images"] == 34
+    for name in ("softmax", "svm"):
+        m = saved["methods"][name]
+        for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "train_seconds", "predict_seconds",
+                    "per_class"):
+            assert key in m, (name, key)
+        assert set(m["per_class"]) == {"ant", "bee", "cat"}
+        assert set(m["per_class"]["ant"]) >= {"precision", "recall", "f1", "support"}
+        assert m["train_seconds"] > 0
+
+
+def test_report_tables_match_sklearn_and_files_are_written(study):
+    cfg, metrics = study
+    out = Path(cfg.out)
+    for name in ("class_distribution.png", "softmax_learning_curves.png", "softmax_lr.png", "softmax_confusion.png",
+                 "svm_confusion.png", "softmax_history.csv", "softmax_report.tsv", "svm_report.tsv", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    for section in ("## Setup", "## Results (test set)", "### Per-class results", "## Timings", "## Findings"):
+        assert section in report
+    m = metrics["methods"]["softmax"]
+    # the seed-layout table in the .tsv agrees with sklearn's classification_report on the same predictions
+    tsv = (out / "softmax_report.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["class", "precision", "recall", "f1-score", "support"]
+    assert len(tsv) == 1 + 3 + 3  # header, three present classes, accuracy, macro, weighted
+    cm = np.array(m["confusion_matrix"])
+    y_true = np.repeat(np.arange(3), cm.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(3), row) for row in cm])
+    ref = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    assert float(tsv[-2].split("\t")[3]) == pytest.approx(ref["macro avg"]["f1-score"], abs=5e-4)
+    assert m["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"])
+    hist = (out / "softmax_history.csv").read_text().splitlines()
+    assert hist[0].split(",") == ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr"]
+    assert len(hist) == 1 + 5
+
+
+def test_same_seed_same_metrics_and_second_run_uses_cache(study, tmp_path, cache_dir, small_folder):
+    cfg, first = study
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir, valid_fraction=0.25))
+    assert again["extract"]["from_cache"] == 34 and again["extract"]["computed"] == 0
+    for name in ("softmax", "svm"):
+        a, b = first["methods"][name], again["methods"][name]
+        assert a["per_class"] == b["per_class"] and a["confusion_matrix"] == b["confusion_matrix"]
+        assert a["accuracy"] == b["accuracy"] and a["macro_f1"] == b["macro_f1"]
+
+
+def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):
+    from .conftest import make_imagefolder
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 8, "b": 8, "c": 6}, "test": {"a": 3, "b": 3}})
+    metrics = run_study(_cfg(root, tmp_path / "out", cache_dir))
+    m = metrics["methods"]["svm"]
+    assert set(m["per_class"]) == {"a", "b"}
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in ("a", "b")]))
+    rows = [line.split("\t")[0] for line in (tmp_path / "out" / "svm_report.tsv").read_text().splitlines()]
+    assert rows == ["class", "0 a", "1 b", "accuracy", "macro avg", "weighted avg"]
+
+
+def test_cli_run_and_errors(small_folder, tmp_path, cache_dir, capsys):
+    out = tmp_path / "cli"
+    rc = main(["run", str(small_folder), "--out", str(out), "--epochs", "3", "--cache-dir", str(cache_dir), *TINY])
+    assert rc == 0 and (out / "metrics.json").exists()
+    assert "softmax" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "missing"), "--out", str(out), *TINY]) == 2
+    assert "dataset not found" in capsys.readouterr().err
+    assert main(["run", str(small_folder), "--methods", "magic", *TINY]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["run", str(small_folder), "--backbone", "nope_net", "--input-size", "32"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
+    """`transferlab demo`: embedded data + embedded backbone, no network (kept small for CI)."""
+    import transferlab.cli as cli
+    import transferlab.demo as demo
+    real = demo.build_demo_dataset
+    monkeypatch.setattr(demo, "build_demo_dataset", lambda root, seed=0: real(root, seed=seed, size=32, max_per_class=12))
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
+    assert metrics["weights"].startswith("embedded:") and len(metrics["classes"]) == 10
+    assert metrics["methods"]["svm"]["accuracy"] > 0.3  # ten classes: chance is 0.1
