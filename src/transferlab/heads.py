@@ -107,9 +107,15 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
             keep = np.isin(yv, self.classes_)
             valid = (torch.from_numpy(np.asarray(Xv, np.float32)[keep]),
                      torch.from_numpy(np.searchsorted(self.classes_, np.asarray(yv)[keep])))
-        self.history_ = fit_linear_softmax(linear, torch.from_numpy(X), torch.from_numpy(y_idx), epochs=self.epochs,
-                                           lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                                           class_weight=weight, seed=self.seed, valid=valid)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # mini-batches this small lose to thread overhead (~30x slower on 2 busy cores)
+        try:
+            self.history_ = fit_linear_softmax(linear, torch.from_numpy(X), torch.from_numpy(y_idx),
+                                               epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                               weight_decay=self.weight_decay, class_weight=weight, seed=self.seed,
+                                               valid=valid)
+        finally:
+            torch.set_num_threads(threads)
         self.coef_ = linear.weight.detach().numpy().copy()
         self.intercept_ = linear.bias.detach().numpy().copy()
         prior = np.bincount(y_idx, minlength=k) / len(y_idx)
@@ -141,14 +147,30 @@ def seed_svm(seed: int = 0):
     return SVC(kernel="rbf", probability=True, random_state=seed)
 
 
-def make_head(name: str, *, seed: int = 0, epochs: int = 50):
-    """A fresh, unfitted estimator for a head name."""
+def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
+              flip_train: bool = False):
+    """A fresh, unfitted estimator for a head name.
+
+    The seed's two methods keep their fixed recipes; the tuned heads (`selection.TUNED`) are
+    `ValidationSearch` estimators that pick their hyperparameters by `scoring` on `fit(..., eval_set=valid)`,
+    or by `cv`-fold cross-validation over train + valid when `cv` >= 2. `flip_train`: rows hold plain and
+    flipped features side by side and the head trains on both views (`probes.ViewAugmented`).
+    """
+    if name in TUNED_HEADS:
+        from .selection import make_tuned
+        return make_tuned(name, seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
     if name == "softmax":
-        return SoftmaxHead(epochs=epochs, seed=seed)
-    if name == "svm":
-        return seed_svm(seed)
-    raise ValueError(f"unknown method '{name}' (known: {', '.join(HEADS)})")
+        est = SoftmaxHead(epochs=epochs, seed=seed)
+    elif name == "svm":
+        est = seed_svm(seed)
+    else:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(HEADS)})")
+    if flip_train:
+        from .probes import ViewAugmented
+        est = ViewAugmented(est)
+    return est
 
 
-HEADS = ("softmax", "svm")
+TUNED_HEADS = ("svm_tuned", "logreg", "linear_svm", "knn", "softmax_tuned")  # grids in selection.TUNED
+HEADS = ("softmax", "svm", *TUNED_HEADS)
 SEED_METHODS = ("softmax", "svm")

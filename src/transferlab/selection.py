@@ -1,0 +1,364 @@
+"""Selection: the tuned heads, their grids, the validation search that tunes them, and the choice of method.
+
+The protocol, the same for every tuned head and every method:
+- default (validation split): each grid point is fitted on the training split and scored on the validation
+  split with the select metric (macro-F1 by default); the best point wins (ties: then accuracy, balanced
+  accuracy, grid order). The head is that point's model as fitted on train, so its validation numbers are
+  the ones the choice was made on and it sees the same data as the seed methods;
+- `cv=K` (K >= 2): each grid point is scored by stratified K-fold cross-validation over train + valid
+  pooled (out-of-fold predictions, scored once: rare classes count with all their images instead of the
+  one or two the validation split holds); the winner is then fitted on train;
+- among the methods of a study, the best score under the same protocol is `selected` (`select_method`).
+No function here takes test data: selection cannot read test labels.
+
+Grids are small and run on cached features, so tuning every head costs seconds, not backbone passes.
+Parameters named in a spec's `posthoc` act at prediction time only (logit adjustment), so their values
+are scored on one fitted model instead of refitting it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.model_selection import ParameterGrid
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ViewAugmented
+
+METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
+DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+def score(y_true, y_pred) -> dict[str, float]:
+    """Accuracy, macro-F1 and balanced accuracy over the classes present in y_true (as `evaluate` does)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.unique(y_true)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bal = balanced_accuracy_score(y_true, y_pred)
+    return {"macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y_true, y_pred)), "balanced_accuracy": float(bal)}
+
+
+def _fit_predict(estimator, params: dict, posthoc: list[dict], X_fit, y_fit, X_score, keep: bool) -> dict:
+    """One fit of one grid point (one fold), predictions for each of its prediction-time settings."""
+    t0 = time.perf_counter()
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            model = clone(estimator).set_params(**params).fit(X_fit, y_fit)
+            preds = [model.set_params(**p).predict(X_score) for p in posthoc]
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            return {"error": str(exc)}
+    return {"preds": preds, "seconds": time.perf_counter() - t0, "model": model if keep else None}
+
+
+def cv_folds(y, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, shuffled, seeded k-fold (train, test) indices; classes rarer than k spread as they can."""
+    from sklearn.model_selection import StratifiedKFold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def cross_val_scores(estimator, X, y, k: int, seed: int = 0) -> dict[str, float]:
+    """The three metrics of pooled out-of-fold predictions of an unfitted estimator (k-fold, stratified)."""
+    X, y = np.asarray(X), np.asarray(y)
+    pred = np.empty_like(y)
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for a, b in cv_folds(y, k, seed):
+            pred[b] = clone(estimator).fit(X[a], y[a]).predict(X[b])
+    return score(y, pred)
+
+
+def _rank_key(scores: dict[str, float], metric: str) -> tuple:
+    return (scores[metric], *(scores[m] for m in METRICS if m != metric))
+
+
+def holdout_split(y, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, holdout): a stratified, seeded share of each class held out (the datasets' rule)."""
+    from .datasets import Sample, _stratified_split
+    moved = _stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(np.asarray(y))], fraction,
+                              "holdout", seed)
+    hold = np.array([s.split == "holdout" for s in moved])
+    return np.flatnonzero(~hold), np.flatnonzero(hold)
+
+
+class ValidationSearch(ClassifierMixin, BaseEstimator):
+    """Tune `estimator` over `param_grid` on validation data; then behave as the best fitted model.
+
+    `fit(X, y, eval_set=(X_valid, y_valid))` fits every grid point on (X, y) and scores it on the
+    validation data; without `eval_set`, a stratified `holdout` share of (X, y) plays that part and the
+    winner is refitted on all of (X, y). With `cv` >= 2, every point is scored instead by stratified
+    `cv`-fold cross-validation over (X, y) and the validation data pooled (out-of-fold predictions,
+    scored once), and the winner is refitted on (X, y). `search_params` are set only while searching
+    (e.g. no Platt scaling); the winner is refitted without them. Grid points (and folds) are fitted in
+    `n_jobs` processes (joblib; default 1, in-process; below 4 MB of features always in-process), each
+    with `n_threads` BLAS/OpenMP threads (default 1: problems this small run up to 30x slower with threads
+    on shared, busy cores, and one thread makes the choice independent of the machine). After fit:
+    `best_params_`, `best_valid_` (the three validation metrics), `results_` (every point),
+    `best_estimator_`, `search_seconds_`.
+    """
+
+    def __init__(self, estimator, param_grid, scoring: str = "macro_f1", posthoc: tuple = (),
+                 search_params: dict | None = None, cv: int = 0, holdout: float = 0.2, n_jobs: int | None = 1,
+                 n_threads: int | None = 1, seed: int = 0):
+        self.estimator = estimator
+        self.param_grid = param_grid
+        self.scoring = scoring
+        self.posthoc = posthoc
+        self.search_params = search_params
+        self.cv = cv
+        self.holdout = holdout
+        self.n_jobs = n_jobs
+        self.n_threads = n_threads
+        self.seed = seed
+
+    def fit(self, X, y, eval_set: tuple | None = None):
+        with threadpool_limits(self.n_threads):
+            return self._fit(X, y, eval_set)
+
+    def _splits(self, X, y, eval_set) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(X_fit, y_fit, X_score, y_score) per fold: one for a validation split, `cv` for cross-validation."""
+        has_valid = eval_set is not None and len(eval_set[1])
+        if self.cv and self.cv >= 2:
+            Xp, yp = (np.concatenate([X, np.asarray(eval_set[0])]), np.concatenate([y, np.asarray(eval_set[1])])) \
+                if has_valid else (X, y)
+            self.validation_ = f"{self.cv}-fold CV on train{' + valid' if has_valid else ''}"
+            return [(Xp[a], yp[a], Xp[b], yp[b]) for a, b in cv_folds(yp, self.cv, self.seed)]
+        if has_valid:
+            self.validation_ = "validation split"
+            return [(X, y, np.asarray(eval_set[0]), np.asarray(eval_set[1]))]
+        fit_idx, hold_idx = holdout_split(y, self.holdout, self.seed)
+        if not len(hold_idx):
+            raise ValueError("no validation data: pass eval_set or give each class at least three images")
+        self.validation_ = f"holdout {self.holdout:.0%} of train"
+        return [(X[fit_idx], y[fit_idx], X[hold_idx], y[hold_idx])]
+
+    def _fit(self, X, y, eval_set):
+        if self.scoring not in METRICS:
+            raise ValueError(f"scoring must be one of {', '.join(METRICS)}, got '{self.scoring}'")
+        t0 = time.perf_counter()
+        X, y = np.asarray(X), np.asarray(y)
+        folds = self._splits(X, y, eval_set)
+        search = dict(self.search_params or {})
+        groups: dict[tuple, list[dict]] = {}
+        for point in ParameterGrid(self.param_grid):
+            key = tuple(sorted((k, repr(v)) for k, v in point.items() if k not in self.posthoc))
+            groups.setdefault(key, []).append(point)
+        keep = len(folds) == 1 and not search  # the search's own model is the final one: no refit
+        tasks = [({**search, **{k: v for k, v in points[0].items() if k not in self.posthoc}},
+                  [{k: v for k, v in p.items() if k in self.posthoc} for p in points], fold)
+                 for points in groups.values() for fold in folds]
+        small = X.nbytes < 4_000_000  # process start-up (seconds) would cost more than it saves
+        done = Parallel(n_jobs=1 if small else self.n_jobs)(
+            delayed(_fit_predict)(self.estimator, params, post, Xf, yf, Xs, keep)
+            for params, post, (Xf, yf, Xs, _) in tasks)
+        self.results_, best, best_model = [], None, None
+        for g, points in enumerate(groups.values()):
+            runs = done[g * len(folds):(g + 1) * len(folds)]
+            failed = next((r["error"] for r in runs if "error" in r), None)
+            if failed:  # e.g. more neighbours than images
+                self.results_ += [{"params": p, "valid": None, "error": failed} for p in points]
+                continue
+            true = np.concatenate([f[3] for f in folds])
+            for i, p in enumerate(points):
+                s = score(true, np.concatenate([r["preds"][i] for r in runs]))
+                self.results_.append({"params": p, "valid": s, "fit_seconds": sum(r["seconds"] for r in runs)})
+                if best is None or _rank_key(s, self.scoring) > _rank_key(best["valid"], self.scoring):
+                    best, best_model = self.results_[-1], runs[0]["model"]
+        if best is None:
+            raise ValueError(f"every grid point failed: {self.results_[0].get('error')}")
+        self.best_params_ = dict(best["params"])
+        self.best_valid_ = best["valid"]
+        self.best_score_ = best["valid"][self.scoring]
+        if keep and self.validation_ == "validation split":
+            self.best_estimator_ = best_model.set_params(**{k: v for k, v in self.best_params_.items()
+                                                            if k in self.posthoc})
+        else:  # fold models, a holdout, or search-only settings: refit the winner on (X, y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self.best_estimator_ = clone(self.estimator).set_params(**self.best_params_).fit(X, y)
+        self.search_seconds_ = time.perf_counter() - t0
+        return self
+
+    @property
+    def classes_(self):
+        check_is_fitted(self, "best_estimator_")
+        return self.best_estimator_.classes_
+
+    @property
+    def n_features_in_(self):
+        return self.best_estimator_.n_features_in_
+
+    def predict(self, X):
+        check_is_fitted(self, "best_estimator_")
+        return self.best_estimator_.predict(X)
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "best_estimator_")
+        return self.best_estimator_.predict_proba(X)
+
+    def decision_function(self, X):
+        check_is_fitted(self, "best_estimator_")
+        return self.best_estimator_.decision_function(X)
+
+    def summary(self) -> dict:
+        """What the search chose and from what, for metrics.json and the report."""
+        check_is_fitted(self, "best_estimator_")
+        return {"best_params": self.best_params_, "valid": self.best_valid_, "scoring": self.scoring,
+                "validation": self.validation_, "grid_points": len(self.results_),
+                "failed": sum(r["valid"] is None for r in self.results_),
+                "search_seconds": self.search_seconds_, "results": self.results_}
+
+
+def _pipe(clf, features: str = "standard") -> Pipeline:
+    return Pipeline([("features", FeatureTransform(features)), ("clf", clf)])
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A tuned head: `build(seed, epochs)` makes the pipeline, `grid` is searched on validation."""
+    build: Callable[[int, int], Pipeline]
+    grid: list[dict]
+    description: str
+    posthoc: tuple[str, ...] = ()
+    search_params: dict = field(default_factory=dict)
+
+
+def _softmax(seed: int, epochs: int) -> Pipeline:
+    from .heads import SoftmaxHead
+    return _pipe(SoftmaxHead(epochs=epochs, batch_size=128, class_weight="balanced", seed=seed))
+
+
+TUNED: dict[str, HeadSpec] = {
+    "svm_tuned": HeadSpec(
+        build=lambda seed, epochs: _pipe(KernelSVMHead(class_weight="balanced", seed=seed)),
+        grid=[{"clf__C": [1.0, 10.0, 100.0], "clf__gamma_scale": [0.125, 0.25, 0.5, 1.0]}],
+        search_params={"clf__probability": False},
+        description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation"),
+    "logreg": HeadSpec(
+        build=lambda seed, epochs: _pipe(LogisticRegression(class_weight="balanced", max_iter=1000,
+                                                            random_state=seed)),
+        grid=[{"features__kind": ["standard", "pca_whiten"], "clf__C": [1e-3, 1e-2, 1e-1]}],
+        description="multinomial logistic regression (L-BFGS), class_weight=balanced; features x C on validation"),
+    "linear_svm": HeadSpec(
+        build=lambda seed, epochs: _pipe(LinearSVMHead(class_weight="balanced", tol=1e-2, random_state=seed)),
+        grid=[{"clf__C": [1e-4, 1e-3, 1e-2]}],
+        description="linear SVM (LinearSVC, one-vs-rest), standardised features, class_weight=balanced; "
+                    "C on validation"),
+    "knn": HeadSpec(
+        build=lambda seed, epochs: _pipe(KNeighborsClassifier(metric="cosine", algorithm="brute", weights="distance"),
+                                         "l2"),
+        grid=[{"features__kind": ["l2", "standard"], "clf__n_neighbors": [1, 3, 5, 10, 20]}],
+        description="k nearest neighbours, cosine, distance-weighted; features x k on validation"),
+    "softmax_tuned": HeadSpec(
+        build=_softmax,
+        grid=[{"clf__lr": [1e-3, 1e-2], "clf__weight_decay": [0.0, 1e-4], "clf__class_weight": ["balanced"],
+               "clf__logit_adjust": [0.0]},
+              {"clf__lr": [1e-3, 1e-2], "clf__weight_decay": [0.0, 1e-4], "clf__class_weight": [None],
+               "clf__logit_adjust": [0.5, 1.0]}],
+        posthoc=("clf__logit_adjust",),
+        description="softmax layer (Adam, batch 128), standardised features; lr x weight decay x "
+                    "(class_weight=balanced | logit adjustment tau) on validation"),
+}
+
+
+def make_tuned(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
+               flip_train: bool = False) -> ValidationSearch:
+    """A tuned head; with `flip_train` its pipeline trains on plain and flipped views (`ViewAugmented`)."""
+    spec = TUNED[name]
+    est, grid, posthoc, search = spec.build(seed, epochs), spec.grid, spec.posthoc, dict(spec.search_params)
+    if flip_train:
+        est = ViewAugmented(est)
+        grid = [{f"estimator__{k}": v for k, v in g.items()} for g in grid]
+        posthoc = tuple(f"estimator__{k}" for k in posthoc)
+        search = {f"estimator__{k}": v for k, v in search.items()}
+    return ValidationSearch(est, grid, scoring=scoring, posthoc=posthoc, search_params=search, cv=cv, seed=seed)
+
+
+def resolve_methods(methods) -> list[str]:
+    """Method names with "all" expanded to every head (`heads.HEADS`), in order, without repeats."""
+    from .heads import HEADS
+    out: list[str] = []
+    for m in methods:
+        for name in (HEADS if m == "all" else (m,)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def select_method(valid: dict[str, dict], metric: str = "macro_f1") -> dict:
+    """The method with the best validation `metric` (ties: the other metrics, then order); validation only."""
+    if metric not in METRICS:
+        raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    if not valid:
+        raise ValueError("no method has validation scores to select on")
+    ranking = sorted(valid, key=lambda n: _rank_key(valid[n], metric), reverse=True)  # stable: order breaks ties
+    return {"method": ranking[0], "metric": metric,
+            "valid": {m: valid[ranking[0]][m] for m in METRICS},
+            "ranking": [[n, valid[n][metric]] for n in ranking]}
+
+
+def _fixed(estimator):
+    """The estimator with its chosen hyperparameters, unfitted, without search-free extras (Platt scaling)."""
+    if isinstance(estimator, ValidationSearch):
+        base = clone(estimator.best_estimator_).set_params(**(estimator.search_params or {}))
+    else:
+        base = clone(estimator)
+    off = {k: False for k in base.get_params() if k.split("__")[-1] == "probability"}
+    return base.set_params(**off)
+
+
+def data_efficiency(estimator, X_train, y_train, X_valid, y_valid, *, metric: str = "macro_f1", seed: int = 0,
+                    ks=DATA_EFFICIENCY_KS, repeats: int = 3) -> dict:
+    """Validation `metric` when the head (its chosen hyperparameters fixed) trains on k images per class.
+
+    Each class contributes min(k, its count) images, sampled with `seed`; points whose sample is not the
+    whole training set are averaged over `repeats` draws. The last point is all training images.
+    """
+    y_train = np.asarray(y_train)
+    classes, counts = np.unique(y_train, return_counts=True)
+    cap = int(counts.max())
+    ks = sorted({k for k in ks if k < cap} | {cap})
+    base = _fixed(estimator)
+    points = []
+    with threadpool_limits(1):
+        for k in ks:
+            points.append(_efficiency_point(base, X_train, y_train, X_valid, y_valid, classes, counts, k,
+                                            k >= cap, metric, seed, repeats))
+    return {"metric": metric, "seed": seed, "repeats": repeats, "params": _scalar_params(base), "points": points}
+
+
+def _efficiency_point(base, X_train, y_train, X_valid, y_valid, classes, counts, k, full, metric, seed, repeats):
+    scores, errors, t0 = [], [], time.perf_counter()
+    for r in range(1 if full else repeats):
+        rng = np.random.default_rng([seed, k, r])
+        idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model = clone(base).fit(X_train[idx], y_train[idx])
+            scores.append(score(y_valid, model.predict(X_valid))[metric])
+        except ValueError as exc:  # e.g. more neighbours than images at k=1
+            errors.append(str(exc))
+    return {"k": k, "n_train": int(np.minimum(counts, k).sum()),
+            "score": float(np.mean(scores)) if scores else None, "scores": scores,
+            "seconds": time.perf_counter() - t0, **({"error": errors[0]} if errors else {})}
+
+
+def _scalar_params(est) -> dict:
+    return {k: v for k, v in est.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))}
