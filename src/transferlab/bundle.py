@@ -1,0 +1,516 @@
+"""Bundles: a trained method saved as a folder that loads without executing code.
+
+A bundle directory holds exactly these files, nothing else:
+
+- `config.json`: backbone name, weights source and SHA-256 digest (of the state dict), preprocessing, input size,
+  class names, head type and hyperparameters, library versions, and the SHA-256 of every other file;
+- `head.safetensors` for transferlab's own heads (e.g. `SoftmaxHead`): their learned arrays, with the small
+  non-array state in config.json; or `head.skops` for scikit-learn heads (SVC, Pipelines, ...), read with
+  `skops.io` and an explicit allowlist of classes, never pickle or joblib;
+- optionally `backbone.safetensors`: the backbone's weights when they cannot be had again by name (fine-tuned,
+  random-init, or `embed_backbone=True`).
+
+`load(DIR)` (also `transferlab.load`) returns a `Model` that predicts from image paths or PIL images. It refuses,
+naming the reason, a bundle with an unexpected file, a file whose digest differs from config.json, a head class
+outside the allowlist, or backbone weights that are missing or whose digest differs from the one trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbones import Backbone, BackboneError, load_backbone, state_dict_digest
+
+FORMAT = "transferlab-bundle"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+HEAD_FILES = {"safetensors": "head.safetensors", "skops": "head.skops"}
+BACKBONE_FILE = "backbone.safetensors"
+ALLOWED_FILES = frozenset({CONFIG, BACKBONE_FILE, *HEAD_FILES.values()})
+# Module roots whose classes a head.skops may contain (and only classes, never functions).
+TRUSTED_ROOTS = ("sklearn", "transferlab")
+
+
+class BundleError(BackboneError):
+    """A bundle that cannot be saved or loaded safely; the message says why and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(value):
+    """Hyperparameters for config.json: plain values as they are, anything else by its repr."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value):
+        return list(value)
+    return repr(value)
+
+
+def describe_params(estimator) -> dict:
+    """Every hyperparameter (nested ones of Pipelines too), JSON-safe."""
+    try:
+        params = estimator.get_params(deep=True)
+    except Exception:
+        return {}
+    return {k: _jsonable(v) for k, v in sorted(params.items())}
+
+
+# ---- heads ------------------------------------------------------------------------------------------------
+
+def _is_plain(v) -> bool:
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_is_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_plain(x) for k, x in v.items())
+    return False
+
+
+def _array_state(estimator) -> tuple[dict[str, np.ndarray], dict] | None:
+    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects."""
+    arrays, plain = {}, {}
+    for key, value in vars(estimator).items():
+        if not key.endswith("_") or key.startswith("_"):
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            arrays[key] = np.ascontiguousarray(value)
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "U":
+            plain[key] = {"__ndarray__": value.tolist(), "dtype": "str"}
+        elif isinstance(value, np.generic):
+            plain[key] = value.item()
+        elif _is_plain(value):
+            plain[key] = value
+        else:
+            return None
+    return arrays, plain
+
+
+def _head_class(module: str, name: str):
+    """A transferlab estimator class named in config.json; anything else is refused."""
+    if module.split(".")[0] != "transferlab":
+        raise BundleError(f"head class {module}.{name} is not a transferlab head; refused")
+    from sklearn.base import BaseEstimator
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise BundleError(f"head class {module}.{name} does not exist in this transferlab version "
+                          f"({__version__})") from None
+    if not (isinstance(cls, type) and issubclass(cls, BaseEstimator)):
+        raise BundleError(f"{module}.{name} is not an estimator class; refused")
+    return cls
+
+
+def _trusted(types: list[str]) -> list[str]:
+    """The types skops does not trust by itself that are still safe here: classes under TRUSTED_ROOTS."""
+    ok, bad = [], []
+    for t in types:
+        module, _, name = t.rpartition(".")
+        cls = None
+        if module.split(".")[0] in TRUSTED_ROOTS:
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                cls = None
+        (ok if isinstance(cls, type) else bad).append(t)
+    if bad:
+        raise BundleError(f"head.skops contains types that are not allowed: {', '.join(bad)} "
+                          f"(only scikit-learn and transferlab classes load); refused")
+    return ok
+
+
+def _save_head(estimator, directory: Path) -> dict:
+    state = _array_state(estimator) if type(estimator).__module__.startswith("transferlab.") else None
+    info = {"class": type(estimator).__name__, "module": type(estimator).__module__,
+            "params": describe_params(estimator)}
+    if state is not None:
+        from safetensors.numpy import save_file
+        arrays, plain = state
+        save_file(arrays, str(directory / HEAD_FILES["safetensors"]))
+        info.update(format="safetensors", file=HEAD_FILES["safetensors"], state=plain,
+                    init={k: v for k, v in estimator.get_params(deep=False).items() if _is_plain(v)})
+        return info
+    import skops.io as sio
+    path = directory / HEAD_FILES["skops"]
+    try:
+        sio.dump(estimator, path)
+    except Exception as exc:
+        raise BundleError(f"cannot save head {type(estimator).__name__} with skops ({type(exc).__name__}: {exc})") from None
+    _trusted(sio.get_untrusted_types(file=path))  # refuse now what load would refuse later
+    info.update(format="skops", file=HEAD_FILES["skops"])
+    return info
+
+
+def _load_head(info: dict, directory: Path):
+    fmt = info.get("format")
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+        cls = _head_class(info["module"], info["class"])
+        est = cls(**info.get("init", {}))
+        state = {**load_file(str(directory / HEAD_FILES["safetensors"])), **info.get("state", {})}
+        for key, value in state.items():
+            if not key.endswith("_") or key.startswith("_"):
+                raise BundleError(f"head state {key!r} is not a learned attribute (name_); refused")
+            if isinstance(value, dict) and "__ndarray__" in value:
+                value = np.array(value["__ndarray__"], dtype=str)
+            setattr(est, key, value)
+        return est
+    if fmt == "skops":
+        import skops.io as sio
+        path = directory / HEAD_FILES["skops"]
+        try:
+            return sio.load(path, trusted=_trusted(sio.get_untrusted_types(file=path)))
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"{path} could not be read by skops ({type(exc).__name__}: {exc})") from None
+    raise BundleError(f"unknown head format {fmt!r} in config.json (known: {', '.join(HEAD_FILES)})")
+
+
+def class_columns(estimator, classes: list[str]) -> np.ndarray:
+    """For each column of estimator.predict_proba, its index in `classes` (labels are indices or names)."""
+    seen = np.asarray(estimator.classes_)
+    if seen.dtype.kind in "iu":
+        cols = seen.astype(np.int64)
+        if cols.size and (cols.min() < 0 or cols.max() >= len(classes)):
+            raise BundleError(f"head labels {cols.tolist()} fall outside the {len(classes)} classes")
+        return cols
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [str(c) for c in seen if str(c) not in index]
+    if missing:
+        raise BundleError(f"head labels {missing} are not among the classes {classes}")
+    return np.array([index[str(c)] for c in seen], dtype=np.int64)
+
+
+def unwrap(estimator, backbone: Backbone) -> tuple[object, Backbone, bool, dict]:
+    """What a bundle stores for a fitted method: (head, backbone, fine_tuned, notes).
+
+    A validation search (`best_estimator_`) is saved as the model it chose; a fine-tuned model (`model_` =
+    Sequential(backbone, Linear), e.g. `finetune.FineTuner`) as its trained backbone plus a `SoftmaxHead`
+    holding the Linear layer, so it predicts the same probabilities from that backbone's features.
+    """
+    from torch import nn
+    notes: dict = {}
+    if hasattr(estimator, "best_estimator_"):
+        summary = {"best_params": getattr(estimator, "best_params_", None), "valid": getattr(estimator, "best_valid_", None),
+                   "scoring": getattr(estimator, "scoring", None)}
+        notes["search"] = json.loads(json.dumps(summary, default=_jsonable))
+        return estimator.best_estimator_, backbone, False, notes
+    model = getattr(estimator, "model_", None)
+    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Linear):
+        from .heads import SoftmaxHead
+        linear = model[1]
+        head = SoftmaxHead(logit_adjust=0.0)
+        head.coef_ = linear.weight.detach().cpu().float().numpy().copy()
+        head.intercept_ = linear.bias.detach().cpu().float().numpy().copy()
+        head.log_prior_ = np.zeros(len(head.intercept_))
+        head.classes_ = np.asarray(estimator.classes_)
+        head.n_features_in_ = head.coef_.shape[1]
+        body = model[0].cpu().eval()
+        tuned = dataclasses.replace(backbone, model=body, weights_digest=state_dict_digest(body))
+        notes["fine_tuned_from"] = {"weights": backbone.weights, "weights_digest": backbone.weights_digest}
+        return head, tuned, True, notes
+    return estimator, backbone, False, notes
+
+
+# ---- saving -----------------------------------------------------------------------------------------------
+
+def library_versions() -> dict:
+    import platform
+
+    import safetensors
+    import sklearn
+    import skops
+    import timm
+    import torch
+    return {"transferlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__, "skops": skops.__version__}
+
+
+def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *, method: str | None = None,
+                precision: str | None = None, tta: bool = False, fine_tuned: bool = False,
+                embed_backbone: bool | None = None, extra: dict | None = None) -> Path:
+    """Write `estimator` (fitted on `backbone`'s features) and how to rebuild the backbone as a bundle folder.
+
+    The backbone's weights are stored in the bundle (backbone.safetensors) when `fine_tuned`, when they are
+    random-init (they cannot be recreated), or when `embed_backbone` is true; otherwise config.json records
+    where they come from (embedded package, hub name, or local file path) and their digest. `tta` records
+    that the head was trained on mean(plain, flipped) features. An existing bundle at `directory` is replaced whole.
+    """
+    directory = Path(directory)
+    classes = [str(c) for c in classes]
+    estimator, backbone, tuned, notes = unwrap(estimator, backbone)
+    fine_tuned = fine_tuned or tuned
+    extra = {**notes, **(extra or {})}
+    class_columns(estimator, classes)  # labels must map onto classes
+    if embed_backbone is None:
+        embed_backbone = fine_tuned or backbone.weights == "random"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        head = _save_head(estimator, tmp)
+        bb = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
+              "num_features": backbone.num_features, "fine_tuned": bool(fine_tuned), "embedded": bool(embed_backbone)}
+        if backbone.weights.startswith("file:") and backbone.extra.get("weights_path"):
+            bb["weights_path"] = str(backbone.extra["weights_path"])
+        if embed_backbone:
+            from safetensors.torch import save_file
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.model.state_dict().items()}
+            save_file(state, str(tmp / BACKBONE_FILE))
+            bb["weights_digest"] = state_dict_digest(backbone.model)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method or head["class"],
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": classes, "backbone": bb,
+                  "preprocessing": backbone.preprocessing(), "precision": precision, "tta": bool(tta),
+                  "head": head, "files": files,
+                  "versions": library_versions(), "extra": extra or {}}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+def read_config(directory) -> dict:
+    """config.json of a bundle, after checking that the folder holds only expected, untampered files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle not found: {directory} is not a folder (a bundle is a folder with config.json)")
+    unexpected = sorted(p.name for p in directory.iterdir() if p.name not in ALLOWED_FILES or not p.is_file())
+    if unexpected:
+        raise BundleError(f"bundle {directory} contains unexpected file(s): {', '.join(unexpected)} "
+                          f"(a bundle holds only {', '.join(sorted(ALLOWED_FILES))}); refused")
+    if not (directory / CONFIG).is_file():
+        raise BundleError(f"bundle {directory} has no {CONFIG}")
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{directory / CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BundleError(f"{directory / CONFIG} is not a transferlab bundle config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"bundle format {config['format_version']} is newer than this transferlab "
+                          f"({__version__}, format {FORMAT_VERSION}); upgrade transferlab")
+    files = config.get("files", {})
+    present = {p.name for p in directory.iterdir()} - {CONFIG}
+    for name in sorted(present | set(files)):
+        if name not in files:
+            raise BundleError(f"bundle {directory}: {name} is not listed in {CONFIG}; refused")
+        if name not in present:
+            raise BundleError(f"bundle {directory}: {name} is missing")
+        if _sha256(directory / name) != files[name]:
+            raise BundleError(f"bundle {directory}: {name} does not match the digest recorded in {CONFIG} "
+                              f"(the file was changed or replaced); refused")
+    if config.get("head", {}).get("file") not in present:
+        raise BundleError(f"bundle {directory}: the head file named in {CONFIG} is missing")
+    return config
+
+
+def _rebuild_backbone(config: dict, directory: Path, weights=None) -> Backbone:
+    bb, pre = config["backbone"], config["preprocessing"]
+    size = tuple(pre["input_size"])
+    source = bb["weights"]
+    try:
+        if bb.get("embedded"):
+            from safetensors.torch import load_file
+            backbone = load_backbone(bb["name"], weights="random", input_size=size)
+            try:
+                backbone.model.load_state_dict(load_file(str(directory / BACKBONE_FILE)))
+            except RuntimeError as exc:
+                raise BundleError(f"{directory / BACKBONE_FILE} does not fit {bb['name']}: {str(exc)[:300]}") from None
+            got = f"{BACKBONE_FILE} in the bundle"
+        elif weights is not None or source.startswith("file:"):
+            path = Path(weights or bb.get("weights_path") or source.removeprefix("file:")).expanduser()
+            if not path.is_file():
+                raise BundleError(f"backbone weights for this bundle are missing: {path} not found (the bundle was "
+                                  f"trained with {source}, digest {bb['weights_digest'][:16]}…); pass the file "
+                                  f"with weights=PATH (CLI: --weights PATH)")
+            backbone = load_backbone(bb["name"], weights=path, input_size=size)
+            got = str(path)
+        elif source == "random":
+            raise BundleError("this bundle's backbone was random-init and its weights were not stored; it cannot be rebuilt")
+        else:
+            backbone = load_backbone(bb["name"], input_size=size)
+            got = backbone.weights
+    except BundleError:
+        raise
+    except BackboneError as exc:
+        raise BundleError(f"backbone weights for this bundle are missing ({source}): {exc}") from None
+    digest = state_dict_digest(backbone.model)
+    if digest != bb["weights_digest"]:
+        raise BundleError(f"backbone weights digest differs: the bundle was trained on {bb['name']} weights "
+                          f"{source} with digest {bb['weights_digest'][:16]}…, but {got} gives {digest[:16]}…; "
+                          f"predictions would be meaningless, refused")
+    return dataclasses.replace(backbone, weights=source, weights_digest=digest, mean=tuple(pre["mean"]),
+                               std=tuple(pre["std"]), interpolation=pre["interpolation"], input_size=size)
+
+
+def load(directory, *, weights=None, device: str = "auto", precision: str = "auto", cache_dir=None,
+         batch_size: int = 64, num_workers: int | None = None) -> "Model":
+    """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights."""
+    directory = Path(directory)
+    config = read_config(directory)
+    estimator = _load_head(config["head"], directory)
+    backbone = _rebuild_backbone(config, directory, weights)
+    return Model(config=config, estimator=estimator, backbone=backbone, path=directory, device=device,
+                 precision=precision, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
+
+
+class Model:
+    """A loaded bundle: backbone + head, predicting from image paths or PIL images.
+
+    `predict` returns class names, `predict_proba` an (n, n_classes) array over `classes` (the bundle's
+    order). Features of image files go through the feature cache (`cache_dir`, default the usual one), so
+    images the same backbone already saw skip the forward pass; `cache_dir=False` computes without caching.
+    """
+
+    def __init__(self, *, config: dict, estimator, backbone: Backbone, path: Path | None = None,
+                 device: str = "auto", precision: str = "auto", cache_dir=None, batch_size: int = 64,
+                 num_workers: int | None = None):
+        self.config, self.estimator, self.backbone, self.path = config, estimator, backbone, path
+        self.classes: list[str] = list(config["classes"])
+        self.device, self.precision, self.cache_dir = device, precision, cache_dir
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.tta = bool(config.get("tta", False))
+        self._columns = class_columns(estimator, self.classes)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.config.get('method')}: {self.backbone.name} {'x'.join(map(str, self.backbone.input_size))} "
+                f"+ {type(self.estimator).__name__}, {len(self.classes)} classes)")
+
+    # features --------------------------------------------------------------------------------------------
+    def extract(self, images, *, progress: bool = False, strict: bool = True, description: str = "features"):
+        """Features of `images` (paths or PIL images) as an Extraction; unreadable paths raise when strict.
+
+        With the bundle's `tta`, features are the mean of the image's and its horizontal flip's, as in training.
+        """
+        import contextlib
+
+        from PIL import Image
+
+        from .features import Extraction, extract_features
+        images = list(images) if not isinstance(images, (str, Path, Image.Image)) else [images]
+        paths = [str(x) for x in images if not isinstance(x, Image.Image)]
+        pil_rows = [i for i, x in enumerate(images) if isinstance(x, Image.Image)]
+        kw = dict(precision=self.precision, device=self.device, batch_size=self.batch_size,
+                  num_workers=self.num_workers, progress=progress, strict=strict)
+        ex = None
+        if paths:
+            nocache = tempfile.TemporaryDirectory(prefix="transferlab-nocache-") if self.cache_dir is False else None
+            with nocache or contextlib.nullcontext(self.cache_dir) as cache_dir:
+                ex = extract_features(paths, self.backbone, cache_dir=cache_dir, description=description, **kw)
+                if self.tta and ex.paths:
+                    flip = extract_features(ex.paths, self.backbone, cache_dir=cache_dir, view="hflip",
+                                            description=f"{description} (flipped)", **kw)
+                    at = {p: i for i, p in enumerate(flip.paths)}
+                    ex.features = (ex.features + flip.features[[at[p] for p in ex.paths]]) / 2
+                    ex.seconds += flip.seconds
+            if ex.skipped and (strict or pil_rows):
+                from .images import ImageError
+                first = ex.skipped[0]
+                raise ImageError(first["path"], first["reason"])
+        if not pil_rows:
+            return ex
+        pil = self._pil_features([images[i] for i in pil_rows])
+        if ex is None:
+            return Extraction(features=pil, paths=[f"<image {i}>" for i in pil_rows], computed=len(pil_rows))
+        feats = np.zeros((len(images), pil.shape[1]), dtype=np.float32)
+        feats[pil_rows] = pil
+        taken = set(pil_rows)
+        feats[[i for i in range(len(images)) if i not in taken]] = ex.features
+        ex.features = feats
+        ex.paths = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(images)]
+        ex.computed += len(pil_rows)
+        return ex
+
+    def _pil_features(self, images) -> np.ndarray:
+        import torch
+
+        from .features import forward_features, resolve_device, resolve_precision
+        from .images import _to_rgb
+        dev = resolve_device(self.device)
+        prec = resolve_precision(self.precision, dev)
+        transform = self.backbone.transform()
+        model = self.backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([transform(_to_rgb(im)) for im in images[start:start + self.batch_size]])
+            feats = forward_features(model, batch, dev, prec).numpy()
+            if self.tta:
+                feats = (feats + forward_features(model, torch.flip(batch, dims=[-1]), dev, prec).numpy()) / 2
+            out.append(feats)
+        return np.concatenate(out)
+
+    def features(self, images) -> np.ndarray:
+        """The backbone's pooled features of `images`, one row per image."""
+        return self.extract(images).features
+
+    # head --------------------------------------------------------------------------------------------------
+    def proba_from_features(self, X) -> np.ndarray:
+        """Probabilities over all bundle classes (classes the head never saw get 0)."""
+        p = np.asarray(self.estimator.predict_proba(X), dtype=np.float64)
+        full = np.zeros((len(p), len(self.classes)), dtype=np.float64)
+        full[:, self._columns] = p
+        return full
+
+    def predict_indices_from_features(self, X) -> np.ndarray:
+        """The head's own predictions (e.g. SVC's vote, not the argmax of its Platt probabilities) as indices."""
+        pred = np.asarray(self.estimator.predict(X))
+        seen = np.asarray(self.estimator.classes_)
+        return self._columns[np.searchsorted(seen, pred)] if len(pred) else np.zeros(0, dtype=np.int64)
+
+    def predict_proba(self, images) -> np.ndarray:
+        """(n, n_classes) probabilities for image paths and/or PIL images."""
+        return self.proba_from_features(self.features(images))
+
+    def predict(self, images) -> np.ndarray:
+        """Predicted class names for image paths and/or PIL images."""
+        idx = self.predict_indices_from_features(self.features(images))
+        return np.array(self.classes, dtype=object)[idx]
+
+
+def save_study_bundles(models_dir, results: dict, backbone: Backbone, classes: list[str], *,
+                       precision: str | None = None, tta: bool = False, extra: dict | None = None) -> dict[str, str]:
+    """One bundle per fitted method under `models_dir/<method>/`; sets results[m]["bundle"]. A method that
+    cannot be saved gets results[m]["bundle_error"] and a warning instead of stopping the study."""
+    import warnings
+    saved = {}
+    for name, res in results.items():
+        info = {**(extra or {}), "valid": {k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")
+                                           if k in res.get("valid", {})}}
+        try:
+            path = save_bundle(Path(models_dir) / name, res["estimator"], backbone, classes, method=name,
+                               precision=precision, tta=tta, extra=info)
+        except (BundleError, ValueError, TypeError, OSError) as exc:
+            warnings.warn(f"method {name}: model bundle not saved ({exc})")
+            res["bundle_error"] = str(exc)
+            continue
+        res["bundle"] = f"{Path(models_dir).name}/{name}"
+        saved[name] = str(path)
+    return saved

@@ -1,0 +1,82 @@
+"""ONNX export: backbone + head as one graph, run in onnxruntime, equal to transferlab's probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import transferlab
+from transferlab.bundle import save_bundle
+from transferlab.cli import main
+from transferlab.datasets import discover
+from transferlab.export import ExportError, export_onnx, preprocess
+from transferlab.features import extract_features
+from transferlab.heads import SoftmaxHead, make_head, seed_svm
+from transferlab.selection import TUNED
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_backbone):
+    from .conftest import make_imagefolder
+    root = make_imagefolder(tmp_path_factory.mktemp("export") / "data", {
+        "train": {"ant": 10, "bee": 8, "cat": 6}, "valid": {"ant": 3, "bee": 3, "cat": 3},
+        "test": {"ant": 3, "bee": 3, "cat": 2}})
+    ds = discover(root)
+    cache = root.parent / "cache"
+    feats = {s: extract_features(ds.paths(s), tiny_backbone, cache_dir=cache, progress=False, precision="fp32").features
+             for s in ("train", "valid")}
+    return {"ds": ds, "cache": cache, "X": feats["train"], "y": ds.labels("train"), "Xv": feats["valid"],
+            "yv": ds.labels("valid")}
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("head", ["softmax", "logreg", "linear_svm"])
+def test_onnx_matches_transferlab_probabilities(data, tiny_backbone, tmp_path, head):
+    if head == "softmax":
+        est = SoftmaxHead(epochs=5, logit_adjust=1.0).fit(data["X"], data["y"])  # adjustment folded into the bias
+    elif head == "logreg":  # a tuned head's pipeline: FeatureTransform(pca_whiten) + LogisticRegression
+        est = TUNED["logreg"].build(0, 5).set_params(features__kind="pca_whiten", features__n_components=8,
+                                                     clf__C=0.1).fit(data["X"], data["y"])
+    else:  # a validation search, saved as the model it chose
+        est = make_head(head).fit(data["X"], data["y"], eval_set=(data["Xv"], data["yv"]))
+    bundle = save_bundle(tmp_path / head, est, tiny_backbone, data["ds"].classes, method=head)
+    out = export_onnx(bundle, tmp_path / f"{head}.onnx")
+    onnx.checker.check_model(onnx.load(str(out)))
+    sess = _session(out)
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == data["ds"].classes and json.loads(meta["input_size"]) == [32, 40]
+    assert json.loads(meta["mean"]) == list(tiny_backbone.mean) and meta["interpolation"] == tiny_backbone.interpolation
+    paths = data["ds"].paths("test")
+    x = preprocess(paths, meta)  # from the metadata alone
+    assert x.shape == (len(paths), 3, 32, 40)
+    got = sess.run(["probabilities"], {"image": x})[0]
+    model = transferlab.load(bundle, cache_dir=data["cache"], precision="fp32")
+    np.testing.assert_allclose(got, model.predict_proba(paths), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_export_refuses_non_linear_heads(data, tiny_backbone, tmp_path, capsys):
+    bundle = save_bundle(tmp_path / "svm", seed_svm().fit(data["X"], data["y"]), tiny_backbone, data["ds"].classes)
+    with pytest.raises(ExportError, match="SVC is not a linear softmax head"):
+        export_onnx(bundle, tmp_path / "svm.onnx")
+    assert main(["export", str(bundle), "--onnx", str(tmp_path / "svm.onnx")]) == 2
+    assert "transferlab predict" in capsys.readouterr().err
+    assert not (tmp_path / "svm.onnx").exists()
+
+
+def test_export_cli(data, tiny_backbone, tmp_path, capsys):
+    est = SoftmaxHead(epochs=3).fit(data["X"], data["y"])
+    bundle = save_bundle(tmp_path / "b", est, tiny_backbone, data["ds"].classes)
+    assert main(["export", str(bundle), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "ONNX:" in capsys.readouterr().out
+    sess = _session(tmp_path / "m.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["probabilities"]
+    x = np.zeros((5, 3, 32, 40), np.float32)  # the batch axis is dynamic
+    assert sess.run(None, {"image": x})[0].shape == (5, 3)
