@@ -1,0 +1,228 @@
+"""Fine-tuning end to end: loss falls, BatchNorm of frozen stages stays put, resume, augmentation, and DDP.
+
+Tiny random-init timm models on generated images; the DDP test runs the real CLI in two CPU processes
+(gloo) started like torchrun starts them, and compares their feature cache with a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .conftest import make_imagefolder
+from transferlab.backbones import load_backbone
+from transferlab.datasets import discover
+from transferlab.finetune import (AspectRandomResizedCrop, FineTuneModule, FineTuner, stage_groups,
+                                  train_transform)
+
+FAST = dict(batch_size=8, num_workers=0, progress=False, head_epochs=5, warmup_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("ft") / "data", {
+        "train": {"ant": 14, "bee": 12, "cat": 10}, "valid": {"ant": 3, "bee": 3, "cat": 3},
+        "test": {"ant": 3, "bee": 2, "cat": 2}})
+    return discover(root, seed=0)
+
+
+def _fit(ds, out, arch="test_efficientnet", callbacks=(), **kw):
+    torch.manual_seed(0)
+    bb = load_backbone(arch, weights="random", input_size=(32, 40))
+    est = FineTuner(out_dir=str(out), **{**FAST, **kw})
+    est.fit(ds.paths("train"), ds.labels("train"), valid=(ds.paths("valid"), ds.labels("valid")), backbone=bb,
+            callbacks=list(callbacks))
+    return est, bb
+
+
+def test_tiny_model_fine_tunes_and_its_loss_falls(data, tmp_path):
+    est, _ = _fit(data, tmp_path, epochs=4, lr=3e-3, augment="none", patience=0)
+    hist = est.history_
+    assert hist["epoch"] == [1, 2, 3, 4]
+    assert hist["train_loss"][-1] < 0.7 * hist["train_loss"][0]
+    assert all(np.isfinite(hist[k]).all() for k in ("valid_loss", "valid_acc", "valid_macro_f1", "lr"))
+    proba = est.predict_proba(data.paths("test"))
+    assert proba.shape == (7, 3) and np.allclose(proba.sum(1), 1)
+    assert set(est.predict(data.paths("test"))) <= {0, 1, 2}
+    assert Path(est.best_checkpoint_).name == "best.ckpt" and Path(est.last_checkpoint_).name == "last.ckpt"
+    assert 1 <= est.best_epoch_ <= 4 and est.images_per_second_ > 0
+    metrics = list((tmp_path / "logs").glob("version_*/metrics.csv"))
+    assert metrics and "val_macro_f1" in metrics[0].read_text().splitlines()[0]
+
+
+def test_stage1_head_initialises_stage2(data, tmp_path):
+    """With nothing trainable in stage 2 (head frozen by lr 0), the model is the backbone + stage-1 head."""
+    est, bb = _fit(data, tmp_path, epochs=1, lr=0.0, unfreeze=0, augment="none", patience=0)
+    feats = bb.model.eval()(torch.stack([bb.transform()(Image.open(p).convert("RGB")) for p in data.paths("test")]))
+    np.testing.assert_allclose(est.decision_function(data.paths("test")),
+                               est.head_.decision_function(feats.detach().numpy()), rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics(data, tmp_path):
+    est, bb = _fit(data, tmp_path / "a", arch="test_resnet", epochs=1, unfreeze=1, lr=1e-2, patience=0)
+    before, after = bb.model.state_dict(), est.model_[0].state_dict()
+    stage_of = stage_groups(bb.model)
+    last = max(stage_of.values())
+    moved = {k: not torch.equal(before[k], after[k]) for k in before if "num_batches" not in k}
+    frozen = [k for k in moved if stage_of[k] < last]
+    assert frozen and not any(moved[k] for k in frozen)  # weights and running stats of stem..layer3
+    assert any(moved[k] for k in moved if stage_of[k] == last and "running_mean" in k)
+    assert any(moved[k] for k in moved if stage_of[k] == last and k.endswith("weight"))
+
+    est, bb = _fit(data, tmp_path / "b", arch="test_resnet", epochs=1, unfreeze="all", bn="frozen", lr=1e-2, patience=0)
+    before, after = bb.model.state_dict(), est.model_[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running_" in k)
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+
+
+def test_unfreeze_and_layerwise_learning_rates(tiny_backbone):
+    model = tiny_backbone.model
+    n = max(stage_groups(model).values()) + 1
+    module = FineTuneModule(load_backbone("test_efficientnet", weights="random").model, torch.nn.Linear(model.num_features, 3),
+                            unfreeze=2, lr=1e-3, layer_decay=0.5)
+    groups = module.param_groups()
+    assert {g["name"].split("_")[0] for g in groups} == {f"stage{n - 2}", f"stage{n - 1}", "head"}
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["head"] == pytest.approx(1e-3) and lr[f"stage{n - 1}"] == pytest.approx(1e-3 * 0.5)
+    assert lr[f"stage{n - 2}"] == pytest.approx(1e-3 * 0.25)
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("no_decay"))
+    trainable = {k for k, p in module.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(module.stage_of[k] >= n - 2 for k in trainable)
+    module.train()
+    bn = [m for name, m in module.backbone.named_modules() if name in set(module.frozen_bn)]
+    assert bn and not any(m.training for m in bn) and module.backbone.training
+
+
+def test_augmentation_keeps_wide_images_wide_and_is_training_only(monkeypatch, tiny_backbone):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 400, 3), dtype=np.uint8))
+    boxes = []
+    real = AspectRandomResizedCrop.get_params
+    monkeypatch.setattr(AspectRandomResizedCrop, "get_params",
+                        staticmethod(lambda im, scale, ratio: boxes.append(real(im, scale, ratio)) or boxes[-1]))
+    t = train_transform(tiny_backbone, "crop,flip,color", crop_scale=0.3)
+    outs = [t(img) for _ in range(40)]
+    assert all(o.shape == (3, 32, 40) for o in outs)
+    aspects = np.array([w / h for _, _, h, w in boxes])
+    assert aspects.min() > 400 / 120 * 0.7 and aspects.max() < 400 / 120 * 1.4  # wide stays wide
+    assert len({(h, w) for _, _, h, w in boxes}) > 5
+    plain = train_transform(tiny_backbone, "none")
+    assert torch.equal(plain(img), tiny_backbone.transform()(img))
+
+
+def test_resume_continues_from_the_checkpoint_epoch(data, tmp_path):
+    import lightning.pytorch as pl
+
+    class Interrupt(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("interrupted")
+
+    class FirstEpoch(pl.Callback):
+        seen = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.seen.append(trainer.current_epoch)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(data, tmp_path, epochs=3, patience=0, callbacks=[Interrupt()])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["transferlab"]["history"]["epoch"] == [1]
+
+    first = FirstEpoch()
+    est, _ = _fit(data, tmp_path, epochs=3, patience=0, resume=True, callbacks=[first])
+    assert first.seen == [1, 2]
+    assert est.history_["epoch"] == [1, 2, 3]
+    assert est.history_["train_loss"][0] == saved["transferlab"]["history"]["train_loss"][0]
+    assert torch.load(est.last_checkpoint_, map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+# ---------------------------------------------------------------- DDP: 2 CPU processes, gloo
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str], local_base: str, paths: list[str]):
+    """One process as torchrun starts it: environment, then the real CLI."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      GROUP_RANK="0", ROLE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_RUN_ID="transferlab-test")
+    torch.set_num_threads(1)
+    from transferlab import distributed
+    from transferlab.cli import main
+    from transferlab.features import extract_features
+    assert distributed.launch(devices=str(world), strategy="ddp") == world
+    # a node-local cache folder per process: the processes exchange what the others computed
+    from lightning.pytorch import seed_everything
+    seed_everything(0, verbose=False)
+    bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    ex = extract_features(paths, bb, cache_dir=f"{local_base}/rank{rank}", progress=False, num_workers=0)
+    assert ex.features.shape[0] == len(paths) and ex.computed == len(paths)
+    assert main(argv) == 0
+
+
+def _read_cache(cache: Path) -> dict[str, dict[bytes, np.ndarray]]:
+    from safetensors.numpy import load_file
+    out = {}
+    for key_dir in (cache / "features").iterdir():
+        feats = {}
+        for chunk in key_dir.glob("chunk-*.safetensors"):
+            d = load_file(str(chunk))
+            feats.update({k.tobytes(): f for k, f in zip(d["keys"], d["features"])})
+        out[key_dir.name] = feats
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
+    import torch.multiprocessing as mp
+    from lightning.pytorch import seed_everything
+
+    from transferlab.features import extract_features
+    root = str(Path(data.root))
+    paths = [s.path for s in data.samples]
+    shared = tmp_path / "cache-ddp"
+    argv = ["run", root, "--methods", "softmax,finetune", "--backbone", "test_efficientnet", "--weights", "random",
+            "--input-size", "32x40", "--epochs", "5", "--ft-epochs", "2", "--ft-batch-size", "6", "--workers", "0",
+            "--cache-dir", str(shared), "--out", str(tmp_path / "report"), "--devices", "2", "--strategy", "ddp",
+            "--no-progress"]
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path / "local"), paths),
+                             nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 240
+    try:
+        while not ctx.join(timeout=1):
+            assert time.time() < deadline, "DDP processes did not finish"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+    seed_everything(0, verbose=False)
+    bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    single = extract_features(paths, bb, cache_dir=tmp_path / "cache-one", progress=False, num_workers=0)
+    one, ddp = _read_cache(tmp_path / "cache-one"), _read_cache(shared)
+    assert set(one) == set(ddp) and len(one) == 1  # same backbone cache key
+    (key,) = one
+    assert set(one[key]) == set(ddp[key]) and len(one[key]) == len(paths)
+    for k in one[key]:
+        np.testing.assert_allclose(ddp[key][k], one[key][k], rtol=1e-5, atol=1e-6)
+    for r in (0, 1):  # node-local caches were completed by exchange
+        local = _read_cache(tmp_path / "local" / f"rank{r}")
+        assert set(local[key]) == set(one[key])
+    assert single.computed == len(paths)
+
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    ft = metrics["methods"]["finetune"]
+    assert ft["details"]["processes"] == 2 and ft["details"]["epochs_run"] == 2 and ft["accuracy"] is not None
+    assert metrics["extract"]["computed"] == len(paths)  # counted over both processes' shares
+    assert (tmp_path / "report" / "finetune" / "checkpoints" / "last.ckpt").exists()
