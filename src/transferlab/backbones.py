@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,18 +80,31 @@ def state_dict_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's weights_only error that says what was refused (not its advice to unsafely retry)."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.split("WeightsUnpickler error:", 1)[-1].strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(advice)]
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a weights file without executing pickled code."""
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise BackboneError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneError(f"{path} is not a plain tensor checkpoint and was refused "
-                            f"(loaded with weights_only=True, no pickled code runs): {exc}") from None
+                            f"(loaded with weights_only=True, no pickled code runs): {_unpickler_reason(exc)}") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -129,6 +143,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = 
                   input_size: tuple[int, int] | None = None) -> Backbone:
     """Resolve `name` (any timm model name, optionally with a pretrained tag) to a frozen Backbone."""
     arch = name.split(".")[0]
+    extra: dict = {}
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:5]}*")[:5]
         raise BackboneError(f"unknown backbone '{name}' (not a timm model; e.g. {', '.join(close) or 'resnet50.tv_in1k'}"
@@ -138,6 +153,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = 
         path = Path(weights).expanduser()
         _load_into(model, read_state_dict(path), str(path))
         source = f"file:{path.name}"
+        extra = {"weights_path": str(path.resolve())}
     elif weights is None and arch in EMBEDDED and "." not in name:
         model = timm.create_model(name, pretrained=False, num_classes=0)
         path = _embedded_weights(arch)
@@ -160,7 +176,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = 
     size = tuple(input_size) if input_size else tuple(cfg["input_size"][1:])
     return Backbone(name=name, model=model, weights=source, weights_digest=state_dict_digest(model),
                     input_size=(int(size[0]), int(size[1])), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                    interpolation=cfg["interpolation"], num_features=model.num_features)
+                    interpolation=cfg["interpolation"], num_features=model.num_features,
+                    extra=extra)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

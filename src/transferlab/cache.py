@@ -68,8 +68,11 @@ class FeatureCache:
                 if meta.get("sha256") != _checksum(keys, feats):
                     raise ValueError("checksum mismatch")
             except Exception as exc:
+                try:
+                    os.replace(chunk, chunk.with_suffix(".corrupt"))
+                except FileNotFoundError:  # another run sharing this cache moved it aside first
+                    continue
                 warnings.warn(f"feature cache chunk {chunk} is corrupt ({exc}); moved aside, its images will be recomputed")
-                os.replace(chunk, chunk.with_suffix(".corrupt"))
                 continue
             per_image = float(meta.get("seconds", "nan")) / max(1, len(keys))
             for k, v in zip(keys, feats):

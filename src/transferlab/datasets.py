@@ -69,17 +69,41 @@ class ImageDataset:
         return replace(self, samples=[s for s in self.samples if s.path not in drop])
 
 
+def _is_loop(real: Path, folder: Path) -> bool:
+    """A folder (resolved) that is `folder` itself or one of its parents: walking it would never end."""
+    top = Path(os.path.realpath(folder))
+    return real == top or real in top.parents
+
+
 def _list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`; symlinked folders are followed once each, link loops are not walked."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS)
+    seen = {Path(os.path.realpath(folder))}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = Path(os.path.realpath(os.path.join(dirpath, d)))
+            if d.startswith(".") or d in IGNORED_DIRS or real in seen or _is_loop(real, folder):
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f))]
     return found
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS)
+def _class_dirs(folder: Path, notes: list[str] | None = None) -> list[Path]:
+    """Class folders of `folder`; a symlink back to `folder` or above it is a loop and is skipped with a note."""
+    dirs = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith(".") or p.name in IGNORED_DIRS:
+            continue
+        if p.is_symlink() and _is_loop(Path(os.path.realpath(p)), folder):
+            if notes is not None:
+                notes.append(f"{p} is a symlink back to {os.path.realpath(p)} (a loop): ignored")
+            continue
+        dirs.append(p)
+    return dirs
 
 
 def _stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int) -> list[Sample]:
@@ -106,7 +130,7 @@ def _from_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
     notes = []
     classes, samples = [], []
-    for cdir in _class_dirs(train_dir):
+    for cdir in _class_dirs(train_dir, notes):
         imgs = _list_images(cdir)
         if not imgs:
             notes.append(f"class folder {cdir} has no images: class ignored")
@@ -122,7 +146,7 @@ def _from_imagefolder(root: Path) -> ImageDataset:
         split = SPLIT_ALIASES[name]
         if any(s.split == split for s in samples):
             raise DatasetError(f"{root} has more than one {split} folder ({sdir})")
-        for cdir in _class_dirs(sdir):
+        for cdir in _class_dirs(sdir, notes):
             imgs = _list_images(cdir)
             if cdir.name not in index:
                 if not imgs:
@@ -138,7 +162,7 @@ def _from_imagefolder(root: Path) -> ImageDataset:
 
 def _from_class_folders(root: Path, seed: int, valid_fraction: float, test_fraction: float) -> ImageDataset:
     notes, classes, samples = [], [], []
-    for cdir in _class_dirs(root):
+    for cdir in _class_dirs(root, notes):
         imgs = _list_images(cdir)
         if not imgs:
             notes.append(f"class folder {cdir} has no images: class ignored")

@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .backbones import Backbone
 from .cache import FeatureCache, content_hash, default_cache_dir
 from .images import ImageError, load_rgb
@@ -143,10 +144,16 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
             todo[k] = p
     from_cache = sum(1 for k in keys.values() if cache.get(k) is not None)
 
-    if todo:
-        _compute(cache, list(todo.items()), backbone, dev, prec, batch_size,
+    # Under torch.distributed each process computes its share of rank 0's list, then all caches are completed.
+    todo = distributed.agree(todo)
+    mine = distributed.shard(list(todo.items()))
+    if mine:
+        _compute(cache, mine, backbone, dev, prec, batch_size,
                  default_workers(dev) if num_workers is None else num_workers, chunk_size, view,
-                 progress, strict, skipped, description)
+                 progress and distributed.is_main(), strict, skipped, description)
+    distributed.gather_cache(cache, [k for k, p in mine if p not in skipped], skipped)
+    failed = {keys[p]: r for p, r in skipped.items() if p in keys}  # e.g. several zero-byte files: one hash
+    skipped.update({p: failed[k] for p, k in keys.items() if k in failed and p not in skipped})
 
     kept = [p for p in paths if p in keys and p not in skipped]
     unique = {keys[p] for p in kept}
