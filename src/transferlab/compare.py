@@ -1,0 +1,154 @@
+"""Compare runs (`transferlab compare RUN_DIR...`): one table across runs and methods, the best on validation.
+
+Each run folder's `metrics.json` gives one row per method: test accuracy, macro-F1 and balanced accuracy,
+validation macro-F1, feature-extraction time and training time. The best row is chosen by validation
+macro-F1 only; test numbers are shown, never used to choose.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from .evaluation import markdown_table
+
+COLUMNS = ["run", "backbone", "input", "method", "test accuracy", "test macro-F1", "test balanced acc.",
+           "valid macro-F1", "extraction (cold)", "train"]
+SHORT = ["run", "backbone", "input", "method", "test acc.", "test F1", "test bal.", "valid F1", "extract", "train"]
+
+
+def load_run(run_dir) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a transferlab run folder (no metrics.json)")
+    return json.loads(path.read_text())
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Short, distinct run names: the folder name, or more of the path where names repeat."""
+    names = [p.name or str(p) for p in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in run_dirs]
+
+
+def rows(run_dirs) -> list[dict]:
+    run_dirs = [Path(p) for p in run_dirs]
+    out = []
+    for label, run_dir in zip(_labels(run_dirs), run_dirs):
+        m = load_run(run_dir)
+        ex = m.get("extract", {})
+        extraction = ex.get("cold_seconds")  # what computing the features cost, even when this run read the cache
+        if (extraction is None or (isinstance(extraction, float) and math.isnan(extraction))) and not ex.get("from_cache"):
+            extraction = ex.get("seconds")
+        for method, r in m["methods"].items():
+            out.append({"run": label, "path": str(run_dir), "backbone": m.get("backbone"),
+                        "input": "x".join(map(str, m.get("input_size", []))), "method": method,
+                        "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
+                        "balanced_accuracy": r.get("balanced_accuracy"),
+                        "valid_macro_f1": r.get("valid", {}).get("macro_f1"),
+                        "extract_seconds": extraction, "train_seconds": r.get("train_seconds"),
+                        "data": Path(str(m.get("config", {}).get("data", ""))).name,
+                        "test_counts": m.get("counts", {}).get("test"), "classes": m.get("classes")})
+    return out
+
+
+def best(table: list[dict]) -> dict | None:
+    """The row with the highest validation macro-F1 (first listed wins ties), or None without validation."""
+    scored = [r for r in table if r["valid_macro_f1"] is not None]
+    return max(scored, key=lambda r: r["valid_macro_f1"]) if scored else None
+
+
+def caveats(table: list[dict]) -> list[str]:
+    """Reasons the runs may not be comparable (different data, test sets or classes)."""
+    differ = [what for key, what in (("data", "data folder"), ("test_counts", "test set"), ("classes", "classes"))
+              if len({json.dumps(r[key]) for r in table}) > 1]
+    if not differ:
+        return []
+    return [f"The runs differ in {', '.join(differ)}: their test numbers are not directly comparable."]
+
+
+def _fmt(v) -> str:
+    from .report import _fmt as fmt
+    return fmt(v)
+
+
+def _secs(v) -> str:
+    from .report import _seconds
+    return _seconds(v)
+
+
+def cells(r: dict, top: dict | None) -> list[str]:
+    return [r["run"], str(r["backbone"]), r["input"], r["method"] + (" ★" if r is top else ""), _fmt(r["accuracy"]),
+            _fmt(r["macro_f1"]), _fmt(r["balanced_accuracy"]), _fmt(r["valid_macro_f1"]),
+            _secs(r["extract_seconds"]), _secs(r["train_seconds"])]
+
+
+def summary(top: dict | None) -> str:
+    if top is None:
+        return "No run has validation numbers: no best run/method is named."
+    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {_fmt(top['valid_macro_f1'])}; "
+            f"its test accuracy {_fmt(top['accuracy'])}, test macro-F1 {_fmt(top['macro_f1'])}).")
+
+
+def render_markdown(table: list[dict]) -> str:
+    top = best(table)
+    lines = ["# transferlab: runs compared", "", markdown_table([COLUMNS] + [cells(r, top) for r in table]), "",
+             f"★ {summary(top)}", "", "Extraction (cold): backbone forward + decoding for all images, as recorded "
+             "when the features were computed; train: fitting the method on cached features.", ""]
+    lines += [f"- {w}" for w in caveats(table)]
+    lines += ["", "Runs:", ""] + [f"- `{p}`" for p in dict.fromkeys(r["path"] for r in table)] + [""]
+    return "\n".join(lines)
+
+
+def render_html(table: list[dict]) -> str:
+    from .html_report import page
+    from .html_report import table as html_table
+    top = best(table)
+    body = ["<h1>transferlab: runs compared</h1>",
+            f"<p class=\"sub\">{len({r['path'] for r in table})} runs, {len(table)} run/method rows. "
+            "Click a column to sort.</p>",
+            f"<p><strong>★ {html.escape(summary(top))}</strong></p>",
+            html_table([COLUMNS] + [cells(r, top) for r in table]),
+            "<p class=\"note\">Best is chosen by validation macro-F1; test numbers are shown, not used to choose. "
+            "Extraction (cold): backbone forward + decoding for all images, as recorded when the features were "
+            "computed; train: fitting the method on cached features.</p>"]
+    body += [f"<p class=\"note\">⚠ {html.escape(w)}</p>" for w in caveats(table)]
+    links = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in dict.fromkeys(r["path"] for r in table))
+    body.append(f"<h2>Runs</h2><ul>{links}</ul>")
+    return page("transferlab: runs compared", "\n".join(body))
+
+
+def print_table(table: list[dict]) -> None:
+    """The comparison as a rich table on the terminal (run, backbone and input size in one column)."""
+    from rich.console import Console
+    from rich.table import Table
+    top = best(table)
+    t = Table(title="transferlab: runs compared",
+              caption="test F1 / valid F1: macro-F1; bal.: balanced accuracy; extract: cold feature extraction")
+    t.add_column("run", overflow="fold")
+    t.add_column("method", overflow="fold")
+    for col in ("test\nacc.", "test\nF1", "test\nbal.", "valid\nF1", "extract", "train"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in table:
+        c = cells(r, top)
+        t.add_row(f"{r['run']}\n[dim]{r['backbone']} {r['input']}[/dim]", c[3], *c[4:],
+                  style="bold" if r is top else None)
+    console = Console()
+    console.print(t)
+    console.print(f"★ {summary(top)}")
+    for w in caveats(table):
+        console.print(f"[yellow]{w}[/yellow]")
+
+
+def compare(run_dirs, out=None) -> list[dict]:
+    """Rows for every run and method; with `out`, also write compare.md and compare.html there."""
+    table = rows(run_dirs)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(render_markdown(table))
+        (out / "compare.html").write_text(render_html(table), encoding="utf-8")
+    return table

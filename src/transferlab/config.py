@@ -1,0 +1,147 @@
+"""Study configuration files: the resolved `config.yaml` a run writes, read back by `run --config FILE`.
+
+The file holds what defines the study: data, backbone, weights, input size, precision (as resolved,
+e.g. `auto` -> `fp32`), seed, the methods with their hyperparameters, the split fractions and the rest
+of `StudyConfig`. Where a run writes (`out`) and whether it shows progress are not part of it. Flags
+given on the command line override the file's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .backbones import parse_size
+
+NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
+GOVERNED = ("seed", "random_state", "epochs", "scoring")  # set from top-level keys (--seed, --epochs, --select-metric)
+FIRST = ("data", "backbone", "weights", "input_size", "precision", "seed", "methods", "epochs")
+DEST_TO_FIELD = {"workers": "num_workers", "no_progress": "progress"}
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says why."""
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def head_params(estimator) -> dict:
+    """An estimator's scalar hyperparameters, less those that top-level keys set (seed, epochs)."""
+    return {k: _plain(v) for k, v in estimator.get_params(deep=False).items()
+            if k not in GOVERNED and isinstance(_plain(v), (bool, int, float, str, type(None)))}
+
+
+def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
+    """The run's configuration as written to config.yaml: paths absolute, input size and precision as used."""
+    from .heads import HEADS
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in NOT_SAVED}
+    d["data"] = str(Path(cfg.data).expanduser().resolve())
+    if cfg.weights not in (None, "random"):
+        d["weights"] = str(Path(cfg.weights).expanduser().resolve())
+    d["input_size"] = [int(v) for v in backbone.input_size]
+    d["precision"] = extract.get("precision", cfg.precision)
+    d["methods"] = {n: head_params(results[n]["estimator"]) if n in HEADS and n in results else {}
+                    for n in cfg.methods}
+    return {**{k: d[k] for k in FIRST if k in d}, **{k: v for k, v in d.items() if k not in FIRST}}
+
+
+def dump(config: dict) -> str:
+    head = ("# transferlab study configuration, written by `transferlab run`.\n"
+            "# Rerun it with `transferlab run --config config.yaml [--out DIR]`; flags given there override these values.\n"
+            "# methods: each head with its hyperparameters (set on the estimator before fitting).\n")
+    return head + yaml.dump(config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with short lists of scalars on one line (input_size: [120, 400])."""
+
+
+def _list(dumper, data):
+    flow = len(data) <= 8 and all(isinstance(v, (int, float, str, bool)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _list)
+
+
+def write(path: Path, cfg, backbone, extract: dict, results: dict) -> Path:
+    path = Path(path)
+    path.write_text(dump(resolved(cfg, backbone, extract, results)))
+    return path
+
+
+def load(path) -> dict:
+    """A config file as StudyConfig keyword arguments (`methods` may be a list, a comma string or a mapping)."""
+    from .study import StudyConfig
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+    known = {f.name for f in fields(StudyConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kw = dict(raw)
+    methods = kw.get("methods")
+    if isinstance(methods, dict):
+        kw["methods"] = list(methods)
+        bad = [n for n, p in methods.items() if p is not None and not isinstance(p, dict)]
+        if bad:
+            raise ConfigError(f"{path}: methods.{bad[0]} must be a mapping of hyperparameters")
+        kw["params"] = {**kw.get("params", {}), **{n: dict(p) for n, p in methods.items() if p}}
+    elif isinstance(methods, str):
+        kw["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    elif methods is not None and not isinstance(methods, list):
+        raise ConfigError(f"{path}: methods must be a list or a mapping of method -> hyperparameters")
+    size = kw.get("input_size")
+    if isinstance(size, str):
+        kw["input_size"] = parse_size(size)
+    elif isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise ConfigError(f"{path}: input_size must be [height, width], got {size}")
+        kw["input_size"] = (int(size[0]), int(size[1]))
+    if kw.get("data") is not None:
+        kw["data"] = str(kw["data"])
+    return kw
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The argparse destinations the user actually gave in `argv` (defaults suppressed, subcommands included)."""
+    def suppress(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            elif not isinstance(action, argparse._HelpAction):
+                action.default = argparse.SUPPRESS
+    suppress(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+def merge(file_kw: dict, cli, given: set[str]):
+    """The file's values, then every setting given on the command line (`given`: argparse dests) on top."""
+    from .study import StudyConfig
+    names = {f.name for f in fields(StudyConfig)}
+    explicit = {DEST_TO_FIELD.get(d, d) for d in given} & names
+    kw = {k: v for k, v in file_kw.items() if k not in explicit}
+    for name in names - explicit:  # nested options (e.g. --ft-epochs -> finetune.epochs) override key by key
+        base, flags = kw.get(name), getattr(cli, name)
+        if isinstance(base, dict) and isinstance(flags, dict):
+            keys = {k for d in given for k in (d, d.removeprefix("ft_")) if k in flags}
+            kw[name] = {**base, **{k: flags[k] for k in keys}}
+    cfg = replace(cli, **kw)
+    if not cfg.data:
+        raise ConfigError("no data: give DATA on the command line or `data:` in the config file")
+    return cfg

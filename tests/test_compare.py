@@ -1,0 +1,75 @@
+"""`transferlab compare`: one table across runs, the best run/method chosen on validation only."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from transferlab.cli import main
+from transferlab.compare import best, rows
+from transferlab.study import StudyConfig, run_study
+
+from .conftest import make_imagefolder
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("compare")
+    data = make_imagefolder(tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}})
+    runs = []
+    for size in ((32, 40), (40, 48)):  # the same data at two input sizes
+        cfg = StudyConfig(data=str(data), out=str(tmp / f"run{size[0]}"), backbone="test_efficientnet",
+                          weights="random", input_size=size, epochs=3, cache_dir=str(tmp / "cache"), progress=False,
+                          num_workers=0, valid_fraction=0.25)
+        run_study(cfg)
+        runs.append(Path(cfg.out))
+    return runs
+
+
+def test_compare_table_and_best_on_validation(two_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, two_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Best on validation" in printed
+    table = rows(two_runs)
+    assert [(r["run"], r["method"]) for r in table] == [("run32", "softmax"), ("run32", "svm"),
+                                                         ("run40", "softmax"), ("run40", "svm")]
+    for r, run in zip(table, [two_runs[0]] * 2 + [two_runs[1]] * 2):
+        m = json.loads((run / "metrics.json").read_text())["methods"][r["method"]]
+        assert r["accuracy"] == m["accuracy"] and r["macro_f1"] == m["macro_f1"]
+        assert r["valid_macro_f1"] == m["valid"]["macro_f1"] and r["train_seconds"] == m["train_seconds"]
+        assert r["extract_seconds"] is not None and r["extract_seconds"] > 0  # computed in these runs
+    top = best(table)
+    assert top["valid_macro_f1"] == max(r["valid_macro_f1"] for r in table)
+    md = (out / "compare.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| run")]
+    assert len(lines) == 5  # run32, run40 (the header starts with '| run' too)
+    assert md.count("★") == 2 and f"{top['run']} / {top['method']}" in md
+    assert "not directly comparable" not in md  # same data, same test set
+    html = (out / "compare.html").read_text()
+    assert "<table class=\"sortable\">" in html and "32x40" in html and "40x48" in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_best_ignores_test_numbers():
+    table = [{"run": "a", "method": "x", "valid_macro_f1": 0.5, "macro_f1": 0.9},
+             {"run": "b", "method": "y", "valid_macro_f1": 0.6, "macro_f1": 0.1}]
+    assert best(table)["run"] == "b"
+    assert best([{**r, "valid_macro_f1": None} for r in table]) is None
+
+
+def test_compare_different_data_warns_and_missing_run_is_an_error(two_runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    m = json.loads((two_runs[0] / "metrics.json").read_text())
+    m["counts"]["test"]["ant"] += 1
+    m["config"]["data"] = "/elsewhere"
+    (other / "metrics.json").write_text(json.dumps(m))
+    assert main(["compare", str(two_runs[0]), str(other)]) == 0
+    assert "differ in data folder, test set: their test numbers are not directly comparable" in \
+        " ".join(capsys.readouterr().out.split())
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+    assert re.search(r"not a transferlab run folder", capsys.readouterr().err)

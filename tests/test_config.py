@@ -1,0 +1,101 @@
+"""config.yaml: a run writes its resolved configuration; `run --config` reruns it; flags override the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferlab.cli import build_parser, main
+from transferlab.config import ConfigError, given_dests, load
+
+from .conftest import make_imagefolder
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
+        "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("config")
+    data = make_imagefolder(tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}})
+    out = tmp / "run1"
+    assert main(["run", str(data), "--out", str(out), *TINY, "--cache-dir", str(tmp / "cache"), "--epochs", "3",
+                 "--valid-fraction", "0.25", "--seed", "1"]) == 0
+    return tmp, out
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _scores(m: dict) -> dict:
+    keys = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "per_class", "confusion_matrix", "valid", "params")
+    return {n: {k: r.get(k) for k in keys} for n, r in m["methods"].items()}
+
+
+def test_config_yaml_is_resolved(first_run):
+    tmp, out = first_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"] == str((tmp / "data").resolve())
+    assert cfg["backbone"] == "test_efficientnet" and cfg["weights"] == "random"
+    assert cfg["input_size"] == [32, 40] and cfg["precision"] in ("fp32", "bf16")  # 'auto' resolved
+    assert cfg["seed"] == 1 and cfg["epochs"] == 3 and cfg["valid_fraction"] == 0.25
+    assert list(cfg["methods"]) == ["softmax", "svm"]
+    assert cfg["methods"]["softmax"]["lr"] == pytest.approx(1e-4) and cfg["methods"]["svm"]["kernel"] == "rbf"
+    assert "seed" not in cfg["methods"]["softmax"] and "random_state" not in cfg["methods"]["svm"]  # set by `seed`
+    assert "out" not in cfg and "progress" not in cfg
+
+
+def test_rerun_from_config_gives_identical_metrics(first_run):
+    tmp, out = first_run
+    again = tmp / "run2"
+    assert main(["run", "--config", str(out / "config.yaml"), "--out", str(again), "--no-progress"]) == 0
+    a, b = _metrics(out), _metrics(again)
+    assert _scores(a) == _scores(b)
+    for key in ("classes", "n_train", "n_valid", "n_test", "seed", "input_size", "backbone", "weights_digest"):
+        assert a[key] == b[key], key
+    assert (out / "softmax_predictions.csv").read_text() == (again / "softmax_predictions.csv").read_text()
+    assert (out / "config.yaml").read_text() == (again / "config.yaml").read_text()
+
+
+def test_flags_override_the_file_and_file_hyperparameters_apply(first_run):
+    tmp, out = first_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["seed"], cfg["epochs"] = 5, 4
+    cfg["methods"]["svm"]["C"] = 0.05
+    edited = tmp / "edited.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    run3 = tmp / "run3"
+    # --seed 0 is argparse's default value, yet given explicitly it must still win over the file's 5
+    assert main(["run", "--config", str(edited), "--out", str(run3), "--seed", "0", "--methods", "svm"]) == 0
+    m = _metrics(run3)
+    assert m["seed"] == 0 and list(m["methods"]) == ["svm"]
+    assert m["methods"]["svm"]["params"]["C"] == pytest.approx(0.05)  # from the file
+    written = yaml.safe_load((run3 / "config.yaml").read_text())
+    assert written["seed"] == 0 and written["epochs"] == 4 and written["methods"]["svm"]["C"] == pytest.approx(0.05)
+
+
+def test_given_dests_sees_explicit_defaults():
+    assert given_dests(build_parser(), ["run", "--config", "c.yaml", "--seed", "0", "--no-progress"]) >= \
+        {"config", "seed", "no_progress"}
+    assert "epochs" not in given_dests(build_parser(), ["run", "--config", "c.yaml"])
+    assert "data" not in given_dests(build_parser(), ["run", "--config", "c.yaml"])
+
+
+def test_bad_config_files_are_user_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load(bad)
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "unknown setting(s) learning_rate" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["run", "--no-progress"]) == 2
+    assert "give DATA" in capsys.readouterr().err
+    listed = tmp_path / "list.yaml"
+    listed.write_text("data: x\nmethods: softmax, svm\ninput_size: 64x80\n")
+    kw = load(listed)
+    assert kw["methods"] == ["softmax", "svm"] and kw["input_size"] == (64, 80)
