@@ -1,17 +1,44 @@
-"""Command line: `transferlab run | demo | extract`."""
+"""Command line: `transferlab run | demo | extract | compare | predict | export`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from .backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
 from .cache import default_cache_dir
+from .config import ConfigError
 from .datasets import DatasetError
 from .features import PRECISIONS, ExtractionError
 
-USER_ERRORS = (DatasetError, BackboneError, ExtractionError, FileExistsError, FileNotFoundError)
+
+class OutputError(OSError):
+    """The report folder cannot be written (found before any extraction, not after)."""
+
+
+USER_ERRORS = (DatasetError, BackboneError, ExtractionError, FileExistsError, FileNotFoundError, ConfigError,
+               OutputError, PermissionError, NotADirectoryError)
+
+
+def _check_writable(folder) -> None:
+    """Fail now, not after minutes of extraction, when the report folder cannot be written."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".transferlab-write-check-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write the report folder {path}: {exc.strerror or exc}") from None
+
+
+def _similarity(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine similarity in (0, 1], got {text}")
+    return value
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -35,17 +62,96 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside", action="store_true", help="let a CSV manifest name files outside its folder")
 
 
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default="1", help="processes per node through Lightning, e.g. 4 GPUs (default 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp when several processes)")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (method 'finetune')")
+    g.add_argument("--unfreeze", default="all", help="backbone stages trained in stage 2: all, or the last N (0: head only)")
+    g.add_argument("--ft-epochs", type=int, default=10, help="stage 2 epochs (early stopping may end sooner)")
+    g.add_argument("--ft-lr", type=float, default=5e-4, help="AdamW learning rate of the head; stages below get less")
+    g.add_argument("--layer-decay", type=float, default=0.75, help="lr factor per stage further from the head")
+    g.add_argument("--ft-weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then the schedule")
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "constant"))
+    g.add_argument("--ft-batch-size", type=int, default=32, help="images per step and process")
+    g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--augment", default="crop,flip,color", help="training augmentation: any of crop,flip,color, or none")
+    g.add_argument("--crop-scale", type=float, default=0.5, help="smallest crop area fraction of the random resized crop")
+    g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
+    g.add_argument("--bn", default="train", choices=("train", "frozen"),
+                   help="BatchNorm statistics of trained stages: train (update) or frozen (frozen stages never update)")
+    g.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
+    g.add_argument("--monitor", default="val_macro_f1", choices=("val_macro_f1", "val_loss", "val_acc"),
+                   help="validation metric for early stopping and the best checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/finetune/checkpoints/last.ckpt")
+    _add_scale_args(p)
+
+
+def _finetune_options(args) -> dict:
+    """StudyConfig fields for fine-tuning and scale-out (empty for parsers without those flags)."""
+    if not hasattr(args, "ft_epochs"):
+        return {}
+    return {"devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy, "finetune": {
+        "unfreeze": args.unfreeze, "epochs": args.ft_epochs, "lr": args.ft_lr, "layer_decay": args.layer_decay,
+        "weight_decay": args.ft_weight_decay, "warmup_epochs": args.warmup_epochs, "schedule": args.schedule,
+        "batch_size": args.ft_batch_size, "accumulate": args.accumulate, "augment": args.augment,
+        "crop_scale": args.crop_scale, "color_jitter": args.color_jitter, "bn": args.bn, "patience": args.patience,
+        "monitor": args.monitor, "resume": args.resume}}
+
+
+def _launch(args) -> None:
+    """Start or join the processes that --devices/--num-nodes/--strategy ask for (no-op for one)."""
+    from .distributed import launch
+    launch(device=args.device, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy)
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select-metric", default="macro_f1", choices=("macro_f1", "accuracy", "balanced_accuracy"),
+                   help="validation metric that tunes the heads' grids and selects the method (default macro_f1)")
+    p.add_argument("--tta", action="store_true",
+                   help="features = mean of the image's and its horizontal flip's (flipped features cached too)")
+    p.add_argument("--flip-train", action="store_true",
+                   help="heads also train on each training image's flipped features and predict on the mean of "
+                        "both views (flipped features cached too)")
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="tune and select by K-fold stratified CV over train + valid (pooled out-of-fold scores) "
+                        "instead of the validation split; final models are still fitted on train (default 0: off)")
+    p.add_argument("--no-data-efficiency", dest="data_efficiency", action="store_false",
+                   help="skip the selected head's data-efficiency curve")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the frozen-backbone study: extract (cached), train heads, evaluate, report")
-    run.add_argument("data", help="ImageFolder root, root of class folders, or CSV manifest")
+    run.add_argument("data", nargs="?", help="ImageFolder root, root of class folders, or CSV manifest")
+    run.add_argument("--config", help="a run's config.yaml (or your own YAML): rerun that study; flags given here override it")
     run.add_argument("--out", default="runs/study", help="report folder")
-    run.add_argument("--methods", default="softmax,svm", help="comma-separated heads")
+    run.add_argument("--methods", default="softmax,svm",
+                     help="comma-separated heads, or 'all' (seed heads softmax,svm; tuned heads svm_tuned,logreg,"
+                          "linear_svm,knn,softmax_tuned)")
     run.add_argument("--epochs", type=int, default=50, help="softmax head epochs")
+    _add_selection_args(run)
+    run.add_argument("--dup-threshold", type=_similarity, default=0.95,
+                     help="leakage check: feature cosine similarity counted as a near-duplicate across splits")
     _add_backbone_args(run)
     _add_data_args(run)
+    _add_finetune_args(run)
+
+    ft = sub.add_parser("finetune", help="fine-tune end to end (stage 1: softmax head on cached features), "
+                                         "reported beside the frozen softmax head; same options as run")
+    ft.add_argument("data", help="ImageFolder root, root of class folders, or CSV manifest")
+    ft.add_argument("--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/finetune)")
+    ft.add_argument("--methods", default="softmax,finetune", help="comma-separated methods")
+    ft.add_argument("--epochs", type=int, default=50, help="softmax head epochs (stage 1)")
+    _add_backbone_args(ft)
+    _add_data_args(ft)
+    _add_finetune_args(ft)
 
     demo = sub.add_parser("demo", help="build the offline demo data set and run the study on it")
     demo.add_argument("--out", default="demo_run", help="folder for the demo data and its report")
@@ -55,9 +161,42 @@ def build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", help="extract (and cache) features only; optionally save them as .npz")
     ext.add_argument("data")
     ext.add_argument("--save", help="write features, labels, paths and splits to this .npz file")
+    ext.add_argument("--chunk-size", type=int, default=512, help="images per cache chunk (work kept if interrupted)")
     _add_backbone_args(ext)
     _add_data_args(ext)
+    _add_scale_args(ext)
+
+    cmp = sub.add_parser("compare", help="one table across runs (e.g. backbones or input sizes on the same data)")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `transferlab run`")
+    cmp.add_argument("--out", help="also write compare.md and compare.html into this folder")
+
+    pred = sub.add_parser("predict", help="apply a saved model bundle (RUN/models/METHOD) to images and folders")
+    pred.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
+    pred.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    pred.add_argument("--out", default="predictions.csv", help="CSV: path, predicted, probability[, top-k][, label]")
+    pred.add_argument("--top-k", type=int, default=1, help="also write the K most probable classes")
+    pred.add_argument("--evaluate", action="store_true",
+                      help="images are in folders named after classes: print the classification report")
+    _add_bundle_args(pred)
+    pred.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (auto: bf16 where native)")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    pred.add_argument("--batch-size", type=int, default=64)
+    pred.add_argument("--workers", type=int, default=None, help="DataLoader decoding workers (default: by device)")
+    pred.add_argument("--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)")
+    pred.add_argument("--no-cache", action="store_true", help="compute every image's features, cache nothing")
+    pred.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("export", help="export a bundle's backbone + head as one ONNX graph")
+    exp.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
+    exp.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    exp.add_argument("--opset", type=int, default=17)
+    _add_bundle_args(exp)
     return parser
+
+
+def _add_bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="backbone weights file for a bundle trained on local weights "
+                                     "(default: the path recorded in the bundle); its digest must match")
 
 
 def _study_config(args, **over):
@@ -68,7 +207,9 @@ def _study_config(args, **over):
         input_size=parse_size(args.input_size), precision=args.precision, device=args.device,
         batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, strict=args.strict,
-        allow_outside=args.allow_outside, progress=not args.no_progress, **over)
+        allow_outside=args.allow_outside, progress=not args.no_progress, **_finetune_options(args),
+        **{k: getattr(args, k) for k in ("tta", "flip_train", "cv", "select_metric", "data_efficiency", "dup_threshold")
+           if hasattr(args, k)}, **over)
 
 
 def cmd_run(args) -> int:
@@ -76,12 +217,34 @@ def cmd_run(args) -> int:
     from .report import console_summary
     from .study import run_study
     cfg = _study_config(args)
-    unknown = [m for m in cfg.methods if m not in HEADS]
+    if getattr(args, "config", None):  # the file's values, then the flags actually given
+        from .config import given_dests, load, merge
+        cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
+    elif not cfg.data:
+        raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
+    from .selection import resolve_methods
+    cfg.methods = resolve_methods(cfg.methods)  # "all": every head
+    unknown = [m for m in cfg.methods if m not in HEADS and m != "finetune"]
     if unknown:
-        raise DatasetError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(HEADS)}")
+        raise DatasetError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(HEADS)}, finetune")
+    _check_writable(cfg.out)
+    _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)
     metrics = run_study(cfg)
+    if metrics is None:  # not global rank 0: rank 0 reports
+        return 0
     console_summary(metrics)
-    print(f"report: {Path(cfg.out) / 'report.md'}")
+    if (metrics.get("leakage") or {}).get("warning"):
+        print(f"transferlab: warning: {metrics['leakage']['warning']}", file=sys.stderr)
+    print(f"report: {Path(cfg.out) / 'report.md'} and {Path(cfg.out) / 'report.html'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, print_table
+    table = compare(args.runs, out=args.out)
+    print_table(table)
+    if args.out:
+        print(f"compare: {Path(args.out) / 'compare.md'} and {Path(args.out) / 'compare.html'}")
     return 0
 
 
@@ -106,13 +269,19 @@ def cmd_extract(args) -> int:
     from .backbones import load_backbone
     from .datasets import discover
     from .features import extract_features
+    from .distributed import is_main
+    _launch(args)
     ds = discover(args.data, seed=args.seed, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
                   allow_outside=args.allow_outside)
+    import torch
+    torch.manual_seed(args.seed)  # --weights random: the same network as `run --seed N`, so reruns resume
     bb = load_backbone(args.backbone, weights=args.weights, input_size=parse_size(args.input_size))
     paths = [s.path for s in ds.samples]
     ex = extract_features(paths, bb, cache_dir=args.cache_dir, precision=args.precision, device=args.device,
                           batch_size=args.batch_size, num_workers=args.workers, strict=args.strict,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, chunk_size=args.chunk_size)
+    if not is_main():
+        return 0
     print(f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
           f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision})")
     for s in ex.skipped:
@@ -126,9 +295,39 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .bundle import load
+    from .evaluation import format_report
+    from .predict import evaluate_predictions, predict_paths, write_csv
+    model = load(args.bundle, weights=args.weights, device=args.device, precision=args.precision,
+                 cache_dir=False if args.no_cache else args.cache_dir, batch_size=args.batch_size,
+                 num_workers=args.workers)
+    preds = predict_paths(model, args.images, progress=not args.no_progress)
+    out = write_csv(preds, args.out, top_k=args.top_k, with_labels=args.evaluate)
+    for s in preds.skipped:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    print(f"{len(preds.paths)} images predicted in {preds.seconds:.1f} s ({preds.images_per_second:.1f} images/s; "
+          f"{preds.computed} through the backbone, {preds.from_cache} from cache) -> {out}")
+    if args.evaluate:
+        metrics = evaluate_predictions(preds)
+        print(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+              f"balanced accuracy {metrics['balanced_accuracy']:.3f} on {metrics['n']} images")
+        print(format_report(metrics, model.classes))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    out = export_onnx(args.bundle, args.onnx, weights=args.weights, opset=args.opset)
+    print(f"ONNX: {out} (input 'image' float32 NCHW, preprocessing in its metadata; output 'probabilities')")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "demo": cmd_demo, "extract": cmd_extract}[args.command]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which flags were given (run --config)
+    handler = {"run": cmd_run, "finetune": cmd_run, "demo": cmd_demo, "extract": cmd_extract,
+               "compare": cmd_compare, "predict": cmd_predict, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

@@ -45,8 +45,15 @@ def method_metrics(res: dict) -> dict:
              per_class=test.get("per_class", {}), confusion_matrix=test.get("confusion_matrix"))
     if "valid" in res:
         m["valid"] = {k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}
+    m["train_note"] = res.get("train_note", "on cached features")
+    if "bundle" in res:  # the saved model (bundle.py), for `transferlab predict` and transferlab.load
+        m["bundle"] = res["bundle"]
+    if "details" in res:  # e.g. fine-tuning: epochs run, images/s, checkpoints
+        m["details"] = res["details"]
     est = res["estimator"]
     m["params"] = {k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    if hasattr(est, "best_params_"):  # a tuned head (selection.ValidationSearch): what it chose, from what
+        m["tuning"] = est.summary()
     return m
 
 
@@ -90,7 +97,8 @@ def findings(metrics: dict, classes: list[str]) -> list[str]:
     return lines
 
 
-def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, results: dict) -> dict:
+def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, results: dict,
+          analysis: dict | None = None, leakage: dict | None = None) -> dict:
     classes = dataset.classes
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -104,8 +112,12 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
         "methods": {n: method_metrics(r) for n, r in results.items()},
         "versions": versions(), "machine": machine(extract["device"]),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+        **(analysis or {}),  # selected, selection, ci, mcnemar, data_efficiency, recall_changes (analysis.py)
+        **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
     }
     figures = _plots(out, metrics, results, classes)
+    from . import analysis as _analysis
+    figures["selection"] = _analysis.figures(out, metrics)
     for name, res in results.items():
         if "test" in res:
             (out / f"{name}_report.tsv").write_text(format_report(res["test"], classes) + "\n")
@@ -117,6 +129,11 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
                 w.writerows(zip(*hist.values()))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     (out / "report.md").write_text(render_markdown(metrics, figures))
+    from .html_report import write_html, write_predictions
+    for name, res in results.items():
+        if "test_pred" in res:
+            write_predictions(out / f"{name}_predictions.csv", splits["test"], res, classes)
+    write_html(out)  # report.html: report.md's sections, self-contained, plus mistakes and examples
     return metrics
 
 
@@ -176,7 +193,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
 
     md += ["## Results (test set)", "", markdown_table(
         [["method", "accuracy", "macro-F1", "weighted F1", "balanced acc.", "valid macro-F1", "train", "predict"]]
-        + [[n, _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["weighted_f1"]), _fmt(m["balanced_accuracy"]),
+        + [[n + (" (selected)" if n == metrics.get("selected") else ""), _fmt(m["accuracy"]), _fmt(m["macro_f1"]),
+            _fmt(m["weighted_f1"]), _fmt(m["balanced_accuracy"]),
             _fmt(m.get("valid", {}).get("macro_f1")), _seconds(m["train_seconds"]), _seconds(m["predict_seconds"])]
            for n, m in methods.items()]), ""]
     seed_rows = [[f"seed {n} (ResNet50, 800x240)", _fmt(v["accuracy"]), _fmt(v["macro_f1"]), _seconds(v["train_seconds"])]
@@ -198,6 +216,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         rows.append(["accuracy"] + [v for n in scored for v in ("", "", _fmt(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
         rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", _fmt(scored[n]["balanced_accuracy"]), _fmt(scored[n]["macro_f1"]))] + [""])
         md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `<method>_report.tsv`.", ""]
+    from . import analysis as _analysis
+    md += _analysis.markdown(metrics, figures.get("selection", []))
 
     md += ["## Timings", "", markdown_table([
         ["step", "time", "notes"],
@@ -206,12 +226,22 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         ["feature extraction (cold)", _seconds(ex["cold_seconds"]),
          "backbone forward + decoding, as recorded in the cache when these features were computed"],
         ["feature extraction (fully cached)", _seconds(ex["cached_seconds"]), f"{ex['images']} images, no forward pass"],
-        *[[f"{n}: train", _seconds(m["train_seconds"]), "on cached features"] for n, m in methods.items()],
+        *[[f"{n}: train", _seconds(m["train_seconds"]), m.get("train_note", "on cached features")] for n, m in methods.items()],
         *[[f"{n}: predict test", _seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],
     ]), ""]
 
+    bundles = {n: m["bundle"] for n, m in methods.items() if m.get("bundle")}
+    if bundles:
+        md += ["## Trained models", "", "Each method is saved as a bundle (config.json + safetensors or skops, no pickle): "
+               "`transferlab predict BUNDLE IMAGES... --out preds.csv`, `transferlab.load(BUNDLE).predict(images)`, "
+               "`transferlab export BUNDLE --onnx model.onnx` (linear heads).", "",
+               markdown_table([["method", "bundle"]] + [[n + (" (selected)" if n == metrics.get("selected") else ""),
+                                                          f"`{b}`"] for n, b in bundles.items()]), ""]
     if figures["curves"] or figures["confusion"]:
         md += ["## Plots", ""] + [f"![{t}]({f})" for t, f in figures["curves"] + figures["confusion"]] + [""]
+    if metrics.get("leakage"):
+        from .leakage import markdown as leakage_markdown
+        md += leakage_markdown(metrics["leakage"])
     md += ["## Findings", ""] + [f"- {line}" for line in findings(metrics, classes)] + [""]
     notes = list(metrics["notes"])
     if metrics["skipped"]:
@@ -229,6 +259,8 @@ def console_summary(metrics: dict) -> None:
     for col in ("method", "accuracy", "macro-F1", "balanced acc.", "valid macro-F1", "train", "predict"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for n, m in metrics["methods"].items():
-        table.add_row(n, _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["balanced_accuracy"]),
+        table.add_row(n + (" *" if n == metrics.get("selected") else ""), _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["balanced_accuracy"]),
                       _fmt(m.get("valid", {}).get("macro_f1")), _seconds(m["train_seconds"]), _seconds(m["predict_seconds"]))
+    if metrics.get("selected"):
+        table.caption = f"* selected on validation {metrics['selection']['metric']}"
     Console(stderr=False).print(table)

@@ -41,6 +41,17 @@ class StudyConfig:
     strict: bool = False
     allow_outside: bool = False
     progress: bool = True
+    devices: int | str = 1  # processes per node (DDP through Lightning); extraction shards across them
+    num_nodes: int = 1
+    strategy: str = "auto"
+    finetune: dict = field(default_factory=dict)  # FineTuner options for the `finetune` method
+    params: dict = field(default_factory=dict)  # per-head hyperparameters set on top of make_head's (config.yaml)
+    tta: bool = False  # features = mean of the image's and its horizontal flip's (both cached)
+    select_metric: str = "macro_f1"  # validation metric that tunes heads and selects the method
+    data_efficiency: bool = True  # the selected head's validation curve over images per class
+    cv: int = 0  # >= 2: tune and select by k-fold CV over train + valid instead of the validation split
+    flip_train: bool = False  # heads also train on each training image's flipped features (predict on the mean)
+    dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
 
 
 @dataclass
@@ -48,6 +59,12 @@ class SplitFeatures:
     X: np.ndarray
     y: np.ndarray
     paths: list[str]
+    views: np.ndarray | None = None  # --flip-train: plain and flipped features side by side, for fitting heads
+
+    @property
+    def fit_X(self) -> np.ndarray:
+        """What heads are fitted on: the views where there are, else X (heads predict on X either way)."""
+        return self.X if self.views is None else self.views
 
 
 def _seed_everything(seed: int) -> None:
@@ -62,13 +79,21 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
               num_workers=cfg.num_workers, strict=cfg.strict)
     first = extract_features(all_paths, bb, progress=cfg.progress, **kw)
     warm = extract_features(all_paths, bb, progress=False, **kw)
+    views = None
+    if cfg.tta or cfg.flip_train:  # flipped views: predict on their mean; flip_train also trains on both
+        flip = extract_features(first.paths, bb, progress=cfg.progress, view="hflip", description="flipped", **kw)
+        at = {p: i for i, p in enumerate(flip.paths)}
+        flipped = flip.features[[at[p] for p in first.paths]]
+        views = np.hstack([first.features, flipped]) if cfg.flip_train else None
+        first.features = (first.features + flipped) / 2
     row = {p: i for i, p in enumerate(first.paths)}
     splits = {}
     for name in ("train", "valid", "test"):
         samples = [s for s in ds.split(name) if s.path in row]
-        splits[name] = SplitFeatures(X=first.features[[row[s.path] for s in samples]].reshape(len(samples), -1),
+        splits[name] = SplitFeatures(X=first.features[[row[s.path] for s in samples]].reshape(len(samples), first.features.shape[1]),
                                      y=np.array([s.label for s in samples], dtype=np.int64),
-                                     paths=[s.path for s in samples])
+                                     paths=[s.path for s in samples],
+                                     views=None if views is None else views[[row[s.path] for s in samples]])
     info = {"seconds": first.seconds, "images": len(all_paths), "computed": first.computed,
             "from_cache": first.from_cache, "cached_seconds": warm.seconds, "cold_seconds": first.cold_seconds,
             "images_per_second": first.images_per_second, "precision": first.precision, "device": first.device,
@@ -79,12 +104,15 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
 def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str]) -> dict:
     """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
-    est = make_head(name, seed=cfg.seed, epochs=cfg.epochs)
+    est = make_head(name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv,
+                    flip_train=cfg.flip_train)
+    if cfg.params.get(name):
+        est.set_params(**cfg.params[name])
     t0 = time.perf_counter()
     if "eval_set" in inspect.signature(est.fit).parameters:
-        est.fit(tr.X, tr.y, eval_set=(va.X, va.y))
+        est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y))
     else:
-        est.fit(tr.X, tr.y)
+        est.fit(tr.fit_X, tr.y)
     train_seconds = time.perf_counter() - t0
     out = {"estimator": est, "train_seconds": train_seconds}
     if len(va.y):
@@ -96,6 +124,7 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
         out["predict_seconds"] = time.perf_counter() - t0
         out["test"] = evaluate(te.y, pred, classes, proba=proba)
         out["test_pred"] = pred
+        out["test_proba"] = proba
     return out
 
 
@@ -110,6 +139,8 @@ def _full_proba(est, X, n_classes: int) -> np.ndarray:
 def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics."""
     out = Path(cfg.out)
+    from .selection import resolve_methods
+    cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     _seed_everything(cfg.seed)
     ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
                   allow_outside=cfg.allow_outside)
@@ -117,12 +148,32 @@ def run_study(cfg: StudyConfig) -> dict:
     splits, extract_info = extract_splits(cfg, ds, bb)
     if len(np.unique(splits["train"].y)) < 2:
         from .datasets import DatasetError
-        raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}")
+        skipped = extract_info["skipped"]
+        hint = f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}{hint}")
     results = {}
     for name in cfg.methods:
         _seed_everything(cfg.seed)
+        if name == "finetune":  # end to end on images; scored and reported like a head
+            from .finetune import fit_method as fit_finetune
+            results[name] = fit_finetune(cfg, splits, ds.classes, bb)
+            continue
         results[name] = fit_method(name, cfg, splits, ds.classes)
+    from .distributed import is_main
+    if not is_main():  # several processes: only global rank 0 writes the report
+        return None
     out.mkdir(parents=True, exist_ok=True)
+    from .analysis import analyse  # selection on validation first, then test statistics
+    _seed_everything(cfg.seed)
+    analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
+                       efficiency=cfg.data_efficiency, cv=cfg.cv)
+    from .bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
+    save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"], tta=cfg.tta or cfg.flip_train,
+                       extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
+    from .leakage import check as check_leakage  # exact and near-duplicates across splits, from cached features
+    leakage = check_leakage(splits, threshold=cfg.dup_threshold)
     metrics = report.write(out, cfg=asdict(cfg), dataset=ds, backbone=bb, splits=splits,
-                           extract=extract_info, results=results)
+                           extract=extract_info, results=results, analysis=analysis, leakage=leakage)
+    from .config import write as write_config
+    write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
     return metrics
