@@ -51,3 +51,17 @@ def tiny_backbone():
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_default_cache(tmp_path_factory):
+    """Code under test that falls back to the default cache writes to a session folder, never ~/.cache:
+    a head or features cached by an earlier run must not let a test pass without doing the work."""
+    import os
+    old = os.environ.get("TRANSFERLAB_CACHE")
+    os.environ["TRANSFERLAB_CACHE"] = str(tmp_path_factory.mktemp("default-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRANSFERLAB_CACHE", None)
+    else:
+        os.environ["TRANSFERLAB_CACHE"] = old

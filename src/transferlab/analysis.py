@@ -25,7 +25,8 @@ def _fit_X(split):
     return getattr(split, "fit_X", split.X)
 
 
-def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0) -> tuple[dict, str, list[str]]:
+def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
+                     cache=None) -> tuple[dict, str, list[str]]:
     """Each method's validation scores under the protocol, the protocol's name, and methods left out.
 
     cv < 2: the validation split. cv >= 2: pooled out-of-fold scores of k-fold CV over train + valid
@@ -40,17 +41,22 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0) ->
         est = r["estimator"]
         if isinstance(est, ValidationSearch) and est.cv == cv:
             scores[n] = est.best_valid_
-        elif n in HEADS:
-            scores[n] = cross_val_scores(_fixed(est), X, y, cv, seed)
+        elif n in HEADS:  # cached beside the fitted head (`head_cache`), like the head itself
+            key, name = r.get("head_key"), f"cv{cv}-{seed}"
+            scores[n] = cache.extra(key, name) if cache is not None and key else None
+            if scores[n] is None:
+                scores[n] = cross_val_scores(_fixed(est), X, y, cv, seed)
+                if cache is not None and key:
+                    cache.put_extra(key, name, scores[n])
         else:
             left_out.append(n)
     return scores, f"{cv}-fold CV on train + valid", left_out
 
 
 def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "macro_f1", seed: int = 0,
-            n_boot: int = 1000, efficiency: bool = True, cv: int = 0) -> dict:
+            n_boot: int = 1000, efficiency: bool = True, cv: int = 0, cache=None) -> dict:
     """Selection (validation), data efficiency (train/valid), then test statistics; see the module doc."""
-    scores, protocol, left_out = selection_scores(results, splits, cv, seed)
+    scores, protocol, left_out = selection_scores(results, splits, cv, seed, cache)
     if not scores:
         return {"selected": None, "selection": {"metric": metric, "note": "no validation split: nothing selected"}}
     selection = select_method(scores, metric)
@@ -60,9 +66,15 @@ def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "m
     selection.update(baseline=baseline, protocol=protocol, scores=scores, left_out=left_out)
     out = {"selected": chosen, "selection": selection}
     tr, va = splits["train"], splits["valid"]
-    if efficiency and chosen in HEADS:
-        out["data_efficiency"] = {"method": chosen, **data_efficiency(
-            results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed)}
+    if efficiency and chosen in HEADS:  # a function of the fitted head and train/valid: cached beside the head
+        key, name = results[chosen].get("head_key"), f"data_efficiency-{metric}-{seed}"
+        curve = cache.extra(key, name) if cache is not None and key else None
+        if curve is None:
+            curve = data_efficiency(results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric,
+                                    seed=seed)
+            if cache is not None and key:
+                cache.put_extra(key, name, curve)
+        out["data_efficiency"] = {"method": chosen, **curve}
 
     te = splits["test"]  # test labels are read from here on, after everything above is fixed
     if len(te.y):
@@ -174,7 +186,8 @@ def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     tuned = {n: m["tuning"] for n, m in methods.items() if m.get("tuning")}
     if tuned:
         rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
-        rows += [[n, ", ".join(f"{k.split('__')[-1]}={val}" for k, val in t["best_params"].items()),
+        rows += [[n, ", ".join(f"{k.split('__')[-1]}={val}"
+                               for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()),
                   _f(t["valid"][sel["metric"]]),
                   str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
                   f"{t['search_seconds']:.1f} s"] for n, t in tuned.items()]

@@ -46,6 +46,7 @@ def method_metrics(res: dict) -> dict:
     if "valid" in res:
         m["valid"] = {k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}
     m["train_note"] = res.get("train_note", "on cached features")
+    m["head_from_cache"] = bool(res.get("cached_head"))
     if "bundle" in res:  # the saved model (bundle.py), for `transferlab predict` and transferlab.load
         m["bundle"] = res["bundle"]
     if "details" in res:  # e.g. fine-tuning: epochs run, images/s, checkpoints

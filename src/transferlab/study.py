@@ -17,6 +17,7 @@ from . import report
 from .backbones import DEFAULT_BACKBONE, load_backbone
 from .datasets import discover
 from .evaluation import evaluate
+from .cache import default_cache_dir
 from .features import extract_features
 from .heads import make_head
 
@@ -108,13 +109,23 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
                     flip_train=cfg.flip_train)
     if cfg.params.get(name):
         est.set_params(**cfg.params[name])
+    from .head_cache import HeadCache, head_key  # a head fitted on these very features before is loaded
+    heads = HeadCache(cfg.cache_dir or default_cache_dir())
+    key = head_key(name, est, cfg.seed, (tr.fit_X, tr.y, va.fit_X, va.y))
     t0 = time.perf_counter()
-    if "eval_set" in inspect.signature(est.fit).parameters:
-        est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y))
+    hit = heads.get(key)
+    if hit is not None:
+        est, meta = hit
+        out = {"estimator": est, "train_seconds": meta["train_seconds"], "cached_head": True,
+               "train_note": f"fitted head loaded from the cache in {time.perf_counter() - t0:.2f} s"}
     else:
-        est.fit(tr.fit_X, tr.y)
-    train_seconds = time.perf_counter() - t0
-    out = {"estimator": est, "train_seconds": train_seconds}
+        if "eval_set" in inspect.signature(est.fit).parameters:
+            est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y))
+        else:
+            est.fit(tr.fit_X, tr.y)
+        out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
+        heads.put(key, est, {"method": name, "seed": cfg.seed, "train_seconds": out["train_seconds"]})
+    out["head_key"] = key
     if len(va.y):
         out["valid"] = evaluate(va.y, est.predict(va.X), classes)
     if len(te.y):
@@ -165,8 +176,9 @@ def run_study(cfg: StudyConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from .analysis import analyse  # selection on validation first, then test statistics
     _seed_everything(cfg.seed)
+    from .head_cache import HeadCache
     analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
-                       efficiency=cfg.data_efficiency, cv=cfg.cv)
+                       efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir or default_cache_dir()))
     from .bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
     save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"], tta=cfg.tta or cfg.flip_train,
                        extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})

@@ -1,0 +1,110 @@
+"""Fitted heads, cached like features: a rerun of a study over cached features refits nothing it has fitted.
+
+A head's fit is a pure function of its hyperparameters, the seed, the features and labels it trains and
+validates on, and the library versions; the key is a SHA-256 of exactly those. The fitted estimator is
+stored as a bundle stores heads (`bundle._save_head`: safetensors for transferlab's own heads, skops with
+the allowlist for scikit-learn ones; no pickle), next to `meta.json` (method, key inputs, fit seconds).
+Entries are written to a temporary folder and renamed into place, so a crash never leaves half an entry;
+an entry that fails to load is set aside with a warning and the head is fitted again.
+
+Results computed from a fitted head alone (the data-efficiency curve) are kept beside it as JSON
+(`extra`/`put_extra`), keyed by the head and the computation's own arguments.
+
+Layout: `<cache root>/heads/<key>/{meta.json, head.safetensors | head.skops, <name>.json}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+
+def _digest_arrays(h, *arrays) -> None:
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+
+
+def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
+    """SHA-256 (first 24 hex digits) of the method, every hyperparameter, the seed, the data and the versions."""
+    import sklearn
+    import torch
+    h = hashlib.sha256()
+    h.update(json.dumps({"method": name, "seed": seed, "estimator": estimator.__repr__(N_CHAR_MAX=10**9),
+                         "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__]},
+                        sort_keys=True).encode())
+    _digest_arrays(h, *arrays)
+    return h.hexdigest()[:24]
+
+
+class HeadCache:
+    """`get(key)` -> (estimator, meta) or None; `put(key, estimator, meta)` stores a fitted head."""
+
+    def __init__(self, root):
+        self.dir = Path(root) / "heads"
+
+    def get(self, key: str):
+        entry = self.dir / key
+        meta_path = entry / "meta.json"
+        if not meta_path.is_file():
+            return None
+        from .bundle import _load_head
+        try:
+            meta = json.loads(meta_path.read_text())
+            return _load_head(meta["head"], entry), meta
+        except Exception as exc:  # damaged or from an incompatible version: set aside, fit again
+            warnings.warn(f"cached head {entry} could not be loaded ({type(exc).__name__}: {exc}); "
+                          f"fitting it again", stacklevel=2)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
+    def put(self, key: str, estimator, meta: dict) -> bool:
+        """Store a fitted head; False (with a warning) if it cannot be stored safely. Never raises."""
+        from .bundle import _save_head
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.dir))
+            try:
+                info = _save_head(estimator, tmp)
+                (tmp / "meta.json").write_text(json.dumps({**meta, "head": info}, indent=2, default=str))
+                os.rename(tmp, self.dir / key)
+            except OSError:  # another run stored the same key first: theirs is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+                return (self.dir / key / "meta.json").is_file()
+            except Exception:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        except Exception as exc:
+            warnings.warn(f"fitted head not cached ({type(exc).__name__}: {exc})", stacklevel=2)
+            return False
+        return True
+
+    def extra(self, key: str, name: str):
+        """A JSON result stored beside head `key` (None if absent or unreadable)."""
+        try:
+            return json.loads((self.dir / key / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put_extra(self, key: str, name: str, value) -> None:
+        """Store a JSON result beside head `key` (atomically; silently skipped if the head is not cached)."""
+        entry = self.dir / key
+        if not entry.is_dir():
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=entry)
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f, default=str)
+            os.replace(tmp, entry / f"{name}.json")
+        except OSError as exc:
+            warnings.warn(f"could not cache {name} beside {entry} ({exc})", stacklevel=2)

@@ -1,0 +1,80 @@
+"""Fitted heads are cached like features: a rerun loads them, a change of data or hyperparameters refits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transferlab.study import StudyConfig, run_study
+
+
+def _cfg(data, out, cache_dir, **kw):
+    return StudyConfig(data=str(data), out=str(out), backbone="test_efficientnet", weights="random",
+                       input_size=(32, 40), epochs=kw.pop("epochs", 5), cache_dir=str(cache_dir), progress=False,
+                       num_workers=0, valid_fraction=0.25, **kw)
+
+
+def _same_results(a: dict, b: dict, methods=("softmax", "svm")) -> None:
+    for name in methods:
+        x, y = a["methods"][name], b["methods"][name]
+        for k in ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion_matrix", "valid"):
+            assert x[k] == y[k], (name, k)
+
+
+@pytest.fixture
+def first(small_folder, tmp_path, cache_dir):
+    return run_study(_cfg(small_folder, tmp_path / "run1", cache_dir))
+
+
+def test_rerun_loads_fitted_heads_with_identical_results(first, small_folder, tmp_path, cache_dir):
+    assert not any(m["head_from_cache"] for m in first["methods"].values())
+    entries = sorted(p.name for p in (Path(cache_dir) / "heads").iterdir())
+    assert len(entries) == 2 and all((Path(cache_dir) / "heads" / e / "meta.json").is_file() for e in entries)
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir))
+    assert all(m["head_from_cache"] for m in again["methods"].values())
+    _same_results(first, again)
+    for name in ("softmax", "svm"):
+        assert again["methods"][name]["train_seconds"] == first["methods"][name]["train_seconds"]  # the fit's cost
+        assert "loaded from the cache" in again["methods"][name]["train_note"]
+        p1, p2 = (tmp_path / r / f"{name}_predictions.csv" for r in ("run1", "run2"))
+        assert p1.read_text().replace(str(tmp_path / "run1"), "") == p2.read_text().replace(str(tmp_path / "run2"), "")
+    assert again["data_efficiency"] == json.loads(json.dumps(first["data_efficiency"]))
+    assert sorted(p.name for p in (Path(cache_dir) / "heads").iterdir()) == entries  # nothing new stored
+
+
+def test_refit_from_scratch_gives_the_same_heads(first, small_folder, tmp_path, cache_dir):
+    shutil.rmtree(Path(cache_dir) / "heads")
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir))
+    assert not any(m["head_from_cache"] for m in again["methods"].values())
+    _same_results(first, again)  # seeded: the cache saves time, it does not hide nondeterminism
+
+
+def test_changed_hyperparameter_refits_only_that_head(first, small_folder, tmp_path, cache_dir):
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir, epochs=6))
+    assert again["methods"]["svm"]["head_from_cache"]  # SVC does not depend on epochs
+    assert not again["methods"]["softmax"]["head_from_cache"]
+    other_seed = run_study(_cfg(small_folder, tmp_path / "run3", cache_dir, seed=1))
+    assert not any(m["head_from_cache"] for m in other_seed["methods"].values())  # other split, other seed
+
+
+def test_damaged_entry_is_set_aside_and_refitted(first, small_folder, tmp_path, cache_dir):
+    for head in (Path(cache_dir) / "heads").glob("*/head.*"):
+        head.write_bytes(b"not a head")
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir))
+    assert not any(m["head_from_cache"] for m in again["methods"].values())
+    _same_results(first, again)
+    third = run_study(_cfg(small_folder, tmp_path / "run3", cache_dir))  # the refit was stored again
+    assert all(m["head_from_cache"] for m in third["methods"].values())
+
+
+def test_cv_selection_scores_are_cached_beside_the_heads(small_folder, tmp_path, cache_dir):
+    first = run_study(_cfg(small_folder, tmp_path / "run1", cache_dir, cv=3, data_efficiency=False))
+    extras = sorted(p.name for p in (Path(cache_dir) / "heads").glob("*/cv3-0.json"))
+    assert len(extras) == 2  # softmax and svm are cross-validated by the analysis, once
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir, cv=3, data_efficiency=False))
+    assert all(m["head_from_cache"] for m in again["methods"].values())
+    assert again["selection"] == first["selection"] and again["selected"] == first["selected"]
