@@ -18,7 +18,8 @@ import yaml
 from .backbones import parse_size
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
-GOVERNED = ("seed", "random_state", "epochs", "scoring")  # set from top-level keys (--seed, --epochs, --select-metric)
+GOVERNED = ("seed", "random_state", "epochs", "scoring", "flip_train")  # set from top-level keys (--seed, --epochs,
+# --select-metric, --flip-train)
 FIRST = ("data", "backbone", "weights", "input_size", "precision", "seed", "methods", "epochs")
 DEST_TO_FIELD = {"workers": "num_workers", "no_progress": "progress"}
 

@@ -106,6 +106,10 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
         if coef.shape[0] == 1:
             coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
         return coef.T.astype(np.float64), intercept.astype(np.float64)
+    if hasattr(est, "members_"):  # selection.SoftVoteEnsemble: a mean of several heads' probabilities
+        raise ExportError(f"head {type(est).__name__} averages the probabilities of {', '.join(est.names_)}; a mean "
+                          f"of softmaxes (and an RBF SVM's Platt scaling) has no exact linear ONNX graph here. Use "
+                          f"transferlab.load(BUNDLE).predict_proba or `transferlab predict` for this head")
     if isinstance(est, LogisticRegression):
         coef, intercept = est.coef_, est.intercept_
         if coef.shape[0] == 1:  # binary: p = sigmoid(z) = softmax([0, z])

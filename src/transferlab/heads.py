@@ -153,12 +153,16 @@ def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "mac
 
     The seed's two methods keep their fixed recipes; the tuned heads (`selection.TUNED`) are
     `ValidationSearch` estimators that pick their hyperparameters by `scoring` on `fit(..., eval_set=valid)`,
-    or by `cv`-fold cross-validation over train + valid when `cv` >= 2. `flip_train`: rows hold plain and
+    or by `cv`-fold cross-validation over train + valid when `cv` >= 2; `ensemble` is the soft vote of
+    tuned heads (`selection.SoftVoteEnsemble`, nested under `cv`). `flip_train`: rows hold plain and
     flipped features side by side and the head trains on both views (`probes.ViewAugmented`).
     """
     if name in TUNED_HEADS:
         from .selection import make_tuned
         return make_tuned(name, seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
+    if name in ENSEMBLE_HEADS:
+        from .selection import make_ensemble
+        return make_ensemble(seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
     if name == "softmax":
         est = SoftmaxHead(epochs=epochs, seed=seed)
     elif name == "svm":
@@ -172,5 +176,6 @@ def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "mac
 
 
 TUNED_HEADS = ("svm_tuned", "logreg", "linear_svm", "knn", "softmax_tuned")  # grids in selection.TUNED
-HEADS = ("softmax", "svm", *TUNED_HEADS)
+ENSEMBLE_HEADS = ("ensemble",)  # soft vote of tuned heads: selection.make_ensemble
+HEADS = ("softmax", "svm", *TUNED_HEADS, *ENSEMBLE_HEADS)
 SEED_METHODS = ("softmax", "svm")
