@@ -46,6 +46,11 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    help=f"timm model name, e.g. resnet50.tv_in1k (default {DEFAULT_BACKBONE}; offline: {', '.join(EMBEDDED)})")
     p.add_argument("--weights", help="local weights file (.safetensors or .pth, loaded without pickle), or 'random'")
     p.add_argument("--input-size", help="HxW fed to the backbone, e.g. 120x400 (default: the model's pretrained size)")
+    _add_runtime_args(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How features are computed and cached (extraction and prediction alike)."""
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (auto: bf16 where native)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -178,13 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--evaluate", action="store_true",
                       help="images are in folders named after classes: print the classification report")
     _add_bundle_args(pred)
-    pred.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (auto: bf16 where native)")
-    pred.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    pred.add_argument("--batch-size", type=int, default=64)
-    pred.add_argument("--workers", type=int, default=None, help="DataLoader decoding workers (default: by device)")
-    pred.add_argument("--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)")
+    _add_runtime_args(pred)
     pred.add_argument("--no-cache", action="store_true", help="compute every image's features, cache nothing")
-    pred.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     exp = sub.add_parser("export", help="export a bundle's backbone + head as one ONNX graph")
     exp.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")

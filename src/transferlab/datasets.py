@@ -126,18 +126,23 @@ def _stratified_split(samples: list[Sample], fraction: float, new_split: str, se
     return [replace(s, split=new_split) if i in moved else s for i, s in enumerate(samples)]
 
 
-def _from_imagefolder(root: Path) -> ImageDataset:
-    train_dir = root / "train"
-    notes = []
+def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[Sample]]:
+    """Classes (sorted class folders with images) and their images as training samples; empty ones noted."""
     classes, samples = [], []
-    for cdir in _class_dirs(train_dir, notes):
+    for cdir in _class_dirs(folder, notes):
         imgs = _list_images(cdir)
         if not imgs:
             notes.append(f"class folder {cdir} has no images: class ignored")
             continue
-        label = len(classes)
+        samples += [Sample(str(p), len(classes), "train") for p in imgs]
         classes.append(cdir.name)
-        samples += [Sample(str(p), label, "train") for p in imgs]
+    return classes, samples
+
+
+def _from_imagefolder(root: Path) -> ImageDataset:
+    train_dir = root / "train"
+    notes: list[str] = []
+    classes, samples = _training_classes(train_dir, notes)
     index = {c: i for i, c in enumerate(classes)}
     for name in ("valid", "val", "validation", "test"):
         sdir = root / name
@@ -161,15 +166,8 @@ def _from_imagefolder(root: Path) -> ImageDataset:
 
 
 def _from_class_folders(root: Path, seed: int, valid_fraction: float, test_fraction: float) -> ImageDataset:
-    notes, classes, samples = [], [], []
-    for cdir in _class_dirs(root, notes):
-        imgs = _list_images(cdir)
-        if not imgs:
-            notes.append(f"class folder {cdir} has no images: class ignored")
-            continue
-        label = len(classes)
-        classes.append(cdir.name)
-        samples += [Sample(str(p), label, "train") for p in imgs]
+    notes: list[str] = []
+    classes, samples = _training_classes(root, notes)
     samples = _stratified_split(samples, test_fraction, "test", seed)
     notes.append(f"split class folders into train/test with test fraction {test_fraction} (seed {seed})")
     return ImageDataset(root, classes, samples, "class-folders", notes)

@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
@@ -536,10 +537,7 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         return out
 
     def predict_proba(self, paths):
-        z = self.decision_function(paths)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.decision_function(paths), axis=1)
 
     def predict(self, paths):
         return self.classes_[self.decision_function(paths).argmax(axis=1)]

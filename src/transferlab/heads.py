@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
@@ -129,10 +130,7 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         return logits - self.logit_adjust * self.log_prior_
 
     def predict_proba(self, X):
-        z = self.decision_function(X)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.decision_function(X), axis=1)
 
     def predict(self, X):
         return self.classes_[self.decision_function(X).argmax(axis=1)]
