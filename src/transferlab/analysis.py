@@ -25,6 +25,11 @@ def _fit_X(split):
     return getattr(split, "fit_X", split.X)
 
 
+def _memo(cache, result: dict, name: str, compute):
+    """compute(), kept beside the method's fitted head in `cache` (`head_cache.HeadCache`) when there is one."""
+    return compute() if cache is None else cache.memo(result.get("head_key"), name, compute)
+
+
 def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
                      cache=None) -> tuple[dict, str, list[str]]:
     """Each method's validation scores under the protocol, the protocol's name, and methods left out.
@@ -42,12 +47,7 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
         if isinstance(est, ValidationSearch) and est.cv == cv:
             scores[n] = est.best_valid_
         elif n in HEADS:  # cached beside the fitted head (`head_cache`), like the head itself
-            key, name = r.get("head_key"), f"cv{cv}-{seed}"
-            scores[n] = cache.extra(key, name) if cache is not None and key else None
-            if scores[n] is None:
-                scores[n] = cross_val_scores(_fixed(est), X, y, cv, seed)
-                if cache is not None and key:
-                    cache.put_extra(key, name, scores[n])
+            scores[n] = _memo(cache, r, f"cv{cv}-{seed}", lambda: cross_val_scores(_fixed(est), X, y, cv, seed))
         else:
             left_out.append(n)
     return scores, f"{cv}-fold CV on train + valid", left_out
@@ -67,13 +67,8 @@ def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "m
     out = {"selected": chosen, "selection": selection}
     tr, va = splits["train"], splits["valid"]
     if efficiency and chosen in HEADS:  # a function of the fitted head and train/valid: cached beside the head
-        key, name = results[chosen].get("head_key"), f"data_efficiency-{metric}-{seed}"
-        curve = cache.extra(key, name) if cache is not None and key else None
-        if curve is None:
-            curve = data_efficiency(results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric,
-                                    seed=seed)
-            if cache is not None and key:
-                cache.put_extra(key, name, curve)
+        curve = _memo(cache, results[chosen], f"data_efficiency-{metric}-{seed}", lambda: data_efficiency(
+            results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed))
         out["data_efficiency"] = {"method": chosen, **curve}
 
     te = splits["test"]  # test labels are read from here on, after everything above is fixed

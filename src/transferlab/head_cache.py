@@ -50,8 +50,9 @@ def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
 class HeadCache:
     """`get(key)` -> (estimator, meta) or None; `put(key, estimator, meta)` stores a fitted head."""
 
-    def __init__(self, root):
-        self.dir = Path(root) / "heads"
+    def __init__(self, root=None):
+        from .cache import default_cache_dir
+        self.dir = Path(root or default_cache_dir()) / "heads"
 
     def get(self, key: str):
         entry = self.dir / key
@@ -95,6 +96,15 @@ class HeadCache:
             return json.loads((self.dir / key / f"{name}.json").read_text())
         except (OSError, ValueError):
             return None
+
+    def memo(self, key: str | None, name: str, compute):
+        """`compute()`'s JSON result stored beside head `key`: read if there, else computed and stored."""
+        value = self.extra(key, name) if key else None
+        if value is None:
+            value = compute()
+            if key:
+                self.put_extra(key, name, value)
+        return value
 
     def put_extra(self, key: str, name: str, value) -> None:
         """Store a JSON result beside head `key` (atomically; silently skipped if the head is not cached)."""

@@ -17,8 +17,8 @@ from . import report
 from .backbones import DEFAULT_BACKBONE, load_backbone
 from .datasets import discover
 from .evaluation import evaluate
-from .cache import default_cache_dir
 from .features import extract_features
+from .head_cache import HeadCache, head_key
 from .heads import make_head
 
 
@@ -109,8 +109,7 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
                     flip_train=cfg.flip_train)
     if cfg.params.get(name):
         est.set_params(**cfg.params[name])
-    from .head_cache import HeadCache, head_key  # a head fitted on these very features before is loaded
-    heads = HeadCache(cfg.cache_dir or default_cache_dir())
+    heads = HeadCache(cfg.cache_dir)  # a head fitted on these very features before is loaded
     key = head_key(name, est, cfg.seed, (tr.fit_X, tr.y, va.fit_X, va.y))
     t0 = time.perf_counter()
     hit = heads.get(key)
@@ -176,9 +175,8 @@ def run_study(cfg: StudyConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from .analysis import analyse  # selection on validation first, then test statistics
     _seed_everything(cfg.seed)
-    from .head_cache import HeadCache
     analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
-                       efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir or default_cache_dir()))
+                       efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
     from .bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
     save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"], tta=cfg.tta or cfg.flip_train,
                        extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
