@@ -37,7 +37,7 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("head", ["softmax", "logreg", "linear_svm"])
+@pytest.mark.parametrize("head", ["softmax", "logreg", "linear_svm", "lda"])
 def test_onnx_matches_transferlab_probabilities(data, tiny_backbone, tmp_path, head):
     if head == "softmax":
         est = SoftmaxHead(epochs=5, logit_adjust=1.0).fit(data["X"], data["y"])  # adjustment folded into the bias

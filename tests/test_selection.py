@@ -14,7 +14,7 @@ from sklearn.svm import SVC
 from transferlab.analysis import analyse
 from transferlab.cli import main
 from transferlab.heads import HEADS, TUNED_HEADS, make_head
-from transferlab.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ViewAugmented
+from transferlab.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead, ViewAugmented
 from transferlab.selection import (ValidationSearch, cross_val_scores, data_efficiency, resolve_methods, score,
                                    select_method)
 from transferlab.study import SplitFeatures, StudyConfig, fit_method, run_study
@@ -94,6 +94,26 @@ def test_linear_svm_scores_and_feature_options():
     assert FeatureTransform("pca_whiten", n_components=500).fit(X[:7]).transform(X).shape == (len(X), 6)
     with pytest.raises(ValueError, match="feature option"):
         FeatureTransform("nope").fit(X)
+
+
+def test_shrinkage_lda_head_priors_and_shrinkage():
+    # 60 dimensions, 8-40 images per class: the plain covariance estimate is singular, Ledoit-Wolf's is not
+    X, y = _blobs(n_per=(40, 20, 8), d=60, spread=6.0)
+    (Xt, yt), (Xv, yv) = _split(X, y)
+    bal = ShrinkageLDAHead().fit(Xt, yt)
+    np.testing.assert_allclose(bal.lda_.priors_, 1 / 3)
+    emp = clone(bal).set_params(class_weight=None).fit(Xt, yt)
+    np.testing.assert_allclose(emp.lda_.priors_, np.bincount(yt) / len(yt))
+    assert emp.predict_proba(Xv)[:, 0].mean() > bal.predict_proba(Xv)[:, 0].mean()  # the common class's prior
+    p = bal.predict_proba(Xv)
+    np.testing.assert_array_equal(p.argmax(1), bal.predict(Xv))
+    np.testing.assert_allclose(p, np.exp(bal.decision_function(Xv)) / np.exp(bal.decision_function(Xv)).sum(1, keepdims=True),
+                               rtol=1e-6)
+    auto = score(yv, bal.predict(Xv))["macro_f1"]
+    barely = score(yv, clone(bal).set_params(shrinkage=1e-6).fit(Xt, yt).predict(Xv))["macro_f1"]
+    assert auto > barely + 0.1, (auto, barely)
+    with pytest.raises(ValueError, match="class_weight"):
+        ShrinkageLDAHead(class_weight="sometimes").fit(Xt, yt)
 
 
 def test_view_augmented_trains_on_both_views_and_predicts_on_their_mean():

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/study", help="report folder")
     run.add_argument("--methods", default="softmax,svm",
                      help="comma-separated heads, or 'all' (seed heads softmax,svm; tuned heads svm_tuned,logreg,"
-                          "linear_svm,knn,softmax_tuned; ensemble: soft vote of svm_tuned,logreg,linear_svm,softmax_tuned)")
+                          "linear_svm,lda,knn,softmax_tuned; ensemble: soft vote of svm_tuned,logreg,linear_svm,softmax_tuned)")
     run.add_argument("--epochs", type=int, default=50, help="softmax head epochs")
     _add_selection_args(run)
     run.add_argument("--dup-threshold", type=_similarity, default=0.95,

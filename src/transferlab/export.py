@@ -5,7 +5,7 @@ The graph takes `image`, float32 NCHW (batch, 3, H, W) at the bundle's input siz
 the model's metadata_props), and returns `probabilities` (batch, n_classes) in the bundle's class order.
 
 Heads that are linear maps followed by softmax export exactly: `SoftmaxHead` (its logit adjustment folded into
-the bias), `LogisticRegression` and `probes.LinearSVMHead`, each optionally behind `StandardScaler`, `Normalizer`
+the bias), `LogisticRegression`, `probes.LinearSVMHead` and `probes.ShrinkageLDAHead`, each optionally behind `StandardScaler`, `Normalizer`
 (l2), `PCA` and `probes.FeatureTransform` steps of a Pipeline (tuned heads are exported as the model they chose).
 Other heads (SVC, k-NN, ...) are refused with a message; use `transferlab.load(...)` for them.
 Every converted head is checked against the estimator's own `predict_proba` before anything is written.
@@ -101,8 +101,8 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
             and type(est).decision_function is SoftmaxHead.decision_function:
         bias = est.intercept_ - est.logit_adjust * est.log_prior_
         return est.coef_.T.astype(np.float64), bias.astype(np.float64)
-    if type(est).__name__ == "LinearSVMHead" and type(est).__module__ == "transferlab.probes":
-        coef, intercept = est.coef_, est.intercept_  # predict_proba = softmax of the decision values
+    if type(est).__name__ in ("LinearSVMHead", "ShrinkageLDAHead") and type(est).__module__ == "transferlab.probes":
+        coef, intercept = est.coef_, est.intercept_  # predict_proba = softmax (binary: sigmoid) of the decision values
         if coef.shape[0] == 1:
             coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
         return coef.T.astype(np.float64), intercept.astype(np.float64)
@@ -116,7 +116,7 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
             coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
         return coef.T.astype(np.float64), intercept.astype(np.float64)
     raise ExportError(f"head {type(est).__name__} is not a linear softmax head, so it has no exact ONNX graph here; "
-                      f"export supports SoftmaxHead, LogisticRegression and LinearSVMHead (optionally after "
+                      f"export supports SoftmaxHead, LogisticRegression, LinearSVMHead and ShrinkageLDAHead (optionally after "
                       f"StandardScaler/Normalizer/PCA/FeatureTransform). Use transferlab.load(BUNDLE).predict_proba "
                       f"or `transferlab predict` for this head")
 

@@ -173,7 +173,7 @@ def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "mac
     return est
 
 
-TUNED_HEADS = ("svm_tuned", "logreg", "linear_svm", "knn", "softmax_tuned")  # grids in selection.TUNED
+TUNED_HEADS = ("svm_tuned", "logreg", "linear_svm", "lda", "knn", "softmax_tuned")  # grids in selection.TUNED
 ENSEMBLE_HEADS = ("ensemble",)  # soft vote of tuned heads: selection.make_ensemble
 HEADS = ("softmax", "svm", *TUNED_HEADS, *ENSEMBLE_HEADS)
 SEED_METHODS = ("softmax", "svm")

@@ -4,7 +4,9 @@
 PCA whitening, or none); `KernelSVMHead` is an RBF SVM whose kernel is computed with BLAS and handed
 to libsvm precomputed (the same model as `SVC(kernel="rbf")`, ~30x faster to fit on 1280-d features,
 which is what makes a C x gamma grid affordable); `LinearSVMHead` is `LinearSVC` with softmax scores
-as `predict_proba`. Grids and the validation search that tunes them are in `selection.py`.
+as `predict_proba`; `ShrinkageLDAHead` is linear discriminant analysis with a Ledoit-Wolf shrunk shared
+covariance (one closed-form fit, strong when some classes have a handful of images). Grids and the
+validation search that tunes them are in `selection.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.decomposition import PCA
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.validation import check_is_fitted
@@ -137,6 +140,44 @@ class LinearSVMHead(LinearSVC):
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
+
+
+class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
+    """Linear discriminant analysis (`LinearDiscriminantAnalysis`, lsqr solver) with the shared covariance
+    shrunk toward a scaled identity: `shrinkage="auto"` is Ledoit-Wolf's closed form, a float in [0, 1] fixes it.
+
+    `class_weight="balanced"` gives every class the same prior (the decision then ignores how common a
+    class was in training, as balanced weights do for the other heads); `None` uses the training frequencies.
+    `predict_proba` is scikit-learn's: the softmax of the linear decision values (`coef_`, `intercept_`).
+    """
+
+    def __init__(self, shrinkage="auto", class_weight: str | None = "balanced"):
+        self.shrinkage = shrinkage
+        self.class_weight = class_weight
+
+    def fit(self, X, y):
+        if self.class_weight not in ("balanced", None):
+            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+        k = len(np.unique(y))
+        priors = np.full(k, 1.0 / k) if self.class_weight == "balanced" else None
+        self.lda_ = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage, priors=priors).fit(X, y)
+        self.classes_ = self.lda_.classes_
+        self.coef_, self.intercept_ = self.lda_.coef_, self.lda_.intercept_
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X):
+        check_is_fitted(self, "lda_")
+        return self.lda_.decision_function(np.asarray(X, dtype=np.float64))
+
+    def predict(self, X):
+        check_is_fitted(self, "lda_")
+        return self.lda_.predict(np.asarray(X, dtype=np.float64))
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "lda_")
+        return self.lda_.predict_proba(np.asarray(X, dtype=np.float64))
 
 
 class ViewAugmented(ClassifierMixin, BaseEstimator):

@@ -36,7 +36,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ViewAugmented
+from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead, ViewAugmented
 
 METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -264,6 +264,11 @@ TUNED: dict[str, HeadSpec] = {
         grid=[{"clf__C": [1e-4, 1e-3, 1e-2]}],
         description="linear SVM (LinearSVC, one-vs-rest), standardised features, class_weight=balanced; "
                     "C on validation"),
+    "lda": HeadSpec(
+        build=lambda seed, epochs: _pipe(ShrinkageLDAHead()),
+        grid=[{"clf__class_weight": ["balanced", None]}],
+        description="linear discriminant analysis, Ledoit-Wolf shrinkage of the shared covariance, standardised "
+                    "features; class priors uniform (balanced) or as in train, on validation"),
     "knn": HeadSpec(
         build=lambda seed, epochs: _pipe(KNeighborsClassifier(metric="cosine", algorithm="brute", weights="distance"),
                                          "l2"),
