@@ -163,9 +163,16 @@ class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
         priors = np.full(k, 1.0 / k) if self.class_weight == "balanced" else None
         self.lda_ = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage, priors=priors).fit(X, y)
         self.classes_ = self.lda_.classes_
-        self.coef_, self.intercept_ = self.lda_.coef_, self.lda_.intercept_
         self.n_features_in_ = X.shape[1]
         return self
+
+    @property
+    def coef_(self):
+        return self.lda_.coef_
+
+    @property
+    def intercept_(self):
+        return self.lda_.intercept_
 
     def decision_function(self, X):
         check_is_fitted(self, "lda_")
