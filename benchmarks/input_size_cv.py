@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from transferlab.backbones import parse_size
 from transferlab.evaluation import markdown_table
 from transferlab.heads import make_head
@@ -64,7 +62,7 @@ def main() -> None:
     best = {s: max(h["cv"]["macro_f1"] for h in r["heads"].values()) for s, r in out.items()}
     chosen = max(best, key=best.get)
     print(markdown_table(rows))
-    print(f"\nbest CV macro-F1 per size: " + ", ".join(f"{s} {v:.3f}" for s, v in best.items())
+    print("\nbest CV macro-F1 per size: " + ", ".join(f"{s} {v:.3f}" for s, v in best.items())
           + f"\nchosen input size: {chosen} ({args.cv}-fold CV on train + valid; test not read)")
     RESULTS.mkdir(exist_ok=True)
     result = {"data": args.data, "tta": args.tta, "cv": args.cv, "seed": args.seed, "sizes": out,
