@@ -61,6 +61,29 @@ def test_best_ignores_test_numbers():
     assert best([{**r, "valid_macro_f1": None} for r in table]) is None
 
 
+def test_compare_chooses_on_what_each_run_selected_on(two_runs, tmp_path, capsys):
+    cfg = StudyConfig(data=str(two_runs[0].parent / "data"), out=str(tmp_path / "cv3"), backbone="test_efficientnet",
+                      weights="random", input_size=(32, 40), epochs=3, cache_dir=str(two_runs[0].parent / "cache"),
+                      progress=False, num_workers=0, valid_fraction=0.25, cv=3)
+    run_study(cfg)
+    m = json.loads((tmp_path / "cv3" / "metrics.json").read_text())
+    assert m["selection"]["protocol"] == "3-fold CV on train + valid"
+    table = rows([two_runs[0], tmp_path / "cv3"])
+    for r in table:
+        if r["run"] == "cv3":  # the CV score the run selected on, not its split's
+            assert r["valid_protocol"] == "3-fold CV on train + valid"
+            assert r["valid_macro_f1"] == m["selection"]["scores"][r["method"]]["macro_f1"]
+        else:
+            assert r["valid_protocol"] == "validation split"
+    assert any(r["valid_macro_f1"] != m["methods"][r["method"]]["valid"]["macro_f1"] for r in table if r["run"] == "cv3")
+    assert main(["compare", str(two_runs[0]), str(tmp_path / "cv3")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "comes from different protocols (3-fold CV on train + valid; validation split)" in printed
+    assert main(["compare", str(tmp_path / "cv3")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "different protocols" not in printed and "3-fold CV on train + valid;" in printed
+
+
 def test_compare_different_data_warns_and_missing_run_is_an_error(two_runs, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()

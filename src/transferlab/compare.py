@@ -1,8 +1,9 @@
 """Compare runs (`transferlab compare RUN_DIR...`): one table across runs and methods, the best on validation.
 
 Each run folder's `metrics.json` gives one row per method: test accuracy, macro-F1 and balanced accuracy,
-validation macro-F1, feature-extraction time and training time. The best row is chosen by validation
-macro-F1 only; test numbers are shown, never used to choose.
+validation macro-F1, feature-extraction time and training time. The validation macro-F1 is the one the run
+itself selected on: the validation split's, or the K-fold CV score of a run made with `--cv K`. The best row is
+chosen by it only; test numbers are shown, never used to choose.
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ def rows(run_dirs) -> list[dict]:
         extraction = ex.get("cold_seconds")  # what computing the features cost, even when this run read the cache
         if (extraction is None or (isinstance(extraction, float) and math.isnan(extraction))) and not ex.get("from_cache"):
             extraction = ex.get("seconds")
+        selection = m.get("selection") or {}
         for method, r in m["methods"].items():
+            scored = (selection.get("scores") or {}).get(method)  # what the run selected on: split or CV
+            valid = scored or r.get("valid") or {}
             out.append({"run": label, "path": str(run_dir), "backbone": m.get("backbone"),
                         "input": "x".join(map(str, m.get("input_size", []))), "method": method,
                         "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                         "balanced_accuracy": r.get("balanced_accuracy"),
-                        "valid_macro_f1": r.get("valid", {}).get("macro_f1"),
+                        "valid_macro_f1": valid.get("macro_f1"),
+                        "valid_protocol": selection.get("protocol", "validation split") if scored
+                        else "validation split",
                         "extract_seconds": extraction, "train_seconds": r.get("train_seconds"),
                         "data": Path(str(m.get("config", {}).get("data", ""))).name,
                         "test_counts": m.get("counts", {}).get("test"), "classes": m.get("classes")})
@@ -65,9 +71,12 @@ def caveats(table: list[dict]) -> list[str]:
     """Reasons the runs may not be comparable (different data, test sets or classes)."""
     differ = [what for key, what in (("data", "data folder"), ("test_counts", "test set"), ("classes", "classes"))
               if len({json.dumps(r[key]) for r in table}) > 1]
-    if not differ:
-        return []
-    return [f"The runs differ in {', '.join(differ)}: their test numbers are not directly comparable."]
+    out = [f"The runs differ in {', '.join(differ)}: their test numbers are not directly comparable."] if differ else []
+    protocols = sorted({r["valid_protocol"] for r in table if r["valid_macro_f1"] is not None})
+    if len(protocols) > 1:
+        out.append(f"Validation macro-F1 comes from different protocols ({'; '.join(protocols)}): rerun with the "
+                   f"same --cv for a like-for-like choice.")
+    return out
 
 
 def _fmt(v) -> str:
@@ -89,7 +98,8 @@ def cells(r: dict, top: dict | None) -> list[str]:
 def summary(top: dict | None) -> str:
     if top is None:
         return "No run has validation numbers: no best run/method is named."
-    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {_fmt(top['valid_macro_f1'])}; "
+    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {_fmt(top['valid_macro_f1'])}, "
+            f"{top['valid_protocol']}; "
             f"its test accuracy {_fmt(top['accuracy'])}, test macro-F1 {_fmt(top['macro_f1'])}).")
 
 
@@ -112,7 +122,8 @@ def render_html(table: list[dict]) -> str:
             "Click a column to sort.</p>",
             f"<p><strong>★ {html.escape(summary(top))}</strong></p>",
             html_table([COLUMNS] + [cells(r, top) for r in table]),
-            "<p class=\"note\">Best is chosen by validation macro-F1; test numbers are shown, not used to choose. "
+            "<p class=\"note\">Best is chosen by validation macro-F1 (the validation split's, or the K-fold CV score "
+            "of a run made with --cv K); test numbers are shown, not used to choose. "
             "Extraction (cold): backbone forward + decoding for all images, as recorded when the features were "
             "computed; train: fitting the method on cached features.</p>"]
     body += [f"<p class=\"note\">⚠ {html.escape(w)}</p>" for w in caveats(table)]
