@@ -68,7 +68,7 @@ def best(table: list[dict]) -> dict | None:
 
 
 def caveats(table: list[dict]) -> list[str]:
-    """Reasons the runs may not be comparable (different data, test sets or classes)."""
+    """Reasons the runs may not be comparable (different data, test sets or classes; mixed selection protocols)."""
     differ = [what for key, what in (("data", "data folder"), ("test_counts", "test set"), ("classes", "classes"))
               if len({json.dumps(r[key]) for r in table}) > 1]
     out = [f"The runs differ in {', '.join(differ)}: their test numbers are not directly comparable."] if differ else []
