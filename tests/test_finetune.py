@@ -226,3 +226,13 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
     assert ft["details"]["processes"] == 2 and ft["details"]["epochs_run"] == 2 and ft["accuracy"] is not None
     assert metrics["extract"]["computed"] == len(paths)  # counted over both processes' shares
     assert (tmp_path / "report" / "finetune" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_loss_flags_reach_the_fine_tuner():
+    from transferlab.cli import _study_config, build_parser
+    from transferlab.finetune import make_finetuner
+    argv = ["run", "data", "--methods", "finetune", "--ft-class-weight", "balanced", "--label-smoothing", "0.1"]
+    est = make_finetuner(_study_config(build_parser().parse_args(argv)))
+    assert est.class_weight == "balanced" and est.label_smoothing == pytest.approx(0.1)
+    plain = make_finetuner(_study_config(build_parser().parse_args(["run", "data", "--methods", "finetune"])))
+    assert plain.class_weight is None and plain.label_smoothing == 0.0

@@ -89,6 +89,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
     g.add_argument("--bn", default="train", choices=("train", "frozen"),
                    help="BatchNorm statistics of trained stages: train (update) or frozen (frozen stages never update)")
+    g.add_argument("--ft-class-weight", default=None, choices=("balanced",),
+                   help="stage 2 loss weights: balanced (inverse class frequency); default unweighted")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="stage 2 cross-entropy label smoothing")
     g.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
     g.add_argument("--monitor", default="val_macro_f1", choices=("val_macro_f1", "val_loss", "val_acc"),
                    help="validation metric for early stopping and the best checkpoint")
@@ -104,7 +107,8 @@ def _finetune_options(args) -> dict:
         "unfreeze": args.unfreeze, "epochs": args.ft_epochs, "lr": args.ft_lr, "layer_decay": args.layer_decay,
         "weight_decay": args.ft_weight_decay, "warmup_epochs": args.warmup_epochs, "schedule": args.schedule,
         "batch_size": args.ft_batch_size, "accumulate": args.accumulate, "augment": args.augment,
-        "crop_scale": args.crop_scale, "color_jitter": args.color_jitter, "bn": args.bn, "patience": args.patience,
+        "crop_scale": args.crop_scale, "color_jitter": args.color_jitter, "bn": args.bn,
+        "class_weight": args.ft_class_weight, "label_smoothing": args.label_smoothing, "patience": args.patience,
         "monitor": args.monitor, "resume": args.resume}}
 
 
