@@ -78,3 +78,20 @@ def test_cv_selection_scores_are_cached_beside_the_heads(small_folder, tmp_path,
     again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir, cv=3, data_efficiency=False))
     assert all(m["head_from_cache"] for m in again["methods"].values())
     assert again["selection"] == first["selection"] and again["selected"] == first["selected"]
+
+
+def test_edited_code_changes_the_key_and_refits(first, small_folder, tmp_path, cache_dir, monkeypatch):
+    import transferlab
+    from transferlab import head_cache
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = head_cache.code_fingerprint(str(pkg))
+    assert before == head_cache.code_fingerprint.__wrapped__(str(Path(transferlab.__file__).parent))
+    probes = pkg / "probes.py"
+    probes.write_text(probes.read_text() + "\n# an edit\n")
+    assert head_cache.code_fingerprint.__wrapped__(str(pkg)) != before
+    # a run whose code differs (same version number) fits its heads afresh instead of reusing the old code's fits
+    monkeypatch.setattr(head_cache, "code_fingerprint", lambda: "edited")
+    again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir))
+    assert not any(m["head_from_cache"] for m in again["methods"].values())
+    _same_results(first, again)

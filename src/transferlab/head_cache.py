@@ -1,7 +1,9 @@
 """Fitted heads, cached like features: a rerun of a study over cached features refits nothing it has fitted.
 
 A head's fit is a pure function of its hyperparameters, the seed, the features and labels it trains and
-validates on, and the library versions; the key is a SHA-256 of exactly those. The fitted estimator is
+validates on, the library versions and transferlab's own code; the key is a SHA-256 of exactly those (the
+code enters as a digest of the package's source files, so editing a head's code, even without a version
+bump, never reuses fits made by the old code). The fitted estimator is
 stored as a bundle stores heads (`bundle._save_head`: safetensors for transferlab's own heads, skops with
 the allowlist for scikit-learn ones; no pickle), next to `meta.json` (method, key inputs, fit seconds).
 Entries are written to a temporary folder and renamed into place, so a crash never leaves half an entry;
@@ -21,6 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +38,25 @@ def _digest_arrays(h, *arrays) -> None:
         h.update(a.tobytes())
 
 
+@lru_cache(maxsize=None)
+def code_fingerprint(package_dir: str = str(Path(__file__).parent)) -> str:
+    """SHA-256 of the package's Python sources (names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(package_dir).rglob("*.py")):
+        h.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
-    """SHA-256 (first 24 hex digits) of the method, every hyperparameter, the seed, the data and the versions."""
+    """SHA-256 (first 24 hex digits) of the method, every hyperparameter, the seed, the data, the versions and
+    the code."""
     import sklearn
     import torch
     h = hashlib.sha256()
     h.update(json.dumps({"method": name, "seed": seed, "estimator": estimator.__repr__(N_CHAR_MAX=10**9),
-                         "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__]},
+                         "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
+                         "code": code_fingerprint()},
                         sort_keys=True).encode())
     _digest_arrays(h, *arrays)
     return h.hexdigest()[:24]
