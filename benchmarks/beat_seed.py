@@ -2,11 +2,13 @@
 
 Run by hand, not in CI:
     uv run python benchmarks/beat_seed.py [--data ../shared/data/boats16] [--input-size 120x400] [--tta]
-                                          [--flip-train] [--cv K] [--tag NAME]
+                                          [--flip-train] [--cv K] [--finetune] [--tag NAME]
 
 1. the seed's study as it was (softmax + SVM on plain features, `transferlab run` defaults);
 2. `transferlab run --methods all` with the given options: every head, the one best on validation selected
    (validation split, or --cv K-fold CV over train + valid); test numbers computed once, after selection.
+   With --finetune, end-to-end fine-tuning (`finetune`, its options below, fixed before the run) competes too,
+   on the validation split (use it without --cv: fine-tuning has no K-fold score).
 Prints a table (test accuracy / macro-F1 / balanced accuracy with bootstrap 95% intervals, McNemar p-values,
 per-class recalls that changed most) and writes benchmarks/results/beat_seed[_TAG].json. The target
 (macro-F1 >= 0.78, accuracy >= 0.91, never below the better seed procedure on either) is checked on test
@@ -53,15 +55,26 @@ def main() -> None:
     ap.add_argument("--flip-train", action="store_true")
     ap.add_argument("--cv", type=int, default=0)
     ap.add_argument("--select-metric", default="macro_f1")
+    ap.add_argument("--finetune", action="store_true", help="add the `finetune` method to `all`")
+    ap.add_argument("--unfreeze", default="2")
+    ap.add_argument("--ft-epochs", type=int, default=6)
+    ap.add_argument("--warmup-epochs", type=float, default=0.5)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--out", help="keep the two runs' report folders here (default: a temporary folder)")
     args = ap.parse_args()
     size = parse_size(args.input_size)
+    if args.finetune and args.cv:
+        ap.error("--finetune selects on the validation split: leave out --cv")
     with tempfile.TemporaryDirectory(prefix="beat_seed_") as tmp:
         root = Path(args.out or tmp)
         seed_m, seed_s = _run(args.data, root / "seed", size, args.seed)
         opts = dict(tta=args.tta, flip_train=args.flip_train, cv=args.cv, select_metric=args.select_metric)
-        all_m, all_s = _run(args.data, root / "all", size, args.seed, methods=["all"], **opts)
+        if args.finetune:
+            opts["finetune"] = {"unfreeze": args.unfreeze, "epochs": args.ft_epochs, "warmup_epochs": args.warmup_epochs,
+                                "label_smoothing": args.label_smoothing, "patience": 0}
+        methods = ["all", "finetune"] if args.finetune else ["all"]
+        all_m, all_s = _run(args.data, root / "all", size, args.seed, methods=methods, **opts)
 
     n = len(seed_m["classes"])
     seed_ci = {}
@@ -99,7 +112,8 @@ def main() -> None:
     print("\ntarget: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()))
 
     RESULTS.mkdir(exist_ok=True)
-    keep = ("accuracy", "macro_f1", "balanced_accuracy", "valid", "per_class", "tuning")
+    keep = ("accuracy", "macro_f1", "balanced_accuracy", "valid", "per_class", "tuning", "train_seconds",
+            "predict_seconds", "details")
     result = {
         "data": args.data, "input_size": args.input_size, "seed": args.seed, "options": opts,
         "seed_study": {"seconds": seed_s, "methods": {s: {k: seed_m["methods"][s].get(k) for k in keep}

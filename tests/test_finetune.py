@@ -236,3 +236,35 @@ def test_loss_flags_reach_the_fine_tuner():
     assert est.class_weight == "balanced" and est.label_smoothing == pytest.approx(0.1)
     plain = make_finetuner(_study_config(build_parser().parse_args(["run", "data", "--methods", "finetune"])))
     assert plain.class_weight is None and plain.label_smoothing == 0.0
+
+
+def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, tmp_path):
+    from transferlab.finetune import cross_val_predict
+    from transferlab.selection import cv_folds
+    from transferlab.study import StudyConfig, run_study
+    cfg = StudyConfig(data=str(data.root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
+                      input_size=(32, 40), methods=["softmax", "finetune"], epochs=5, cv=2, num_workers=0,
+                      progress=False, data_efficiency=False,
+                      finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0})
+    m = run_study(cfg)
+    sel = m["selection"]
+    assert sel["protocol"] == "2-fold CV on train + valid" and sel["left_out"] == []
+    ft_cv = m["methods"]["finetune"]["cv"]
+    assert ft_cv["k"] == 2 and ft_cv["seconds"] > 0
+    assert sel["scores"]["finetune"] == ft_cv["scores"]  # its own K-fold score, not its validation split's
+    assert sel["scores"]["finetune"] != m["methods"]["finetune"]["valid"]
+    assert not list((tmp_path / "run" / "finetune" / "cv").rglob("*.ckpt"))  # fold checkpoints removed
+    assert (tmp_path / "run" / "finetune" / "checkpoints" / "best.ckpt").exists()  # the final model's kept
+
+    # one fold at a time: its held-out images get predictions, the rest stay -1; the folds are the heads'
+    y = np.concatenate([data.labels("train"), data.labels("valid")])
+    y = np.searchsorted(np.unique(y), y)
+    paths = data.paths("train") + data.paths("valid")
+    bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    seen = []
+    pred = cross_val_predict(cfg, paths, y, np.zeros((len(y), bb.num_features), np.float32), bb, folds=[1],
+                             on_fold=lambda i, p: seen.append((i, (p >= 0).sum())))
+    held_out = cv_folds(y, 2, 0)[1][1]
+    assert seen == [(1, len(held_out))]
+    assert (pred[held_out] >= 0).all() and (np.delete(pred, held_out) == -1).all()
+    assert "finetune: 2-fold CV" in (tmp_path / "run" / "report.md").read_text()

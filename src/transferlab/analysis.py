@@ -35,7 +35,8 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
     """Each method's validation scores under the protocol, the protocol's name, and methods left out.
 
     cv < 2: the validation split. cv >= 2: pooled out-of-fold scores of k-fold CV over train + valid
-    (a tuned head's are those of its chosen grid point; other heads are cross-validated here).
+    (a tuned head's are those of its chosen grid point; `finetune` brings its own; other heads are
+    cross-validated here).
     """
     tr, va = splits["train"], splits["valid"]
     if cv < 2:
@@ -46,6 +47,8 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
         est = r["estimator"]
         if isinstance(est, ValidationSearch) and est.cv == cv:
             scores[n] = est.best_valid_
+        elif (r.get("cv") or {}).get("k") == cv:  # fine-tuning cross-validated itself (`finetune.fit_method`)
+            scores[n] = r["cv"]["scores"]
         elif n in HEADS:  # cached beside the fitted head (`head_cache`), like the head itself
             scores[n] = _memo(cache, r, f"cv{cv}-{seed}", lambda: cross_val_scores(_fixed(est), X, y, cv, seed))
         else:

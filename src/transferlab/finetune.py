@@ -580,6 +580,12 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
                       "best_checkpoint": est.best_checkpoint_, "last_checkpoint": est.last_checkpoint_}
     if len(va.y):
         out["valid"] = evaluate(va.y, est.predict(va.paths), classes)
+    if getattr(cfg, "cv", 0) and cfg.cv >= 2:  # selection then compares K-fold scores, like the heads'
+        from .selection import score
+        t0 = time.perf_counter()
+        paths, y = list(tr.paths) + list(va.paths), np.concatenate([tr.y, va.y])
+        pred = cross_val_predict(cfg, paths, y, np.concatenate([tr.X, va.X]), backbone)
+        out["cv"] = {"k": cfg.cv, "scores": score(y, pred), "seconds": time.perf_counter() - t0}
     if len(te.y):
         t0 = time.perf_counter()
         proba = _full_proba(est, te.paths, len(classes))
@@ -590,3 +596,30 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
         out["test_proba"] = proba
     return out
 
+
+
+def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=None) -> np.ndarray:
+    """Out-of-fold predictions of fine-tuning under `cfg.cv`-fold CV: the heads' folds (`selection.cv_folds`).
+
+    Each fold runs both stages from the pretrained backbone on its training share (stage 1 on the cached
+    features `X`) for exactly `epochs` epochs: with no validation data there is no early stopping and the
+    last epoch is kept. `folds` limits the run to those fold indices (others stay -1); `on_fold(i, pred)` is
+    called after each, e.g. to save progress. Fold checkpoints are deleted; their CSV logs are kept in
+    OUT/finetune/cv/fold<i>.
+    """
+    from .selection import cv_folds
+    y = np.asarray(y)
+    pred = np.full(len(y), -1, dtype=y.dtype)
+    for i, (a, b) in enumerate(cv_folds(y, int(cfg.cv), cfg.seed)):
+        if folds is not None and i not in folds:
+            continue
+        est = make_finetuner(cfg).set_params(out_dir=str(Path(cfg.out) / "finetune" / "cv" / f"fold{i}"),
+                                             resume=False)
+        est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone)
+        pred[b] = est.predict([paths[j] for j in b])
+        for ckpt in (est.best_checkpoint_, est.last_checkpoint_):
+            if ckpt and distributed.is_main():
+                Path(ckpt).unlink(missing_ok=True)
+        if on_fold is not None:
+            on_fold(i, pred)
+    return pred

@@ -51,6 +51,8 @@ def method_metrics(res: dict) -> dict:
         m["bundle"] = res["bundle"]
     if "details" in res:  # e.g. fine-tuning: epochs run, images/s, checkpoints
         m["details"] = res["details"]
+    if "cv" in res:  # fine-tuning under --cv K: its own pooled out-of-fold scores and their cost
+        m["cv"] = res["cv"]
     est = res["estimator"]
     m["params"] = {k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))}
     if hasattr(est, "best_params_"):  # a tuned head (selection.ValidationSearch): what it chose, from what
@@ -229,6 +231,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         ["feature extraction (fully cached)", _seconds(ex["cached_seconds"]), f"{ex['images']} images, no forward pass"],
         *[[f"{n}: train", _seconds(m["train_seconds"]), m.get("train_note", "on cached features")] for n, m in methods.items()],
         *[[f"{n}: predict test", _seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],
+        *[[f"{n}: {m['cv']['k']}-fold CV", _seconds(m["cv"]["seconds"]), "selection score: one fit per fold, on images"]
+          for n, m in methods.items() if m.get("cv")],
     ]), ""]
 
     bundles = {n: m["bundle"] for n, m in methods.items() if m.get("bundle")}
