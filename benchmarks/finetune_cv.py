@@ -96,7 +96,7 @@ def main() -> None:
 
     # test numbers only now, after selection
     final = json.loads(Path(args.final).read_text())
-    source = final if chosen in final["study"]["methods"] and chosen == "finetune" else heads
+    source = final if chosen == "finetune" else heads
     sel = source["study"]["methods"][chosen]
     ci = source["study"]["ci"][chosen]
     seed_m = heads["seed_study"]["methods"]

@@ -597,7 +597,6 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     return out
 
 
-
 def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=None) -> np.ndarray:
     """Out-of-fold predictions of fine-tuning under `cfg.cv`-fold CV: the heads' folds (`selection.cv_folds`).
 
