@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferlab.backbones import parse_size
-from transferlab.evaluation import bootstrap_ci, markdown_table
+from transferlab.features.backbones import parse_size
+from transferlab.evaluation.metrics import bootstrap_ci, markdown_table
 from transferlab.study import StudyConfig, run_study
 
 RESULTS = Path(__file__).parent / "results"

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import subset_manifest  # noqa: E402  (stratified CSV manifest of a boats16 share)
 
-from transferlab.backbones import load_backbone  # noqa: E402
-from transferlab.datasets import discover  # noqa: E402
-from transferlab.finetune import FineTuner  # noqa: E402
+from transferlab.features.backbones import load_backbone  # noqa: E402
+from transferlab.data.datasets import discover  # noqa: E402
+from transferlab.finetune.tuner import FineTuner  # noqa: E402
 from transferlab.study import StudyConfig, run_study  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

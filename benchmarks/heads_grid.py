@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.backbones import DEFAULT_BACKBONE, load_backbone, parse_size
-from transferlab.datasets import discover
-from transferlab.evaluation import markdown_table
-from transferlab.features import extract_features
-from transferlab.heads import TUNED_HEADS, make_head
+from transferlab.features.backbones import DEFAULT_BACKBONE, load_backbone, parse_size
+from transferlab.data.datasets import discover
+from transferlab.evaluation.metrics import markdown_table
+from transferlab.features.extract import extract_features
+from transferlab.heads.seed import TUNED_HEADS, make_head
 
 RESULTS = Path(__file__).parent / "results"
 

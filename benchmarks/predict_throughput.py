@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import transferlab
-from transferlab.datasets import _list_images
-from transferlab.export import ExportError, export_onnx, preprocess
-from transferlab.predict import predict_paths
+from transferlab.data.datasets import _list_images
+from transferlab.model.export import ExportError, export_onnx, preprocess
+from transferlab.model.predict import predict_paths
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.backbones import load_backbone
-from transferlab.datasets import discover
-from transferlab.features import default_workers, extract_features, forward_features
-from transferlab.images import load_rgb
+from transferlab.features.backbones import load_backbone
+from transferlab.data.datasets import discover
+from transferlab.features.extract import default_workers, extract_features, forward_features
+from transferlab.data.images import load_rgb
 from transferlab.study import StudyConfig, run_study
 
 RESULTS = Path(__file__).parent / "results"
@@ -129,8 +129,8 @@ import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from transferlab.backbones import load_backbone
-from transferlab.features import extract_features
+from transferlab.features.backbones import load_backbone
+from transferlab.features.extract import extract_features
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):

@@ -44,7 +44,7 @@ def small_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from transferlab.backbones import load_backbone
+    from transferlab.features.backbones import load_backbone
     return load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
 
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferlab.backbones import BackboneError, load_backbone, parse_size
-from transferlab.cache import FeatureCache
-from transferlab.datasets import discover
-from transferlab.features import ExtractionError, extract_features
-from transferlab.images import load_rgb
+from transferlab.features.backbones import BackboneError, load_backbone, parse_size
+from transferlab.features.cache import FeatureCache
+from transferlab.data.datasets import discover
+from transferlab.features.extract import ExtractionError, extract_features
+from transferlab.data.images import load_rgb
 
 
 # --- backbones ----------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_cache_hit_miss_and_changed_image(small_folder, tiny_backbone, cache_dir
 
 
 def test_interrupted_extraction_resumes_from_finished_chunks(small_folder, tiny_backbone, cache_dir, monkeypatch):
-    import transferlab.features as F
+    import transferlab.features.extract as F
     paths = _paths(small_folder)
     calls = {"n": 0}
     real = F.forward_features
@@ -195,4 +195,4 @@ def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder,
     b = extract_features(moved, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0)
     assert b.computed == 0
     np.testing.assert_array_equal(a.features, b.features)
-    assert len(FeatureCache(cache_dir, tiny_backbone.cache_key("fp32"))) == 6
+    assert len(FeatureCache(cache_dir, tiny_backbone.cache_key(a.precision))) == 6  # bf16 where the CPU has it

@@ -14,11 +14,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import transferlab
-from transferlab.bundle import BundleError, save_bundle
+from transferlab.model.bundle import BundleError, save_bundle
 from transferlab.cli import main
-from transferlab.datasets import discover
-from transferlab.features import extract_features
-from transferlab.heads import SoftmaxHead, make_head, seed_svm
+from transferlab.data.datasets import discover
+from transferlab.features.extract import extract_features
+from transferlab.heads.seed import SoftmaxHead, make_head, seed_svm
 
 from .conftest import make_imagefolder
 
@@ -83,7 +83,7 @@ def test_softmax_state_is_arrays_and_config(trained, tiny_backbone, tmp_path):
 def test_file_weights_recorded_and_required(trained, tiny_backbone, tmp_path):
     from safetensors.torch import save_file
 
-    from transferlab.backbones import load_backbone
+    from transferlab.features.backbones import load_backbone
     wfile = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(wfile))
     bb = load_backbone("test_efficientnet", weights=wfile, input_size=(32, 40))
@@ -140,7 +140,7 @@ def test_skops_head_with_untrusted_type_refused(trained, tiny_backbone, tmp_path
     """A head.skops naming a class outside scikit-learn/transferlab is refused before anything loads."""
     import skops.io as sio
 
-    from transferlab import bundle as bundle_mod
+    from transferlab.model import bundle as bundle_mod
     est = _fit("svm", trained)
     path = save_bundle(tmp_path / "b", est, tiny_backbone, trained["ds"].classes)
     monkeypatch.setattr(sio, "get_untrusted_types", lambda **kw: ["os.system", "sklearn.svm.SVC"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from transferlab.cli import main
-from transferlab.compare import best, rows
+from transferlab.report.compare import best, rows
 from transferlab.study import StudyConfig, run_study
 
 from .conftest import make_imagefolder

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from transferlab.datasets import discover
-from transferlab.demo import MARKER, build_demo_dataset, demo_summary
+from transferlab.data.datasets import discover
+from transferlab.data.demo import MARKER, build_demo_dataset, demo_summary
 
 CLASSES = [f"digit_{k}" for k in range(10)]
 SMALL = dict(size=32, max_per_class=40)
@@ -82,7 +82,7 @@ def test_second_call_is_a_no_op_and_other_parameters_are_refused(tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
-    import transferlab.demo as demo
+    import transferlab.data.demo as demo
 
     def boom(*args):
         raise KeyboardInterrupt

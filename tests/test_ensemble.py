@@ -11,12 +11,12 @@ from sklearn.base import clone
 
 import transferlab
 from transferlab import study as study_module
-from transferlab.analysis import selection_scores
+from transferlab.evaluation.analysis import selection_scores
 from transferlab.cli import main
-from transferlab.export import ExportError, export_onnx
-from transferlab.heads import HEADS, make_head
-from transferlab.probes import KernelSVMHead
-from transferlab.selection import (ENSEMBLE_MEMBERS, SoftVoteEnsemble, ValidationSearch, _fixed, cv_folds,
+from transferlab.model.export import ExportError, export_onnx
+from transferlab.heads.seed import HEADS, make_head
+from transferlab.heads.probes import KernelSVMHead
+from transferlab.heads.search import (ENSEMBLE_MEMBERS, SoftVoteEnsemble, ValidationSearch, _fixed, cv_folds,
                                    data_efficiency, make_tuned, resolve_methods, score)
 from transferlab.study import SplitFeatures
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, log_loss
 
-from transferlab.evaluation import (bootstrap_ci, evaluate, format_report, markdown_table, mcnemar,
+from transferlab.evaluation.metrics import (bootstrap_ci, evaluate, format_report, markdown_table, mcnemar,
                                     report_table)
 
 CLASSES = [f"boat{i}" for i in range(8)]
@@ -124,7 +124,7 @@ def test_bootstrap_ci_contains_point_and_is_seeded(case):
 
 def test_bootstrap_ci_matches_sklearn_on_a_resample():
     """The count-matrix metrics equal sklearn's on one resample (present classes only)."""
-    from transferlab.evaluation import _count_metrics
+    from transferlab.evaluation.metrics import _count_metrics
     y_true, y_pred = imbalanced_case(n=300, seed=5)
     idx = np.random.default_rng(0).integers(0, 300, 300)
     counts = confusion_matrix(y_true[idx], y_pred[idx], labels=range(8))[None]

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 
 import transferlab
-from transferlab.bundle import save_bundle
+from transferlab.model.bundle import save_bundle
 from transferlab.cli import main
-from transferlab.datasets import discover
-from transferlab.export import ExportError, export_onnx, preprocess
-from transferlab.features import extract_features
-from transferlab.heads import SoftmaxHead, make_head, seed_svm
-from transferlab.selection import TUNED
+from transferlab.data.datasets import discover
+from transferlab.model.export import ExportError, export_onnx, preprocess
+from transferlab.features.extract import extract_features
+from transferlab.heads.seed import SoftmaxHead, make_head, seed_svm
+from transferlab.heads.search import TUNED
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from .conftest import make_imagefolder
-from transferlab.backbones import load_backbone
-from transferlab.datasets import discover
-from transferlab.finetune import (AspectRandomResizedCrop, FineTuneModule, FineTuner, stage_groups,
+from transferlab.features.backbones import load_backbone
+from transferlab.data.datasets import discover
+from transferlab.finetune.tuner import (AspectRandomResizedCrop, FineTuneModule, FineTuner, stage_groups,
                                   train_transform)
 
 FAST = dict(batch_size=8, num_workers=0, progress=False, head_epochs=5, warmup_epochs=0.5)
@@ -60,7 +60,8 @@ def test_tiny_model_fine_tunes_and_its_loss_falls(data, tmp_path):
 
 def test_stage1_head_initialises_stage2(data, tmp_path):
     """With nothing trainable in stage 2 (head frozen by lr 0), the model is the backbone + stage-1 head."""
-    est, bb = _fit(data, tmp_path, epochs=1, lr=0.0, unfreeze=0, augment="none", patience=0)
+    # fp32: the direct forward below is fp32 (on a CPU with AMX, precision="auto" would pick bf16)
+    est, bb = _fit(data, tmp_path, epochs=1, lr=0.0, unfreeze=0, augment="none", patience=0, precision="fp32")
     feats = bb.model.eval()(torch.stack([bb.transform()(Image.open(p).convert("RGB")) for p in data.paths("test")]))
     np.testing.assert_allclose(est.decision_function(data.paths("test")),
                                est.head_.decision_function(feats.detach().numpy()), rtol=1e-4, atol=1e-4)
@@ -158,9 +159,9 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], local_base: s
                       GROUP_RANK="0", ROLE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       TORCHELASTIC_RUN_ID="transferlab-test")
     torch.set_num_threads(1)
-    from transferlab import distributed
+    from transferlab.features import distributed
     from transferlab.cli import main
-    from transferlab.features import extract_features
+    from transferlab.features.extract import extract_features
     assert distributed.launch(devices=str(world), strategy="ddp") == world
     # a node-local cache folder per process: the processes exchange what the others computed
     from lightning.pytorch import seed_everything
@@ -188,7 +189,7 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
     import torch.multiprocessing as mp
     from lightning.pytorch import seed_everything
 
-    from transferlab.features import extract_features
+    from transferlab.features.extract import extract_features
     root = str(Path(data.root))
     paths = [s.path for s in data.samples]
     shared = tmp_path / "cache-ddp"
@@ -230,7 +231,7 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
 
 def test_loss_flags_reach_the_fine_tuner():
     from transferlab.cli import _study_config, build_parser
-    from transferlab.finetune import make_finetuner
+    from transferlab.finetune.tuner import make_finetuner
     argv = ["run", "data", "--methods", "finetune", "--ft-class-weight", "balanced", "--label-smoothing", "0.1"]
     est = make_finetuner(_study_config(build_parser().parse_args(argv)))
     assert est.class_weight == "balanced" and est.label_smoothing == pytest.approx(0.1)
@@ -239,8 +240,8 @@ def test_loss_flags_reach_the_fine_tuner():
 
 
 def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, tmp_path):
-    from transferlab.finetune import cross_val_predict
-    from transferlab.selection import cv_folds
+    from transferlab.finetune.tuner import cross_val_predict
+    from transferlab.heads.search import cv_folds
     from transferlab.study import StudyConfig, run_study
     cfg = StudyConfig(data=str(data.root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
                       input_size=(32, 40), methods=["softmax", "finetune"], epochs=5, cv=2, num_workers=0,

@@ -82,12 +82,12 @@ def test_cv_selection_scores_are_cached_beside_the_heads(small_folder, tmp_path,
 
 def test_edited_code_changes_the_key_and_refits(first, small_folder, tmp_path, cache_dir, monkeypatch):
     import transferlab
-    from transferlab import head_cache
+    from transferlab.heads import cache as head_cache
     pkg = tmp_path / "pkg"
     shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     before = head_cache.code_fingerprint(str(pkg))
     assert before == head_cache.code_fingerprint.__wrapped__(str(Path(transferlab.__file__).parent))
-    probes = pkg / "probes.py"
+    probes = pkg / "heads" / "probes.py"
     probes.write_text(probes.read_text() + "\n# an edit\n")
     assert head_cache.code_fingerprint.__wrapped__(str(pkg)) != before
     # a run whose code differs (same version number) fits its heads afresh instead of reusing the old code's fits

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.html_report import page, table, thumbnail_uri, write_html
+from transferlab.report.html import page, table, thumbnail_uri, write_html
 from transferlab.study import StudyConfig, run_study
 
 from .conftest import make_imagefolder

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.datasets import DatasetError, discover
-from transferlab.images import ImageError, load_rgb
+from transferlab.data.datasets import DatasetError, discover
+from transferlab.data.images import ImageError, load_rgb
 
 from .conftest import make_image, make_imagefolder
 

@@ -16,7 +16,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from transferlab.cache import _checksum
+from transferlab.features.cache import _checksum
 
 from .conftest import make_imagefolder
 from .test_reliability import TINY, cli
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 # with GO_FILE set, a start barrier (so two processes really run at the same time).
 WRAPPER = """
 import os, sys, time
-import transferlab.features as F
+import transferlab.features.extract as F
 from transferlab.cli import main
 delay, real = float(os.environ.get("SLOW_BATCH", "0")), F.forward_features
 def slow(*a, **k):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import plots
+from transferlab.report import plots
 
 BOATS = ["Alilaguna", "Ambulanza", "Barchino", "Cacciapesca", "Caorlina", "Gondola", "Lanciafino10m",
          "Lanciafino10mBianca", "Lanciafino10mMarrone", "Lanciamaggioredi10mBianca", "Motobarca", "Motopontonerettangolare",

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from transferlab.cli import main
-from transferlab.leakage import check, compare, nearest
+from transferlab.evaluation.leakage import check, compare, nearest
 
 from .conftest import make_image, make_imagefolder
 
@@ -264,7 +264,7 @@ def test_hard_errors_exit_2_with_one_clear_line(tmp_path, case):
 
 def test_corrupt_chunk_moved_aside_by_another_run_meanwhile(tmp_path, monkeypatch):
     """Two runs find the same corrupt chunk: the one that loses the race to quarantine it just goes on."""
-    from transferlab import cache as C
+    from transferlab.features import cache as C
     chunk = C.FeatureCache(tmp_path, "k").put([b"\x01" * 16], np.ones((1, 4), np.float32))
     chunk.write_bytes(b"garbage")
     real = C.load_file

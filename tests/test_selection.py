@@ -11,11 +11,11 @@ import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.svm import SVC
 
-from transferlab.analysis import analyse
+from transferlab.evaluation.analysis import analyse
 from transferlab.cli import main
-from transferlab.heads import HEADS, TUNED_HEADS, make_head
-from transferlab.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead, ViewAugmented
-from transferlab.selection import (ValidationSearch, cross_val_scores, data_efficiency, resolve_methods, score,
+from transferlab.heads.seed import HEADS, TUNED_HEADS, make_head
+from transferlab.heads.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead, ViewAugmented
+from transferlab.heads.search import (ValidationSearch, cross_val_scores, data_efficiency, resolve_methods, score,
                                    select_method)
 from transferlab.study import SplitFeatures, StudyConfig, fit_method, run_study
 

@@ -106,7 +106,7 @@ def test_cli_run_and_errors(small_folder, tmp_path, cache_dir, capsys):
 def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     """`transferlab demo`: embedded data + embedded backbone, no network (kept small for CI)."""
     import transferlab.cli as cli
-    import transferlab.demo as demo
+    import transferlab.data.demo as demo
     real = demo.build_demo_dataset
     monkeypatch.setattr(demo, "build_demo_dataset", lambda root, seed=0: real(root, seed=seed, size=32, max_per_class=12))
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))

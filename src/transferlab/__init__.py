@@ -4,5 +4,5 @@ __version__ = "0.1.0"
 
 def load(path, **kwargs):
     """Load a saved model bundle (see `transferlab.bundle.load`): `transferlab.load(DIR).predict(images)`."""
-    from .bundle import load as _load
+    from .model.bundle import load as _load
     return _load(path, **kwargs)

@@ -7,11 +7,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from .backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
-from .cache import default_cache_dir
+from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
+from .features.cache import default_cache_dir
 from .config import ConfigError
-from .datasets import DatasetError
-from .features import PRECISIONS, ExtractionError
+from .data.datasets import DatasetError
+from .features.extract import PRECISIONS, ExtractionError
 
 
 class OutputError(OSError):
@@ -114,7 +114,7 @@ def _finetune_options(args) -> dict:
 
 def _launch(args) -> None:
     """Start or join the processes that --devices/--num-nodes/--strategy ask for (no-op for one)."""
-    from .distributed import launch
+    from .features.distributed import launch
     launch(device=args.device, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy)
 
 
@@ -217,8 +217,8 @@ def _study_config(args, **over):
 
 
 def cmd_run(args) -> int:
-    from .heads import HEADS
-    from .report import console_summary
+    from .heads.seed import HEADS
+    from .report.writer import console_summary
     from .study import run_study
     cfg = _study_config(args)
     if getattr(args, "config", None):  # the file's values, then the flags actually given
@@ -226,7 +226,7 @@ def cmd_run(args) -> int:
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
-    from .selection import resolve_methods
+    from .heads.search import resolve_methods
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     unknown = [m for m in cfg.methods if m not in HEADS and m != "finetune"]
     if unknown:
@@ -244,7 +244,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, print_table
+    from .report.compare import compare, print_table
     table = compare(args.runs, out=args.out)
     print_table(table)
     if args.out:
@@ -253,8 +253,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import build_demo_dataset
-    from .report import console_summary
+    from .data.demo import build_demo_dataset
+    from .report.writer import console_summary
     from .study import StudyConfig, run_study
     out = Path(args.out)
     data = build_demo_dataset(out / f"data-seed{args.seed}", seed=args.seed)
@@ -270,10 +270,10 @@ def cmd_demo(args) -> int:
 def cmd_extract(args) -> int:
     import numpy as np
 
-    from .backbones import load_backbone
-    from .datasets import discover
-    from .features import extract_features
-    from .distributed import is_main
+    from .features.backbones import load_backbone
+    from .data.datasets import discover
+    from .features.extract import extract_features
+    from .features.distributed import is_main
     _launch(args)
     ds = discover(args.data, seed=args.seed, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
                   allow_outside=args.allow_outside)
@@ -300,9 +300,9 @@ def cmd_extract(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .bundle import load
-    from .evaluation import format_report
-    from .predict import evaluate_predictions, predict_paths, write_csv
+    from .model.bundle import load
+    from .evaluation.metrics import format_report
+    from .model.predict import evaluate_predictions, predict_paths, write_csv
     model = load(args.bundle, weights=args.weights, device=args.device, precision=args.precision,
                  cache_dir=False if args.no_cache else args.cache_dir, batch_size=args.batch_size,
                  num_workers=args.workers)
@@ -321,7 +321,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from .model.export import export_onnx
     out = export_onnx(args.bundle, args.onnx, weights=args.weights, opset=args.opset)
     print(f"ONNX: {out} (input 'image' float32 NCHW, preprocessing in its metadata; output 'probabilities')")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .backbones import parse_size
+from .features.backbones import parse_size
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
 GOVERNED = ("seed", "random_state", "epochs", "scoring", "flip_train")  # set from top-level keys (--seed, --epochs,
@@ -40,7 +40,7 @@ def head_params(estimator) -> dict:
 
 def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
     """The run's configuration as written to config.yaml: paths absolute, input size and precision as used."""
-    from .heads import HEADS
+    from .heads.seed import HEADS
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in NOT_SAVED}
     d["data"] = str(Path(cfg.data).expanduser().resolve())
     if cfg.weights not in (None, "random"):

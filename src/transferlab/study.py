@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
-from .backbones import DEFAULT_BACKBONE, load_backbone
-from .datasets import discover
-from .evaluation import evaluate
-from .features import extract_features
-from .head_cache import HeadCache, head_key
-from .heads import make_head
+from .report import writer as report
+from .features.backbones import DEFAULT_BACKBONE, load_backbone
+from .data.datasets import discover
+from .evaluation.metrics import evaluate
+from .features.extract import extract_features
+from .heads.cache import HeadCache, head_key
+from .heads.seed import make_head
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _full_proba(est, X, n_classes: int) -> np.ndarray:
 def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics."""
     out = Path(cfg.out)
-    from .selection import resolve_methods
+    from .heads.search import resolve_methods
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     _seed_everything(cfg.seed)
     ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
@@ -157,7 +157,7 @@ def run_study(cfg: StudyConfig) -> dict:
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size)
     splits, extract_info = extract_splits(cfg, ds, bb)
     if len(np.unique(splits["train"].y)) < 2:
-        from .datasets import DatasetError
+        from .data.datasets import DatasetError
         skipped = extract_info["skipped"]
         hint = f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}{hint}")
@@ -165,22 +165,22 @@ def run_study(cfg: StudyConfig) -> dict:
     for name in cfg.methods:
         _seed_everything(cfg.seed)
         if name == "finetune":  # end to end on images; scored and reported like a head
-            from .finetune import fit_method as fit_finetune
+            from .finetune.tuner import fit_method as fit_finetune
             results[name] = fit_finetune(cfg, splits, ds.classes, bb)
             continue
         results[name] = fit_method(name, cfg, splits, ds.classes)
-    from .distributed import is_main
+    from .features.distributed import is_main
     if not is_main():  # several processes: only global rank 0 writes the report
         return None
     out.mkdir(parents=True, exist_ok=True)
-    from .analysis import analyse  # selection on validation first, then test statistics
+    from .evaluation.analysis import analyse  # selection on validation first, then test statistics
     _seed_everything(cfg.seed)
     analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
                        efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
-    from .bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
+    from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
     save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"], tta=cfg.tta or cfg.flip_train,
                        extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
-    from .leakage import check as check_leakage  # exact and near-duplicates across splits, from cached features
+    from .evaluation.leakage import check as check_leakage  # exact and near-duplicates across splits, from cached features
     leakage = check_leakage(splits, threshold=cfg.dup_threshold)
     metrics = report.write(out, cfg=asdict(cfg), dataset=ds, backbone=bb, splits=splits,
                            extract=extract_info, results=results, analysis=analysis, leakage=leakage)

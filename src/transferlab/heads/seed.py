@@ -156,10 +156,10 @@ def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "mac
     flipped features side by side and the head trains on both views (`probes.ViewAugmented`).
     """
     if name in TUNED_HEADS:
-        from .selection import make_tuned
+        from .search import make_tuned
         return make_tuned(name, seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
     if name in ENSEMBLE_HEADS:
-        from .selection import make_ensemble
+        from .search import make_ensemble
         return make_ensemble(seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
     if name == "softmax":
         est = SoftmaxHead(epochs=epochs, seed=seed)

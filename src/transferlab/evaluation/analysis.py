@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from .evaluation import bootstrap_ci, markdown_table, mcnemar
-from .heads import HEADS, SEED_METHODS
-from .selection import ValidationSearch, _fixed, cross_val_scores, data_efficiency, select_method
+from ..report import plots
+from .metrics import bootstrap_ci, markdown_table, mcnemar
+from ..heads.seed import HEADS, SEED_METHODS
+from ..heads.search import ValidationSearch, _fixed, cross_val_scores, data_efficiency, select_method
 
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .evaluation import markdown_table
+from ..evaluation.metrics import markdown_table
 
 COLUMNS = ["run", "backbone", "input", "method", "test accuracy", "test macro-F1", "test balanced acc.",
            "valid macro-F1", "extraction (cold)", "train"]
@@ -80,12 +80,12 @@ def caveats(table: list[dict]) -> list[str]:
 
 
 def _fmt(v) -> str:
-    from .report import _fmt as fmt
+    from .writer import _fmt as fmt
     return fmt(v)
 
 
 def _secs(v) -> str:
-    from .report import _seconds
+    from .writer import _seconds
     return _seconds(v)
 
 
@@ -114,8 +114,8 @@ def render_markdown(table: list[dict]) -> str:
 
 
 def render_html(table: list[dict]) -> str:
-    from .html_report import page
-    from .html_report import table as html_table
+    from .html import page
+    from .html import table as html_table
     top = best(table)
     body = ["<h1>transferlab: runs compared</h1>",
             f"<p class=\"sub\">{len({r['path'] for r in table})} runs, {len(table)} run/method rows. "

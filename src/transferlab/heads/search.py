@@ -91,7 +91,7 @@ def _rank_key(scores: dict[str, float], metric: str) -> tuple:
 
 def holdout_split(y, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (fit, holdout): a stratified, seeded share of each class held out (the datasets' rule)."""
-    from .datasets import Sample, _stratified_split
+    from ..data.datasets import Sample, _stratified_split
     moved = _stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(np.asarray(y))], fraction,
                               "holdout", seed)
     hold = np.array([s.split == "holdout" for s in moved])
@@ -244,7 +244,7 @@ class HeadSpec:
 
 
 def _softmax(seed: int, epochs: int) -> Pipeline:
-    from .heads import SoftmaxHead
+    from .seed import SoftmaxHead
     return _pipe(SoftmaxHead(epochs=epochs, batch_size=128, class_weight="balanced", seed=seed))
 
 
@@ -417,7 +417,7 @@ def make_ensemble(*, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1",
 
 def resolve_methods(methods) -> list[str]:
     """Method names with "all" expanded to every head (`heads.HEADS`), in order, without repeats."""
-    from .heads import HEADS
+    from .seed import HEADS
     out: list[str] = []
     for m in methods:
         for name in (HEADS if m == "all" else (m,)):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..heads.probes import FeatureTransform, LinearSVMHead, ShrinkageLDAHead
 from .bundle import BundleError, Model, class_columns, load
 
 ONNX_OPSET = 17
@@ -74,7 +75,7 @@ def _affine_step(step) -> tuple[np.ndarray, np.ndarray] | str:
         return np.diag(1.0 / scale), -mean / scale
     if isinstance(step, Normalizer) and step.norm == "l2":
         return "l2"
-    if type(step).__name__ == "FeatureTransform" and type(step).__module__ == "transferlab.probes":
+    if isinstance(step, FeatureTransform):
         if step.kind == "standard":
             return _affine_step(step.scaler_)
         if step.kind == "pca_whiten":
@@ -96,12 +97,12 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
     """(matrix, bias) of a linear softmax classifier: logits = x @ matrix + bias."""
     from sklearn.linear_model import LogisticRegression
 
-    from .heads import SoftmaxHead
+    from ..heads.seed import SoftmaxHead
     if isinstance(est, SoftmaxHead) and type(est).predict_proba is SoftmaxHead.predict_proba \
             and type(est).decision_function is SoftmaxHead.decision_function:
         bias = est.intercept_ - est.logit_adjust * est.log_prior_
         return est.coef_.T.astype(np.float64), bias.astype(np.float64)
-    if type(est).__name__ in ("LinearSVMHead", "ShrinkageLDAHead") and type(est).__module__ == "transferlab.probes":
+    if isinstance(est, (LinearSVMHead, ShrinkageLDAHead)):
         coef, intercept = est.coef_, est.intercept_  # predict_proba = softmax (binary: sigmoid) of the decision values
         if coef.shape[0] == 1:
             coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
@@ -217,7 +218,7 @@ def preprocess(images, meta: dict[str, str]) -> np.ndarray:
     """Reference preprocessing from the ONNX metadata alone: paths or PIL images -> NCHW float32 batch."""
     from PIL import Image
 
-    from .images import _to_rgb, load_rgb
+    from ..data.images import _to_rgb, load_rgb
     h, w = json.loads(meta["input_size"])
     mean = np.array(json.loads(meta["mean"]), dtype=np.float32)
     std = np.array(json.loads(meta["std"]), dtype=np.float32)

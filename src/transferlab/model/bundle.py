@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .backbones import Backbone, BackboneError, load_backbone, state_dict_digest
+from .. import __version__
+from ..features.backbones import Backbone, BackboneError, load_backbone, state_dict_digest
 
 FORMAT = "transferlab-bundle"
 FORMAT_VERSION = 1
@@ -217,7 +217,7 @@ def unwrap(estimator, backbone: Backbone) -> tuple[object, Backbone, bool, dict]
         return estimator.best_estimator_, backbone, False, notes
     model = getattr(estimator, "model_", None)
     if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Linear):
-        from .heads import SoftmaxHead
+        from ..heads.seed import SoftmaxHead
         linear = model[1]
         head = SoftmaxHead(logit_adjust=0.0)
         head.coef_ = linear.weight.detach().cpu().float().numpy().copy()
@@ -414,7 +414,7 @@ class Model:
 
         from PIL import Image
 
-        from .features import Extraction, extract_features
+        from ..features.extract import Extraction, extract_features
         images = list(images) if not isinstance(images, (str, Path, Image.Image)) else [images]
         paths = [str(x) for x in images if not isinstance(x, Image.Image)]
         pil_rows = [i for i, x in enumerate(images) if isinstance(x, Image.Image)]
@@ -432,7 +432,7 @@ class Model:
                     ex.features = (ex.features + flip.features[[at[p] for p in ex.paths]]) / 2
                     ex.seconds += flip.seconds
             if ex.skipped and (strict or pil_rows):
-                from .images import ImageError
+                from ..data.images import ImageError
                 first = ex.skipped[0]
                 raise ImageError(first["path"], first["reason"])
         if not pil_rows:
@@ -452,8 +452,8 @@ class Model:
     def _pil_features(self, images) -> np.ndarray:
         import torch
 
-        from .features import forward_features, resolve_device, resolve_precision
-        from .images import _to_rgb
+        from ..features.extract import forward_features, resolve_device, resolve_precision
+        from ..data.images import _to_rgb
         dev = resolve_device(self.device)
         prec = resolve_precision(self.precision, dev)
         transform = self.backbone.transform()

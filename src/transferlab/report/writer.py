@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, plots
-from .evaluation import format_report, markdown_table
+from .. import __version__
+from . import plots
+from ..evaluation.metrics import format_report, markdown_table
 
 SEED_RESULTS = {  # the seed report, ResNet50 (torchvision) at 800x240, same boats test set
     "softmax": {"accuracy": 0.786, "macro_f1": 0.359, "train_seconds": 13 * 60 + 52},
@@ -119,7 +120,7 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
     }
     figures = _plots(out, metrics, results, classes)
-    from . import analysis as _analysis
+    from ..evaluation import analysis as _analysis
     figures["selection"] = _analysis.figures(out, metrics)
     for name, res in results.items():
         if "test" in res:
@@ -132,7 +133,7 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
                 w.writerows(zip(*hist.values()))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     (out / "report.md").write_text(render_markdown(metrics, figures))
-    from .html_report import write_html, write_predictions
+    from .html import write_html, write_predictions
     for name, res in results.items():
         if "test_pred" in res:
             write_predictions(out / f"{name}_predictions.csv", splits["test"], res, classes)
@@ -219,7 +220,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         rows.append(["accuracy"] + [v for n in scored for v in ("", "", _fmt(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
         rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", _fmt(scored[n]["balanced_accuracy"]), _fmt(scored[n]["macro_f1"]))] + [""])
         md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `<method>_report.tsv`.", ""]
-    from . import analysis as _analysis
+    from ..evaluation import analysis as _analysis
     md += _analysis.markdown(metrics, figures.get("selection", []))
 
     md += ["## Timings", "", markdown_table([
@@ -245,7 +246,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
     if figures["curves"] or figures["confusion"]:
         md += ["## Plots", ""] + [f"![{t}]({f})" for t, f in figures["curves"] + figures["confusion"]] + [""]
     if metrics.get("leakage"):
-        from .leakage import markdown as leakage_markdown
+        from ..evaluation.leakage import markdown as leakage_markdown
         md += leakage_markdown(metrics["leakage"])
     md += ["## Findings", ""] + [f"- {line}" for line in findings(metrics, classes)] + [""]
     notes = list(metrics["notes"])

@@ -38,12 +38,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from . import distributed
-from .backbones import Backbone, load_backbone
-from .evaluation import evaluate
-from .features import _collate, _Images, default_workers, extract_features, forward_features, resolve_device, resolve_precision
-from .heads import SoftmaxHead, balanced_weights
-from .images import ImageError, load_rgb
+from ..features import distributed
+from ..features.backbones import Backbone, load_backbone
+from ..evaluation.metrics import evaluate
+from ..features.extract import _collate, _Images, default_workers, extract_features, forward_features, resolve_device, resolve_precision
+from ..heads.seed import SoftmaxHead, balanced_weights
+from ..data.images import ImageError, load_rgb
 
 AUGMENTATIONS = ("crop", "flip", "color")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -565,7 +565,7 @@ def make_finetuner(cfg) -> FineTuner:
 
 def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     """The study's result dict for `finetune`: stage 1 on the cached features, stage 2 and scoring on images."""
-    from .study import _full_proba
+    from ..study import _full_proba
     tr, va, te = splits["train"], splits["valid"], splits["test"]
     est = make_finetuner(cfg)
     t0 = time.perf_counter()
@@ -581,7 +581,7 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     if len(va.y):
         out["valid"] = evaluate(va.y, est.predict(va.paths), classes)
     if getattr(cfg, "cv", 0) and cfg.cv >= 2:  # selection then compares K-fold scores, like the heads'
-        from .selection import score
+        from ..heads.search import score
         t0 = time.perf_counter()
         paths, y = list(tr.paths) + list(va.paths), np.concatenate([tr.y, va.y])
         pred = cross_val_predict(cfg, paths, y, np.concatenate([tr.X, va.X]), backbone)
@@ -606,7 +606,7 @@ def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=
     called after each, e.g. to save progress. Fold checkpoints are deleted; their CSV logs are kept in
     OUT/finetune/cv/fold<i>.
     """
-    from .selection import cv_folds
+    from ..heads.search import cv_folds
     y = np.asarray(y)
     pred = np.full(len(y), -1, dtype=y.dtype)
     for i, (a, b) in enumerate(cv_folds(y, int(cfg.cv), cfg.seed)):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 
 
 def _digest_arrays(h, *arrays) -> None:
@@ -39,7 +39,7 @@ def _digest_arrays(h, *arrays) -> None:
 
 
 @lru_cache(maxsize=None)
-def code_fingerprint(package_dir: str = str(Path(__file__).parent)) -> str:
+def code_fingerprint(package_dir: str = str(Path(__file__).parent.parent)) -> str:
     """SHA-256 of the package's Python sources (names and contents, in sorted order)."""
     h = hashlib.sha256()
     for path in sorted(Path(package_dir).rglob("*.py")):
@@ -66,7 +66,7 @@ class HeadCache:
     """`get(key)` -> (estimator, meta) or None; `put(key, estimator, meta)` stores a fitted head."""
 
     def __init__(self, root=None):
-        from .cache import default_cache_dir
+        from ..features.cache import default_cache_dir
         self.dir = Path(root or default_cache_dir()) / "heads"
 
     def get(self, key: str):
@@ -74,7 +74,7 @@ class HeadCache:
         meta_path = entry / "meta.json"
         if not meta_path.is_file():
             return None
-        from .bundle import _load_head
+        from ..model.bundle import _load_head
         try:
             meta = json.loads(meta_path.read_text())
             return _load_head(meta["head"], entry), meta
@@ -86,7 +86,7 @@ class HeadCache:
 
     def put(self, key: str, estimator, meta: dict) -> bool:
         """Store a fitted head; False (with a warning) if it cannot be stored safely. Never raises."""
-        from .bundle import _save_head
+        from ..model.bundle import _save_head
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.dir))

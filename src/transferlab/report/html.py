@@ -68,7 +68,7 @@ def data_uri(path: Path) -> str | None:
 
 def thumbnail_uri(path, box=THUMB_BOX, quality: int = 80) -> str | None:
     """A small JPEG of an image file as a `data:` URI (aspect kept, within `box`), or None when unreadable."""
-    from .images import ImageError, load_rgb
+    from ..data.images import ImageError, load_rgb
     try:
         img = load_rgb(path)
     except ImageError:
@@ -285,7 +285,7 @@ def _f(v, digits=3) -> str:
 
 
 def _secs(s) -> str:
-    from .report import _seconds
+    from .writer import _seconds
     return _seconds(s)
 
 
@@ -318,7 +318,7 @@ def headline(metrics: dict) -> str:
         badge = "<span class=\"badge\">best on validation</span>" if name == best else ""
         cards.append(f"<div class=\"card{' best' if name == best else ''}\"><h3>{html.escape(name)}{badge}</h3>"
                      f"<dl>{dl}</dl></div>")
-    from .report import findings
+    from .writer import findings
     items = "".join(f"<li>{_inline_md(line)}</li>" for line in findings(metrics, metrics["classes"]))
     note = ("<p class=\"note\">“Best on validation” is chosen by validation macro-F1; test numbers are shown "
             "for every method and were not used to choose.</p>") if best else ""

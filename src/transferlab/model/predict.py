@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError, Model
-from .datasets import _list_images
+from ..data.datasets import _list_images
 
 
 @dataclass
@@ -100,7 +100,7 @@ def write_csv(preds: Predictions, out, *, top_k: int = 1, with_labels: bool = Fa
 
 def evaluate_predictions(preds: Predictions) -> dict:
     """Metrics of labelled predictions (evaluation.evaluate); every image must have a class folder."""
-    from .evaluation import evaluate
+    from ..evaluation.metrics import evaluate
     unlabelled = [p for p, lab in zip(preds.paths, preds.labels) if lab is None]
     if unlabelled:
         folders = sorted({str(Path(p).parent) for p in unlabelled})

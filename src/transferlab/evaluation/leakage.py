@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import content_hash
+from ..features.cache import content_hash
 
 COMPARISONS = (("test", "train"), ("valid", "train"), ("test", "valid"))
 SWEEP = (0.9, 0.95, 0.98)
@@ -94,7 +94,7 @@ def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: 
 
 def markdown(leak: dict, max_listed: int = 10) -> list[str]:
     """The report's "Leakage check" section."""
-    from .evaluation import markdown_table
+    from .metrics import markdown_table
     md = ["## Leakage check", "",
           (f"Exact duplicates: same file content (hash). Near-duplicates: not exact, but the cosine similarity of the "
            f"backbone features to the nearest image of the other split is at least {leak['threshold']:g}."), ""]
