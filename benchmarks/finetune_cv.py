@@ -32,7 +32,8 @@ from beat_seed import target_checks  # noqa: E402  (issue 4's target, as beat_se
 from transferlab.features.backbones import load_backbone, parse_size  # noqa: E402
 from transferlab.data.datasets import discover  # noqa: E402
 from transferlab.finetune.tuner import cross_val_predict  # noqa: E402
-from transferlab.heads.search import score, select_method  # noqa: E402
+from transferlab.evaluation.selection import select_method  # noqa: E402
+from transferlab.heads.search import score  # noqa: E402
 from transferlab.study import StudyConfig, extract_splits  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

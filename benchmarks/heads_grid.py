@@ -22,7 +22,9 @@ from transferlab.features.backbones import DEFAULT_BACKBONE, load_backbone, pars
 from transferlab.data.datasets import discover
 from transferlab.evaluation.metrics import markdown_table
 from transferlab.features.extract import extract_features
-from transferlab.heads.seed import TUNED_HEADS, make_head
+from transferlab.heads import make_head, names
+
+TUNED_HEADS = tuple(names("tuned"))
 
 RESULTS = Path(__file__).parent / "results"
 

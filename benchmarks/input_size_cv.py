@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transferlab.features.backbones import parse_size
 from transferlab.evaluation.metrics import markdown_table
-from transferlab.heads.seed import make_head
+from transferlab.heads import make_head
 
 sys.path.insert(0, str(Path(__file__).parent))
 from heads_grid import train_valid_features  # noqa: E402  (the same features the study uses)

@@ -18,7 +18,8 @@ from transferlab.model.bundle import BundleError, save_bundle
 from transferlab.cli import main
 from transferlab.data.datasets import discover
 from transferlab.features.extract import extract_features
-from transferlab.heads.seed import SoftmaxHead, make_head, seed_svm
+from transferlab.heads import make_head
+from transferlab.heads.seed import SoftmaxHead, seed_svm
 
 from .conftest import make_imagefolder
 

@@ -14,10 +14,15 @@ from transferlab import study as study_module
 from transferlab.evaluation.analysis import selection_scores
 from transferlab.cli import main
 from transferlab.model.export import ExportError, export_onnx
-from transferlab.heads.seed import HEADS, make_head
+from transferlab.heads import make_head, resolve_methods
 from transferlab.heads.probes import KernelSVMHead
-from transferlab.heads.search import (ENSEMBLE_MEMBERS, SoftVoteEnsemble, ValidationSearch, _fixed, cv_folds,
-                                   data_efficiency, make_tuned, resolve_methods, score)
+from transferlab.evaluation.selection import data_efficiency
+from transferlab.heads.ensemble import ENSEMBLE_MEMBERS, SoftVoteEnsemble
+from transferlab.heads.search import ValidationSearch, cv_folds, score
+from transferlab.heads.search import fixed as _fixed
+from transferlab.heads.tuned import make_tuned
+
+HEADS = resolve_methods(["all"])
 from transferlab.study import SplitFeatures
 
 from .test_selection import TINY, _blobs, _split

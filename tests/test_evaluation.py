@@ -124,7 +124,7 @@ def test_bootstrap_ci_contains_point_and_is_seeded(case):
 
 def test_bootstrap_ci_matches_sklearn_on_a_resample():
     """The count-matrix metrics equal sklearn's on one resample (present classes only)."""
-    from transferlab.evaluation.metrics import _count_metrics
+    from transferlab.evaluation.metrics import count_metrics as _count_metrics
     y_true, y_pred = imbalanced_case(n=300, seed=5)
     idx = np.random.default_rng(0).integers(0, 300, 300)
     counts = confusion_matrix(y_true[idx], y_pred[idx], labels=range(8))[None]

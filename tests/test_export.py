@@ -15,8 +15,9 @@ from transferlab.cli import main
 from transferlab.data.datasets import discover
 from transferlab.model.export import ExportError, export_onnx, preprocess
 from transferlab.features.extract import extract_features
-from transferlab.heads.seed import SoftmaxHead, make_head, seed_svm
-from transferlab.heads.search import TUNED
+from transferlab.heads import make_head
+from transferlab.heads.seed import SoftmaxHead, seed_svm
+from transferlab.heads.tuned import TUNED
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
-from transferlab.heads.seed import SoftmaxHead, balanced_weights, fit_linear_softmax, make_head
+from transferlab.heads import make_head
+from transferlab.heads.seed import SoftmaxHead, balanced_weights, fit_linear_softmax
 
 
 def _blobs(n_per=(40, 20, 6), d=16, seed=0):

@@ -13,13 +13,17 @@ from sklearn.svm import SVC
 
 from transferlab.evaluation.analysis import analyse
 from transferlab.cli import main
-from transferlab.heads.seed import HEADS, TUNED_HEADS, make_head
-from transferlab.heads.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead, ViewAugmented
-from transferlab.heads.search import (ValidationSearch, cross_val_scores, data_efficiency, resolve_methods, score,
-                                   select_method)
+from transferlab.evaluation.selection import data_efficiency, select_method
+from transferlab.heads import make_head, names, resolve_methods
+from transferlab.heads.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead
+from transferlab.heads.search import ValidationSearch, cross_val_scores, score
+from transferlab.heads.views import ViewAugmented
 from transferlab.study import SplitFeatures, StudyConfig, fit_method, run_study
 
 from .conftest import make_imagefolder
+
+HEADS = resolve_methods(["all"])
+TUNED_HEADS = names("tuned")
 
 TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
         "--workers", "0", "--epochs", "3"]

@@ -133,6 +133,12 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="skip the selected head's data-efficiency curve")
 
 
+def _methods_help() -> str:
+    from .heads import registry
+    by_kind = [f"{kind}: {','.join(registry.names(kind))}" for kind in registry.KINDS if registry.names(kind)]
+    return "; ".join(by_kind) + "; 'all' is every method but end-to-end ones"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="a run's config.yaml (or your own YAML): rerun that study; flags given here override it")
     run.add_argument("--out", default="runs/study", help="report folder")
     run.add_argument("--methods", default="softmax,svm",
-                     help="comma-separated heads, or 'all' (seed heads softmax,svm; tuned heads svm_tuned,logreg,"
-                          "linear_svm,lda,knn,softmax_tuned; ensemble: soft vote of svm_tuned,logreg,linear_svm,softmax_tuned)")
+                     help="comma-separated methods, or 'all' (" + _methods_help() + ")")
     run.add_argument("--epochs", type=int, default=50, help="softmax head epochs")
     _add_selection_args(run)
     run.add_argument("--dup-threshold", type=_similarity, default=0.95,
@@ -204,7 +209,7 @@ def _add_bundle_args(p: argparse.ArgumentParser) -> None:
 
 
 def _study_config(args, **over):
-    from .study import StudyConfig
+    from .config import StudyConfig
     return StudyConfig(
         data=args.data, out=args.out, backbone=args.backbone, weights=args.weights,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], epochs=args.epochs, seed=args.seed,
@@ -217,7 +222,6 @@ def _study_config(args, **over):
 
 
 def cmd_run(args) -> int:
-    from .heads.seed import HEADS
     from .report.writer import console_summary
     from .study import run_study
     cfg = _study_config(args)
@@ -226,11 +230,11 @@ def cmd_run(args) -> int:
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
-    from .heads.search import resolve_methods
-    cfg.methods = resolve_methods(cfg.methods)  # "all": every head
-    unknown = [m for m in cfg.methods if m not in HEADS and m != "finetune"]
-    if unknown:
-        raise DatasetError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(HEADS)}, finetune")
+    from .heads.registry import resolve_methods
+    try:
+        cfg.methods = resolve_methods(cfg.methods)  # "all": every method in --methods all
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     _check_writable(cfg.out)
     _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)
     metrics = run_study(cfg)
@@ -255,7 +259,8 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     from .data.demo import build_demo_dataset
     from .report.writer import console_summary
-    from .study import StudyConfig, run_study
+    from .config import StudyConfig
+    from .study import run_study
     out = Path(args.out)
     data = build_demo_dataset(out / f"data-seed{args.seed}", seed=args.seed)
     print(f"demo data: {data}")

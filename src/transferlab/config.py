@@ -1,4 +1,4 @@
-"""Study configuration files: the resolved `config.yaml` a run writes, read back by `run --config FILE`.
+"""The study's settings (`StudyConfig`) and its configuration files: the resolved `config.yaml` a run writes, read back by `run --config FILE`.
 
 The file holds what defines the study: data, backbone, weights, input size, precision (as resolved,
 e.g. `auto` -> `fp32`), seed, the methods with their hyperparameters, the split fractions and the rest
@@ -9,19 +9,53 @@ given on the command line override the file's values.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from .features.backbones import parse_size
+from .features.backbones import DEFAULT_BACKBONE, parse_size
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
 GOVERNED = ("seed", "random_state", "epochs", "scoring", "flip_train")  # set from top-level keys (--seed, --epochs,
 # --select-metric, --flip-train)
 FIRST = ("data", "backbone", "weights", "input_size", "precision", "seed", "methods", "epochs")
 DEST_TO_FIELD = {"workers": "num_workers", "no_progress": "progress"}
+
+
+@dataclass
+class StudyConfig:
+    data: str
+    out: str = "runs/study"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["softmax", "svm"])
+    epochs: int = 50
+    seed: int = 0
+    input_size: tuple[int, int] | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    num_workers: int | None = None
+    cache_dir: str | None = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.2
+    strict: bool = False
+    allow_outside: bool = False
+    progress: bool = True
+    devices: int | str = 1  # processes per node (DDP through Lightning); extraction shards across them
+    num_nodes: int = 1
+    strategy: str = "auto"
+    finetune: dict = field(default_factory=dict)  # FineTuner options for the `finetune` method
+    params: dict = field(default_factory=dict)  # per-head hyperparameters set on top of make_head's (config.yaml)
+    tta: bool = False  # features = mean of the image's and its horizontal flip's (both cached)
+    select_metric: str = "macro_f1"  # validation metric that tunes heads and selects the method
+    data_efficiency: bool = True  # the selected head's validation curve over images per class
+    cv: int = 0  # >= 2: tune and select by k-fold CV over train + valid instead of the validation split
+    flip_train: bool = False  # heads also train on each training image's flipped features (predict on the mean)
+    dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
+
 
 
 class ConfigError(ValueError):
@@ -40,14 +74,14 @@ def head_params(estimator) -> dict:
 
 def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
     """The run's configuration as written to config.yaml: paths absolute, input size and precision as used."""
-    from .heads.seed import HEADS
+    from .heads import registry
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in NOT_SAVED}
     d["data"] = str(Path(cfg.data).expanduser().resolve())
     if cfg.weights not in (None, "random"):
         d["weights"] = str(Path(cfg.weights).expanduser().resolve())
     d["input_size"] = [int(v) for v in backbone.input_size]
     d["precision"] = extract.get("precision", cfg.precision)
-    d["methods"] = {n: head_params(results[n]["estimator"]) if n in HEADS and n in results else {}
+    d["methods"] = {n: head_params(results[n]["estimator"]) if registry.get(n).build is not None and n in results else {}
                     for n in cfg.methods}
     return {**{k: d[k] for k in FIRST if k in d}, **{k: v for k, v in d.items() if k not in FIRST}}
 
@@ -79,7 +113,6 @@ def write(path: Path, cfg, backbone, extract: dict, results: dict) -> Path:
 
 def load(path) -> dict:
     """A config file as StudyConfig keyword arguments (`methods` may be a list, a comma string or a mapping)."""
-    from .study import StudyConfig
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -133,7 +166,6 @@ def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def merge(file_kw: dict, cli, given: set[str]):
     """The file's values, then every setting given on the command line (`given`: argparse dests) on top."""
-    from .study import StudyConfig
     names = {f.name for f in fields(StudyConfig)}
     explicit = {DEST_TO_FIELD.get(d, d) for d in given} & names
     kw = {k: v for k, v in file_kw.items() if k not in explicit}

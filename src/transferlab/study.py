@@ -8,51 +8,19 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .report import writer as report
-from .features.backbones import DEFAULT_BACKBONE, load_backbone
+from .features.backbones import load_backbone
 from .data.datasets import discover
-from .evaluation.metrics import evaluate
+from .config import StudyConfig
+from .evaluation.metrics import evaluate, full_proba
 from .features.extract import extract_features
 from .heads.cache import HeadCache, head_key
-from .heads.seed import make_head
-
-
-@dataclass
-class StudyConfig:
-    data: str
-    out: str = "runs/study"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["softmax", "svm"])
-    epochs: int = 50
-    seed: int = 0
-    input_size: tuple[int, int] | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    batch_size: int = 64
-    num_workers: int | None = None
-    cache_dir: str | None = None
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.2
-    strict: bool = False
-    allow_outside: bool = False
-    progress: bool = True
-    devices: int | str = 1  # processes per node (DDP through Lightning); extraction shards across them
-    num_nodes: int = 1
-    strategy: str = "auto"
-    finetune: dict = field(default_factory=dict)  # FineTuner options for the `finetune` method
-    params: dict = field(default_factory=dict)  # per-head hyperparameters set on top of make_head's (config.yaml)
-    tta: bool = False  # features = mean of the image's and its horizontal flip's (both cached)
-    select_metric: str = "macro_f1"  # validation metric that tunes heads and selects the method
-    data_efficiency: bool = True  # the selected head's validation curve over images per class
-    cv: int = 0  # >= 2: tune and select by k-fold CV over train + valid instead of the validation split
-    flip_train: bool = False  # heads also train on each training image's flipped features (predict on the mean)
-    dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
+from .heads.registry import get as method_info, make_head, resolve_methods
 
 
 @dataclass
@@ -130,7 +98,7 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
     if len(te.y):
         t0 = time.perf_counter()
         pred = np.asarray(est.predict(te.X), dtype=np.int64)
-        proba = _full_proba(est, te.X, len(classes))
+        proba = full_proba(est, te.X, len(classes))
         out["predict_seconds"] = time.perf_counter() - t0
         out["test"] = evaluate(te.y, pred, classes, proba=proba)
         out["test_pred"] = pred
@@ -138,18 +106,9 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
     return out
 
 
-def _full_proba(est, X, n_classes: int) -> np.ndarray:
-    """predict_proba over all classes (an estimator only knows the classes it saw)."""
-    p = est.predict_proba(X)
-    full = np.zeros((len(X), n_classes), dtype=np.float64)
-    full[:, np.asarray(est.classes_, dtype=int)] = p
-    return full
-
-
 def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics."""
     out = Path(cfg.out)
-    from .heads.search import resolve_methods
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     _seed_everything(cfg.seed)
     ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
@@ -164,7 +123,7 @@ def run_study(cfg: StudyConfig) -> dict:
     results = {}
     for name in cfg.methods:
         _seed_everything(cfg.seed)
-        if name == "finetune":  # end to end on images; scored and reported like a head
+        if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
             from .finetune.tuner import fit_method as fit_finetune
             results[name] = fit_finetune(cfg, splits, ds.classes, bb)
             continue

@@ -106,7 +106,7 @@ def _class_dirs(folder: Path, notes: list[str] | None = None) -> list[Path]:
     return dirs
 
 
-def _stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int) -> list[Sample]:
+def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int) -> list[Sample]:
     """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was."""
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"split fraction must be in [0, 1), got {fraction}")
@@ -168,7 +168,7 @@ def _from_imagefolder(root: Path) -> ImageDataset:
 def _from_class_folders(root: Path, seed: int, valid_fraction: float, test_fraction: float) -> ImageDataset:
     notes: list[str] = []
     classes, samples = _training_classes(root, notes)
-    samples = _stratified_split(samples, test_fraction, "test", seed)
+    samples = stratified_split(samples, test_fraction, "test", seed)
     notes.append(f"split class folders into train/test with test fraction {test_fraction} (seed {seed})")
     return ImageDataset(root, classes, samples, "class-folders", notes)
 
@@ -231,6 +231,6 @@ def carve_validation(ds: ImageDataset, fraction: float, seed: int) -> ImageDatas
     """Move a stratified, seeded `fraction` of train to valid (never touches test)."""
     train = [s for s in ds.samples if s.split == "train"]
     rest = [s for s in ds.samples if s.split != "train"]
-    carved = _stratified_split(train, fraction, "valid", seed + 1)
+    carved = stratified_split(train, fraction, "valid", seed + 1)
     notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified (seed {seed})"]
     return replace(ds, samples=carved + rest, notes=notes)

@@ -15,8 +15,9 @@ import numpy as np
 
 from ..report import plots
 from .metrics import bootstrap_ci, markdown_table, mcnemar
-from ..heads.seed import HEADS, SEED_METHODS
-from ..heads.search import ValidationSearch, _fixed, cross_val_scores, data_efficiency, select_method
+from ..heads import registry
+from ..heads.search import ValidationSearch, cross_val_scores, fixed
+from .selection import data_efficiency, select_method
 
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
@@ -49,8 +50,8 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
             scores[n] = est.best_valid_
         elif (r.get("cv") or {}).get("k") == cv:  # fine-tuning cross-validated itself (`finetune.fit_method`)
             scores[n] = r["cv"]["scores"]
-        elif n in HEADS:  # cached beside the fitted head (`head_cache`), like the head itself
-            scores[n] = _memo(cache, r, f"cv{cv}-{seed}", lambda: cross_val_scores(_fixed(est), X, y, cv, seed))
+        elif registry.get(n).build is not None:  # a head on features: cached beside the fitted head (`head_cache`), like the head itself
+            scores[n] = _memo(cache, r, f"cv{cv}-{seed}", lambda: cross_val_scores(fixed(est), X, y, cv, seed))
         else:
             left_out.append(n)
     return scores, f"{cv}-fold CV on train + valid", left_out
@@ -64,12 +65,12 @@ def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "m
         return {"selected": None, "selection": {"metric": metric, "note": "no validation split: nothing selected"}}
     selection = select_method(scores, metric)
     chosen = selection["method"]
-    seeds = [m for m in SEED_METHODS if m in scores]
+    seeds = [m for m in registry.names("seed") if m in scores]
     baseline = select_method({m: scores[m] for m in seeds}, metric)["method"] if seeds else None
     selection.update(baseline=baseline, protocol=protocol, scores=scores, left_out=left_out)
     out = {"selected": chosen, "selection": selection}
     tr, va = splits["train"], splits["valid"]
-    if efficiency and chosen in HEADS:  # a function of the fitted head and train/valid: cached beside the head
+    if efficiency and registry.get(chosen).build is not None:  # a function of the fitted head and train/valid: cached beside the head
         curve = _memo(cache, results[chosen], f"data_efficiency-{metric}-{seed}", lambda: data_efficiency(
             results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed))
         out["data_efficiency"] = {"method": chosen, **curve}
@@ -81,7 +82,7 @@ def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "m
                      for n, r in results.items() if r.get("test_pred") is not None}
         out["mcnemar"] = {f"{chosen} vs {m}": {"a": chosen, "b": m, **mcnemar(te.y, results[chosen]["test_pred"],
                                                                               results[m]["test_pred"])}
-                          for m in SEED_METHODS if m in results and m != chosen
+                          for m in registry.names("seed") if m in results and m != chosen
                           and results[m].get("test_pred") is not None and results[chosen].get("test_pred") is not None}
         if baseline and baseline != chosen and "test" in results[chosen] and "test" in results[baseline]:
             out["recall_changes"] = {"method": chosen, "baseline": baseline,

@@ -89,7 +89,7 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def _count_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
+def count_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy, macro-F1 and balanced accuracy from stacked confusion counts (B, K, K); present classes only."""
     tp = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
     support, predicted = counts.sum(axis=2), counts.sum(axis=1)
@@ -119,7 +119,7 @@ def bootstrap_ci(y_true, y_pred, n_classes: int, n_boot: int = 1000, seed: int =
         idx = rng.integers(0, n, size=(b, n))
         flat = codes[idx] + (np.arange(b) * k * k)[:, None]
         counts = np.bincount(flat.ravel(), minlength=b * k * k).reshape(b, k, k)
-        for key, values in _count_metrics(counts).items():
+        for key, values in count_metrics(counts).items():
             parts[key].append(values)
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     return {key: [float(v) for v in np.percentile(np.concatenate(vals), q)] for key, vals in parts.items()}
@@ -138,3 +138,11 @@ def mcnemar(y_true, pred_a, pred_b) -> dict:
     statistic = max(abs(b - c) - 1, 0) ** 2 / (b + c)
     return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(stats.chi2.sf(statistic, df=1)),
             "method": "chi2"}
+
+
+def full_proba(est, X, n_classes: int) -> np.ndarray:
+    """predict_proba over all classes (an estimator only knows the classes it saw)."""
+    p = est.predict_proba(X)
+    full = np.zeros((len(X), n_classes), dtype=np.float64)
+    full[:, np.asarray(est.classes_, dtype=int)] = p
+    return full

@@ -40,7 +40,7 @@ from torchvision import transforms as T
 
 from ..features import distributed
 from ..features.backbones import Backbone, load_backbone
-from ..evaluation.metrics import evaluate
+from ..evaluation.metrics import evaluate, full_proba
 from ..features.extract import _collate, _Images, default_workers, extract_features, forward_features, resolve_device, resolve_precision
 from ..heads.seed import SoftmaxHead, balanced_weights
 from ..data.images import ImageError, load_rgb
@@ -565,7 +565,6 @@ def make_finetuner(cfg) -> FineTuner:
 
 def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     """The study's result dict for `finetune`: stage 1 on the cached features, stage 2 and scoring on images."""
-    from ..study import _full_proba
     tr, va, te = splits["train"], splits["valid"], splits["test"]
     est = make_finetuner(cfg)
     t0 = time.perf_counter()
@@ -588,7 +587,7 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
         out["cv"] = {"k": cfg.cv, "scores": score(y, pred), "seconds": time.perf_counter() - t0}
     if len(te.y):
         t0 = time.perf_counter()
-        proba = _full_proba(est, te.paths, len(classes))
+        proba = full_proba(est, te.paths, len(classes))
         out["predict_seconds"] = time.perf_counter() - t0
         pred = proba.argmax(axis=1).astype(np.int64)
         out["test"] = evaluate(te.y, pred, classes, proba=proba)

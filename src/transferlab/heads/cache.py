@@ -4,7 +4,7 @@ A head's fit is a pure function of its hyperparameters, the seed, the features a
 validates on, the library versions and transferlab's own code; the key is a SHA-256 of exactly those (the
 code enters as a digest of the package's source files, so editing a head's code, even without a version
 bump, never reuses fits made by the old code). The fitted estimator is
-stored as a bundle stores heads (`bundle._save_head`: safetensors for transferlab's own heads, skops with
+stored as a bundle stores heads (`heads.serialize`: safetensors for transferlab's own heads, skops with
 the allowlist for scikit-learn ones; no pickle), next to `meta.json` (method, key inputs, fit seconds).
 Entries are written to a temporary folder and renamed into place, so a crash never leaves half an entry;
 an entry that fails to load is set aside with a warning and the head is fitted again.
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..features.cache import default_cache_dir
+from .serialize import load_head, save_head
 
 
 def _digest_arrays(h, *arrays) -> None:
@@ -66,7 +68,6 @@ class HeadCache:
     """`get(key)` -> (estimator, meta) or None; `put(key, estimator, meta)` stores a fitted head."""
 
     def __init__(self, root=None):
-        from ..features.cache import default_cache_dir
         self.dir = Path(root or default_cache_dir()) / "heads"
 
     def get(self, key: str):
@@ -74,10 +75,9 @@ class HeadCache:
         meta_path = entry / "meta.json"
         if not meta_path.is_file():
             return None
-        from ..model.bundle import _load_head
         try:
             meta = json.loads(meta_path.read_text())
-            return _load_head(meta["head"], entry), meta
+            return load_head(meta["head"], entry), meta
         except Exception as exc:  # damaged or from an incompatible version: set aside, fit again
             warnings.warn(f"cached head {entry} could not be loaded ({type(exc).__name__}: {exc}); "
                           f"fitting it again", stacklevel=2)
@@ -86,12 +86,11 @@ class HeadCache:
 
     def put(self, key: str, estimator, meta: dict) -> bool:
         """Store a fitted head; False (with a warning) if it cannot be stored safely. Never raises."""
-        from ..model.bundle import _save_head
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.dir))
             try:
-                info = _save_head(estimator, tmp)
+                info = save_head(estimator, tmp)
                 (tmp / "meta.json").write_text(json.dumps({**meta, "head": info}, indent=2, default=str))
                 os.rename(tmp, self.dir / key)
             except OSError:  # another run stored the same key first: theirs is as good as ours

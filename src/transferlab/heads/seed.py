@@ -20,6 +20,9 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from .registry import register
+from .views import ViewAugmented
+
 # SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that).
 warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
 
@@ -145,35 +148,18 @@ def seed_svm(seed: int = 0):
     return SVC(kernel="rbf", probability=True, random_state=seed)
 
 
-def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
-              flip_train: bool = False):
-    """A fresh, unfitted estimator for a head name.
-
-    The seed's two methods keep their fixed recipes; the tuned heads (`selection.TUNED`) are
-    `ValidationSearch` estimators that pick their hyperparameters by `scoring` on `fit(..., eval_set=valid)`,
-    or by `cv`-fold cross-validation over train + valid when `cv` >= 2; `ensemble` is the soft vote of
-    tuned heads (`selection.SoftVoteEnsemble`, nested under `cv`). `flip_train`: rows hold plain and
-    flipped features side by side and the head trains on both views (`probes.ViewAugmented`).
-    """
-    if name in TUNED_HEADS:
-        from .search import make_tuned
-        return make_tuned(name, seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
-    if name in ENSEMBLE_HEADS:
-        from .search import make_ensemble
-        return make_ensemble(seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
-    if name == "softmax":
-        est = SoftmaxHead(epochs=epochs, seed=seed)
-    elif name == "svm":
-        est = seed_svm(seed)
-    else:
-        raise ValueError(f"unknown method '{name}' (known: {', '.join(HEADS)})")
-    if flip_train:
-        from .probes import ViewAugmented
-        est = ViewAugmented(est)
-    return est
+def _maybe_views(est, flip_train: bool):
+    return ViewAugmented(est) if flip_train else est
 
 
-TUNED_HEADS = ("svm_tuned", "logreg", "linear_svm", "lda", "knn", "softmax_tuned")  # grids in selection.TUNED
-ENSEMBLE_HEADS = ("ensemble",)  # soft vote of tuned heads: selection.make_ensemble
-HEADS = ("softmax", "svm", *TUNED_HEADS, *ENSEMBLE_HEADS)
-SEED_METHODS = ("softmax", "svm")
+@register("softmax", kind="seed", exportable=True, class_weights=False, cost="seconds",
+          description="the seed's Model 1: a linear softmax layer, Adam (lr 1e-4), mini-batches of 32, "
+                      "ReduceLROnPlateau on the training loss, 50 epochs")
+def seed_softmax(*, seed: int = 0, epochs: int = 50, flip_train: bool = False, **_):
+    return _maybe_views(SoftmaxHead(epochs=epochs, seed=seed), flip_train)
+
+
+@register("svm", kind="seed", exportable=False, class_weights=False, cost="seconds",
+          description="the seed's Model 2: SVC(kernel=\"rbf\") with scikit-learn's defaults")
+def seed_svm_method(*, seed: int = 0, flip_train: bool = False, **_):
+    return _maybe_views(seed_svm(seed), flip_train)

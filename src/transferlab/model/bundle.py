@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import shutil
 import tempfile
@@ -31,15 +30,13 @@ import numpy as np
 
 from .. import __version__
 from ..features.backbones import Backbone, BackboneError, load_backbone, state_dict_digest
+from ..heads.serialize import HEAD_FILES, HeadFormatError, jsonable, load_head, save_head
 
 FORMAT = "transferlab-bundle"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
-HEAD_FILES = {"safetensors": "head.safetensors", "skops": "head.skops"}
 BACKBONE_FILE = "backbone.safetensors"
 ALLOWED_FILES = frozenset({CONFIG, BACKBONE_FILE, *HEAD_FILES.values()})
-# Module roots whose classes a head.skops may contain (and only classes, never functions).
-TRUSTED_ROOTS = ("sklearn", "transferlab")
 
 
 class BundleError(BackboneError):
@@ -52,138 +49,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _jsonable(value):
-    """Hyperparameters for config.json: plain values as they are, anything else by its repr."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value):
-        return list(value)
-    return repr(value)
-
-
-def describe_params(estimator) -> dict:
-    """Every hyperparameter (nested ones of Pipelines too), JSON-safe."""
-    try:
-        params = estimator.get_params(deep=True)
-    except Exception:
-        return {}
-    return {k: _jsonable(v) for k, v in sorted(params.items())}
-
-
-# ---- heads ------------------------------------------------------------------------------------------------
-
-def _is_plain(v) -> bool:
-    if isinstance(v, (bool, int, float, str, type(None))):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_is_plain(x) for x in v)
-    if isinstance(v, dict):
-        return all(isinstance(k, str) and _is_plain(x) for k, x in v.items())
-    return False
-
-
-def _array_state(estimator) -> tuple[dict[str, np.ndarray], dict] | None:
-    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects."""
-    arrays, plain = {}, {}
-    for key, value in vars(estimator).items():
-        if not key.endswith("_") or key.startswith("_"):
-            continue
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-            arrays[key] = np.ascontiguousarray(value)
-        elif isinstance(value, np.ndarray) and value.dtype.kind == "U":
-            plain[key] = {"__ndarray__": value.tolist(), "dtype": "str"}
-        elif isinstance(value, np.generic):
-            plain[key] = value.item()
-        elif _is_plain(value):
-            plain[key] = value
-        else:
-            return None
-    return arrays, plain
-
-
-def _head_class(module: str, name: str):
-    """A transferlab estimator class named in config.json; anything else is refused."""
-    if module.split(".")[0] != "transferlab":
-        raise BundleError(f"head class {module}.{name} is not a transferlab head; refused")
-    from sklearn.base import BaseEstimator
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise BundleError(f"head class {module}.{name} does not exist in this transferlab version "
-                          f"({__version__})") from None
-    if not (isinstance(cls, type) and issubclass(cls, BaseEstimator)):
-        raise BundleError(f"{module}.{name} is not an estimator class; refused")
-    return cls
-
-
-def _trusted(types: list[str]) -> list[str]:
-    """The types skops does not trust by itself that are still safe here: classes under TRUSTED_ROOTS."""
-    ok, bad = [], []
-    for t in types:
-        module, _, name = t.rpartition(".")
-        cls = None
-        if module.split(".")[0] in TRUSTED_ROOTS:
-            try:
-                cls = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                cls = None
-        (ok if isinstance(cls, type) else bad).append(t)
-    if bad:
-        raise BundleError(f"head.skops contains types that are not allowed: {', '.join(bad)} "
-                          f"(only scikit-learn and transferlab classes load); refused")
-    return ok
-
-
-def _save_head(estimator, directory: Path) -> dict:
-    state = _array_state(estimator) if type(estimator).__module__.startswith("transferlab.") else None
-    info = {"class": type(estimator).__name__, "module": type(estimator).__module__,
-            "params": describe_params(estimator)}
-    if state is not None:
-        from safetensors.numpy import save_file
-        arrays, plain = state
-        save_file(arrays, str(directory / HEAD_FILES["safetensors"]))
-        info.update(format="safetensors", file=HEAD_FILES["safetensors"], state=plain,
-                    init={k: v for k, v in estimator.get_params(deep=False).items() if _is_plain(v)})
-        return info
-    import skops.io as sio
-    path = directory / HEAD_FILES["skops"]
-    try:
-        sio.dump(estimator, path)
-    except Exception as exc:
-        raise BundleError(f"cannot save head {type(estimator).__name__} with skops ({type(exc).__name__}: {exc})") from None
-    _trusted(sio.get_untrusted_types(file=path))  # refuse now what load would refuse later
-    info.update(format="skops", file=HEAD_FILES["skops"])
-    return info
-
-
-def _load_head(info: dict, directory: Path):
-    fmt = info.get("format")
-    if fmt == "safetensors":
-        from safetensors.numpy import load_file
-        cls = _head_class(info["module"], info["class"])
-        est = cls(**info.get("init", {}))
-        state = {**load_file(str(directory / HEAD_FILES["safetensors"])), **info.get("state", {})}
-        for key, value in state.items():
-            if not key.endswith("_") or key.startswith("_"):
-                raise BundleError(f"head state {key!r} is not a learned attribute (name_); refused")
-            if isinstance(value, dict) and "__ndarray__" in value:
-                value = np.array(value["__ndarray__"], dtype=str)
-            setattr(est, key, value)
-        return est
-    if fmt == "skops":
-        import skops.io as sio
-        path = directory / HEAD_FILES["skops"]
-        try:
-            return sio.load(path, trusted=_trusted(sio.get_untrusted_types(file=path)))
-        except BundleError:
-            raise
-        except Exception as exc:
-            raise BundleError(f"{path} could not be read by skops ({type(exc).__name__}: {exc})") from None
-    raise BundleError(f"unknown head format {fmt!r} in config.json (known: {', '.join(HEAD_FILES)})")
 
 
 def class_columns(estimator, classes: list[str]) -> np.ndarray:
@@ -213,7 +78,7 @@ def unwrap(estimator, backbone: Backbone) -> tuple[object, Backbone, bool, dict]
     if hasattr(estimator, "best_estimator_"):
         summary = {"best_params": getattr(estimator, "best_params_", None), "valid": getattr(estimator, "best_valid_", None),
                    "scoring": getattr(estimator, "scoring", None)}
-        notes["search"] = json.loads(json.dumps(summary, default=_jsonable))
+        notes["search"] = json.loads(json.dumps(summary, default=jsonable))
         return estimator.best_estimator_, backbone, False, notes
     model = getattr(estimator, "model_", None)
     if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Linear):
@@ -269,7 +134,10 @@ def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *,
     tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
-        head = _save_head(estimator, tmp)
+        try:
+            head = save_head(estimator, tmp)
+        except HeadFormatError as exc:
+            raise BundleError(str(exc)) from None
         bb = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
               "num_features": backbone.num_features, "fine_tuned": bool(fine_tuned), "embedded": bool(embed_backbone)}
         if backbone.weights.startswith("file:") and backbone.extra.get("weights_path"):
@@ -285,7 +153,7 @@ def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *,
                   "preprocessing": backbone.preprocessing(), "precision": precision, "tta": bool(tta),
                   "head": head, "files": files,
                   "versions": library_versions(), "extra": extra or {}}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=jsonable) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -376,7 +244,10 @@ def load(directory, *, weights=None, device: str = "auto", precision: str = "aut
     """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights."""
     directory = Path(directory)
     config = read_config(directory)
-    estimator = _load_head(config["head"], directory)
+    try:
+        estimator = load_head(config["head"], directory)
+    except HeadFormatError as exc:
+        raise BundleError(str(exc)) from None
     backbone = _rebuild_backbone(config, directory, weights)
     return Model(config=config, estimator=estimator, backbone=backbone, path=directory, device=device,
                  precision=precision, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)

@@ -1,0 +1,114 @@
+"""The package's shape: no import cycles, no imports of another module's private names, and one registry of
+methods that the README's table of methods lists exactly."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import transferlab
+from transferlab.heads import registry
+
+SRC = Path(transferlab.__file__).parent
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in SRC.rglob("*.py"):
+        parts = ("transferlab", *p.relative_to(SRC).with_suffix("").parts)
+        out[".".join(parts).removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(mods: dict[str, Path]):
+    """(importer, imported module, names) for every transferlab import, function-level ones included."""
+    for name, path in mods.items():
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                if base.split(".")[0] != "transferlab":
+                    continue
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    yield name, (full if full in mods else base), alias.name if full not in mods else None
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "transferlab":
+                        yield name, alias.name, None
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(u):
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(edges.get(u, ())):
+            if state.get(v) == 1:
+                found.append(stack[stack.index(v):] + [v])
+            elif not state.get(v):
+                visit(v)
+        stack.pop()
+        state[u] = 2
+    for u in sorted(edges):
+        if not state.get(u):
+            visit(u)
+    return found
+
+
+@pytest.mark.xfail(strict=True, reason="report/ (html <-> writer) and model/ still import private names: the report-layout commits")
+def test_no_import_cycles_between_modules():
+    mods = _modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for a, b, _ in _imports(mods):
+        if b != a and b in mods and b != "transferlab":
+            edges[a].add(b)
+    assert _cycles(edges) == []
+
+
+@pytest.mark.xfail(strict=True, reason="report/ (html <-> writer) and model/ still import private names: the report-layout commits")
+def test_no_module_imports_another_modules_private_names():
+    mods = _modules()
+    private = [f"{a} imports {b}.{n}" for a, b, n in _imports(mods)
+               if n and n.startswith("_") and n != "__version__"]
+    assert private == []
+
+
+def test_cycle_finder_finds_a_cycle():  # the check above cannot pass vacuously
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def _readme_methods() -> dict[str, list[str]]:
+    text = README.read_text()
+    section = text[text.index("### Heads"):]
+    section = section[:section.index("\n### ", 5)]
+    rows = [line for line in section.splitlines() if re.match(r"\| `\w+` \|", line)]
+    return {re.match(r"\| `(\w+)` \|", r).group(1): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+
+
+def test_readme_lists_exactly_the_registered_methods_with_kind_and_export():
+    table = _readme_methods()
+    assert list(table) == registry.names()
+    for name, cells in table.items():
+        info = registry.get(name)
+        assert cells[1] == info.kind, name
+        assert cells[2] == ("yes" if info.exportable else "no"), name
+
+
+def test_all_is_every_feature_method_and_unknown_names_are_refused():
+    all_ = registry.resolve_methods(["all"])
+    assert all_ == [n for n in registry.names() if registry.get(n).in_all]
+    assert "finetune" not in all_ and set(registry.names("seed")) == {"softmax", "svm"}
+    assert registry.resolve_methods(["svm", "all", "finetune"])[0] == "svm"
+    with pytest.raises(ValueError, match="unknown method 'nope'.*softmax"):
+        registry.resolve_methods(["nope"])
+    with pytest.raises(ValueError, match="end-to-end"):
+        registry.make_head("finetune")
