@@ -99,3 +99,32 @@ def test_bad_config_files_are_user_errors(tmp_path, capsys):
     listed.write_text("data: x\nmethods: softmax, svm\ninput_size: 64x80\n")
     kw = load(listed)
     assert kw["methods"] == ["softmax", "svm"] and kw["input_size"] == (64, 80)
+
+
+def test_cv_from_the_command_line_is_the_protocol_used_over_a_config_file(first_run, recwarn):
+    """Issue 18, bug 1: config.yaml used to store `cv` (and holdout, n_jobs, n_threads) under every tuned head and
+    re-apply it, so `--config c.yaml --cv 2` tuned on the validation split while reporting 2-fold CV."""
+    tmp, _ = first_run
+    data = tmp / "data"
+    common = [*TINY, "--cache-dir", str(tmp / "cache"), "--epochs", "3", "--valid-fraction", "0.25"]
+    plain = tmp / "tuned0"
+    assert main(["run", str(data), "--out", str(plain), *common, "--methods", "logreg,ensemble"]) == 0
+    written = yaml.safe_load((plain / "config.yaml").read_text())
+    assert not {"cv", "holdout", "n_jobs", "n_threads"} & set(written["methods"]["logreg"] or {})
+    cv2 = tmp / "tuned2"
+    assert main(["run", "--config", str(plain / "config.yaml"), "--out", str(cv2), "--cv", "2", "--no-progress"]) == 0
+    m = _metrics(cv2)
+    assert m["methods"]["logreg"]["tuning"]["validation"] == "2-fold CV on train + valid"
+    assert m["methods"]["ensemble"]["tuning"]["validation"] == "2-fold CV on train + valid"  # nested
+    assert m["selection"]["protocol"] == "2-fold CV on train + valid"
+    back = tmp / "tuned_back"  # and from a --cv 2 study back to the validation split (used to crash `ensemble`)
+    assert main(["run", "--config", str(cv2 / "config.yaml"), "--out", str(back), "--cv", "0", "--no-progress"]) == 0
+    assert _metrics(back)["methods"]["logreg"]["tuning"]["validation"] == "validation split"
+
+
+def test_protocol_keys_in_an_old_config_are_ignored_with_a_warning(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"data": "x", "methods": {"logreg": {"cv": 0, "holdout": 0.2}, "svm": {"C": 2.0}}}))
+    with pytest.warns(UserWarning, match="methods.logreg.cv"):
+        kw = load(old)
+    assert kw["params"] == {"logreg": {}, "svm": {"C": 2.0}}

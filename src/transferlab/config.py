@@ -9,6 +9,8 @@ given on the command line override the file's values.
 from __future__ import annotations
 
 import argparse
+import inspect
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -16,10 +18,14 @@ import numpy as np
 import yaml
 
 from .features.backbones import DEFAULT_BACKBONE, parse_size
+from .heads.search import ValidationSearch
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
 GOVERNED = ("seed", "random_state", "epochs", "scoring", "flip_train")  # set from top-level keys (--seed, --epochs,
 # --select-metric, --flip-train)
+# A tuned head's search settings (cv, holdout, grid, ...): the study's protocol, set by top-level keys (--cv) or by
+# transferlab itself, never a head's hyperparameter: neither written under `methods` nor taken from there.
+PROTOCOL = tuple(sorted(set(inspect.signature(ValidationSearch).parameters) - set(GOVERNED)))
 FIRST = ("data", "backbone", "weights", "input_size", "precision", "seed", "methods", "epochs")
 DEST_TO_FIELD = {"workers": "num_workers", "no_progress": "progress"}
 
@@ -69,7 +75,7 @@ def _plain(v):
 def head_params(estimator) -> dict:
     """An estimator's scalar hyperparameters, less those that top-level keys set (seed, epochs)."""
     return {k: _plain(v) for k, v in estimator.get_params(deep=False).items()
-            if k not in GOVERNED and isinstance(_plain(v), (bool, int, float, str, type(None)))}
+            if k not in GOVERNED + PROTOCOL and isinstance(_plain(v), (bool, int, float, str, type(None)))}
 
 
 def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
@@ -134,7 +140,12 @@ def load(path) -> dict:
         bad = [n for n, p in methods.items() if p is not None and not isinstance(p, dict)]
         if bad:
             raise ConfigError(f"{path}: methods.{bad[0]} must be a mapping of hyperparameters")
-        kw["params"] = {**kw.get("params", {}), **{n: dict(p) for n, p in methods.items() if p}}
+        protocol = sorted({f"methods.{n}.{k}" for n, p in methods.items() for k in (p or {}) if k in PROTOCOL})
+        if protocol:  # written by transferlab before 0.2: the study's top-level keys (cv) decide these
+            warnings.warn(f"{path}: ignoring {', '.join(protocol)}: the study's protocol is set by top-level keys "
+                          f"(cv), not per method")
+        kw["params"] = {**kw.get("params", {}), **{n: {k: v for k, v in p.items() if k not in PROTOCOL}
+                                                    for n, p in methods.items() if p}}
     elif isinstance(methods, str):
         kw["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     elif methods is not None and not isinstance(methods, list):
