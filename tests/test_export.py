@@ -81,3 +81,42 @@ def test_export_cli(data, tiny_backbone, tmp_path, capsys):
     assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["probabilities"]
     x = np.zeros((5, 3, 32, 40), np.float32)  # the batch axis is dynamic
     assert sess.run(None, {"image": x})[0].shape == (5, 3)
+
+
+@pytest.mark.parametrize("flag", ["tta", "flip_train"])
+def test_study_bundle_and_onnx_agree_under_flip_features(tmp_path, flag):
+    """Issue 18, bug 3: under --tta / --flip-train the study scores heads on the mean of plain and flipped features;
+    the bundle, its ONNX graph (which ignored the flag) and a fine-tuned model (which predicts on plain images while
+    its bundle was marked tta) must all give the study's own test probabilities."""
+    import csv
+
+    from transferlab.study import StudyConfig, run_study
+
+    from .conftest import make_imagefolder
+    root = make_imagefolder(tmp_path / "data", {"train": {"ant": 10, "bee": 8, "cat": 6},
+                                                "valid": {"ant": 3, "bee": 3, "cat": 3},
+                                                "test": {"ant": 3, "bee": 3, "cat": 2}})
+    cache = tmp_path / "cache"
+    cfg = StudyConfig(data=str(root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
+                      input_size=(32, 40), methods=["softmax", "lda", "finetune"], epochs=5, precision="fp32",
+                      num_workers=0, progress=False, data_efficiency=False, cache_dir=str(cache), **{flag: True},
+                      finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0})
+    metrics = run_study(cfg)
+    run = tmp_path / "run"
+    for method in ("softmax", "lda", "finetune"):
+        bundle = run / metrics["methods"][method]["bundle"]
+        assert json.loads((bundle / "config.json").read_text())["tta"] is (method != "finetune")
+        pred_csv = next(run.rglob(f"*{method}*predictions.csv"))
+        rows = list(csv.DictReader(pred_csv.open()))
+        paths = [r["path"] for r in rows]
+        model = transferlab.load(bundle, cache_dir=cache, precision="fp32")
+        proba = model.predict_proba(paths)
+        classes = model.classes
+        np.testing.assert_allclose(proba.max(axis=1), [float(r["p_predicted"]) for r in rows], atol=1e-4)
+        assert [classes[i] for i in proba.argmax(axis=1)] == [r["predicted"] for r in rows]
+        out = export_onnx(bundle, tmp_path / f"{flag}-{method}.onnx")
+        sess = _session(out)
+        meta = sess.get_modelmeta().custom_metadata_map
+        assert json.loads(meta["tta"]) is (method != "finetune")
+        got = sess.run(["probabilities"], {"image": preprocess(paths, meta)})[0]
+        np.testing.assert_allclose(got, proba, atol=1e-4, rtol=0)

@@ -93,6 +93,7 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
         out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
         heads.put(key, est, {"method": name, "seed": cfg.seed, "train_seconds": out["train_seconds"]})
     out["head_key"] = key
+    out["tta"] = cfg.tta or cfg.flip_train  # it predicts on the mean of plain and flipped features (`extract_splits`)
     if len(va.y):
         out["valid"] = evaluate(va.y, est.predict(va.X), classes)
     if len(te.y):
@@ -137,7 +138,7 @@ def run_study(cfg: StudyConfig) -> dict:
     analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
                        efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
     from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
-    save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"], tta=cfg.tta or cfg.flip_train,
+    save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"],
                        extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
     from .evaluation.leakage import check as check_leakage  # exact and near-duplicates across splits, from cached features
     leakage = check_leakage(splits, threshold=cfg.dup_threshold)

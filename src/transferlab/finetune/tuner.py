@@ -569,7 +569,7 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     est = make_finetuner(cfg)
     t0 = time.perf_counter()
     est.fit(tr.paths, tr.y, valid=(va.paths, va.y), features=(tr.X, va.X), backbone=backbone)
-    out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
+    out = {"estimator": est, "train_seconds": time.perf_counter() - t0, "tta": False}  # predicts on plain images
     out["train_note"] = (f"stage 1 head on cached features {est.stage1_seconds_:.1f} s; stage 2 end to end on images, "
                          f"{est.epochs_run_} epochs, {est.images_per_second_:.1f} training images/s "
                          f"over {distributed.world_size()} process(es)")

@@ -367,9 +367,11 @@ class Model:
 
 
 def save_study_bundles(models_dir, results: dict, backbone: Backbone, classes: list[str], *,
-                       precision: str | None = None, tta: bool = False, extra: dict | None = None) -> dict[str, str]:
-    """One bundle per fitted method under `models_dir/<method>/`; sets results[m]["bundle"]. A method that
-    cannot be saved gets results[m]["bundle_error"] and a warning instead of stopping the study."""
+                       precision: str | None = None, extra: dict | None = None) -> dict[str, str]:
+    """One bundle per fitted method under `models_dir/<method>/`; sets results[m]["bundle"]. Each result says
+    whether its method predicts on the mean of plain and flipped features (`tta`, set by whoever fitted it), and
+    its bundle does the same. A method that cannot be saved gets results[m]["bundle_error"] and a warning instead
+    of stopping the study."""
     import warnings
     saved = {}
     for name, res in results.items():
@@ -377,7 +379,7 @@ def save_study_bundles(models_dir, results: dict, backbone: Backbone, classes: l
                                            if k in res.get("valid", {})}}
         try:
             path = save_bundle(Path(models_dir) / name, res["estimator"], backbone, classes, method=name,
-                               precision=precision, tta=tta, extra=info)
+                               precision=precision, tta=bool(res.get("tta")), extra=info)
         except (BundleError, ValueError, TypeError, OSError) as exc:
             warnings.warn(f"method {name}: model bundle not saved ({exc})")
             res["bundle_error"] = str(exc)

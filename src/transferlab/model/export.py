@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..heads.probes import FeatureTransform, LinearSVMHead, ShrinkageLDAHead
+from ..heads.views import ViewAugmented
 from .bundle import BundleError, Model, class_columns, load
 
 ONNX_OPSET = 17
@@ -126,6 +127,8 @@ def head_module(estimator, classes: list[str]) -> nn.Module:
     """The head as a torch module: features -> probabilities over `classes`, equal to its predict_proba."""
     from sklearn.pipeline import Pipeline
     estimator = getattr(estimator, "best_estimator_", estimator)  # a validation search: the model it chose
+    if isinstance(estimator, ViewAugmented):  # trained on both views; a bundle hands it the views' mean, as here
+        estimator = estimator.estimator_
     steps = [s for _, s in estimator.steps if s not in (None, "passthrough")] if isinstance(estimator, Pipeline) else [estimator]
     *pre, final = steps
     layers: list[nn.Module] = []
@@ -159,12 +162,18 @@ def _check_head(module: nn.Module, model: Model, n_features: int, tol: float = 1
 
 
 class _Full(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    """Image -> probabilities; with `tta` the features are the mean of the image's and its horizontal flip's, as the
+    bundle's own predictions are (`Model.extract`)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, tta: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.tta = backbone, head, tta
 
     def forward(self, image):
-        return self.head(self.backbone(image))
+        feats = self.backbone(image)
+        if self.tta:
+            feats = (feats + self.backbone(torch.flip(image, dims=[-1]))) / 2
+        return self.head(feats)
 
 
 def metadata(model: Model) -> dict[str, str]:
@@ -184,6 +193,7 @@ def metadata(model: Model) -> dict[str, str]:
         "backbone": cfg["backbone"]["name"], "backbone_weights": cfg["backbone"]["weights"],
         "backbone_weights_digest": cfg["backbone"]["weights_digest"],
         "head": type(model.estimator).__name__, "method": str(cfg.get("method")),
+        "tta": json.dumps(model.tta),  # the graph averages the image's and its flip's features inside
         "transferlab_version": cfg.get("versions", {}).get("transferlab", ""),
     }
 
@@ -194,7 +204,7 @@ def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     model = bundle if isinstance(bundle, Model) else load(bundle, weights=weights, device="cpu", precision="fp32")
     head = head_module(model.estimator, model.classes)
     _check_head(head, model, model.backbone.num_features)
-    full = _Full(model.backbone.model.float().cpu().eval(), head).eval()
+    full = _Full(model.backbone.model.float().cpu().eval(), head, tta=model.tta).eval()
     h, w = model.backbone.input_size
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
