@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from transferlab.features.backbones import parse_size
-from transferlab.evaluation.metrics import markdown_table
+from transferlab.report.format import markdown_table
 from transferlab.heads.seed import make_head
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..report import plots
-from .metrics import bootstrap_ci, markdown_table, mcnemar
+from .metrics import bootstrap_ci, mcnemar
+from ..report.format import interval, markdown_table, number, p_value
 from ..heads.seed import HEADS, SEED_METHODS
 from ..heads.search import ValidationSearch, _fixed, cross_val_scores, data_efficiency, select_method
 
@@ -109,20 +110,6 @@ def figures(out: Path, metrics: dict) -> list[tuple[str, str]]:
     return [("Data efficiency of the selected method", p.name)]
 
 
-def _f(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _ci(m: dict, ci: dict | None, key: str) -> str:
-    if m.get(key) is None:
-        return "–"
-    return f"{m[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if ci else f"{m[key]:.3f}"
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
-
-
 def _features_note(cfg: dict) -> str:
     if cfg.get("flip_train"):
         return (" Every head trained on each training image and its horizontal flip as two samples and predicts on "
@@ -173,9 +160,10 @@ def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     for n, _ in sel["ranking"]:
         m = methods[n]
         mv = sel.get("scores", {}).get(n) or m.get("valid", {})
-        rows.append([n, _f(mv.get("macro_f1")), _f(mv.get("accuracy")), _f(mv.get("balanced_accuracy")),
-                     _ci(m, ci.get(n), "accuracy"), _ci(m, ci.get(n), "macro_f1"),
-                     _ci(m, ci.get(n), "balanced_accuracy"), "✓" if n == chosen else ""])
+        tci = ci.get(n) or {}
+        rows.append([n, number(mv.get("macro_f1")), number(mv.get("accuracy")), number(mv.get("balanced_accuracy")),
+                     *[interval(m.get(k), tci.get(k)) for k in ("accuracy", "macro_f1", "balanced_accuracy")],
+                     "✓" if n == chosen else ""])
     any_ci = next(iter(ci.values()), None)
     md += [markdown_table(rows), "", f"Rows in order of the {protocol} score. " + (
         f"Intervals: percentile bootstrap over test images ({any_ci['n_boot']} resamples, seed {any_ci['seed']}). "
@@ -186,14 +174,14 @@ def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
         rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
         rows += [[n, ", ".join(f"{k.split('__')[-1]}={val}"
                                for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()),
-                  _f(t["valid"][sel["metric"]]),
+                  number(t["valid"][sel["metric"]]),
                   str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
                   f"{t['search_seconds']:.1f} s"] for n, t in tuned.items()]
         md += ["### Tuned hyperparameters", "", markdown_table(rows), ""]
 
     if metrics.get("mcnemar"):
         rows = [["comparison", "only the first right", "only the second right", "p-value", "test"]]
-        rows += [[k, str(t["b"]), str(t["c"]), _p(t["p_value"]), "exact binomial" if t["method"] == "exact"
+        rows += [[k, str(t["b"]), str(t["c"]), p_value(t["p_value"]), "exact binomial" if t["method"] == "exact"
                   else "chi-square, continuity-corrected"] for k, t in metrics["mcnemar"].items()]
         md += ["### McNemar's test (test set)", "", "Paired correctness of the selected method against each of the "
                "seed's procedures on the same test images.", "", markdown_table(rows), ""]
@@ -202,7 +190,7 @@ def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     if rc:
         moved = [r for r in rc["classes"] if r["change"] != 0]
         rows = [["class", "support", f"{rc['baseline']} recall", f"{rc['method']} recall", "change"]]
-        rows += [[f"{r['index']} {r['class']}", str(r["support"]), _f(r["baseline_recall"]), _f(r["recall"]),
+        rows += [[f"{r['index']} {r['class']}", str(r["support"]), number(r["baseline_recall"]), number(r["recall"]),
                   f"{r['change']:+.3f}"] for r in moved[:10]]
         md += ["### Per-class recall: largest changes", "",
                f"Against **{rc['baseline']}**, the seed procedure better on validation. Classes with a handful of "
@@ -215,7 +203,7 @@ def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     if eff:
         rows = [["images per class (at most)", "training images", f"valid {METRIC_NAMES[eff['metric']]}", "draws"]]
         rows += [[str(p["k"]), str(p["n_train"]),
-                  _f(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
+                  number(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
                   str(len(p["scores"]))] for p in eff["points"]]
         md += ["### Data efficiency", "", f"**{eff['method']}** with its chosen hyperparameters fixed, trained on at "
                f"most k images per class (fewer where a class has fewer), sampled with seed {eff['seed']}; points "

@@ -94,7 +94,7 @@ def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: 
 
 def markdown(leak: dict, max_listed: int = 10) -> list[str]:
     """The report's "Leakage check" section."""
-    from .metrics import markdown_table
+    from ..report.format import markdown_table
     md = ["## Leakage check", "",
           (f"Exact duplicates: same file content (hash). Near-duplicates: not exact, but the cosine similarity of the "
            f"backbone features to the nearest image of the other split is at least {leak['threshold']:g}."), ""]

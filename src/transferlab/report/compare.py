@@ -13,7 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from ..evaluation.metrics import markdown_table
+from .format import markdown_table, number, seconds
+from .html import page
+from .html import table as html_table
 
 COLUMNS = ["run", "backbone", "input", "method", "test accuracy", "test macro-F1", "test balanced acc.",
            "valid macro-F1", "extraction (cold)", "train"]
@@ -79,28 +81,18 @@ def caveats(table: list[dict]) -> list[str]:
     return out
 
 
-def _fmt(v) -> str:
-    from .writer import _fmt as fmt
-    return fmt(v)
-
-
-def _secs(v) -> str:
-    from .writer import _seconds
-    return _seconds(v)
-
-
 def cells(r: dict, top: dict | None) -> list[str]:
-    return [r["run"], str(r["backbone"]), r["input"], r["method"] + (" ★" if r is top else ""), _fmt(r["accuracy"]),
-            _fmt(r["macro_f1"]), _fmt(r["balanced_accuracy"]), _fmt(r["valid_macro_f1"]),
-            _secs(r["extract_seconds"]), _secs(r["train_seconds"])]
+    return [r["run"], str(r["backbone"]), r["input"], r["method"] + (" ★" if r is top else ""), number(r["accuracy"]),
+            number(r["macro_f1"]), number(r["balanced_accuracy"]), number(r["valid_macro_f1"]),
+            seconds(r["extract_seconds"]), seconds(r["train_seconds"])]
 
 
 def summary(top: dict | None) -> str:
     if top is None:
         return "No run has validation numbers: no best run/method is named."
-    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {_fmt(top['valid_macro_f1'])}, "
+    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {number(top['valid_macro_f1'])}, "
             f"{top['valid_protocol']}; "
-            f"its test accuracy {_fmt(top['accuracy'])}, test macro-F1 {_fmt(top['macro_f1'])}).")
+            f"its test accuracy {number(top['accuracy'])}, test macro-F1 {number(top['macro_f1'])}).")
 
 
 def render_markdown(table: list[dict]) -> str:
@@ -114,8 +106,6 @@ def render_markdown(table: list[dict]) -> str:
 
 
 def render_html(table: list[dict]) -> str:
-    from .html import page
-    from .html import table as html_table
     top = best(table)
     body = ["<h1>transferlab: runs compared</h1>",
             f"<p class=\"sub\">{len({r['path'] for r in table})} runs, {len(table)} run/method rows. "

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .format import number, seconds
+
 MAX_MISTAKES = 24      # thumbnails per method
 EXAMPLES_PER_CLASS = 3
 THUMB_BOX = (200, 150)  # the largest a thumbnail may be, width x height
@@ -280,15 +282,6 @@ def _split_sections(md_text: str) -> tuple[str, list[tuple[str, str]]]:
 
 # ---------------------------------------------------------------- headline and galleries
 
-def _f(v, digits=3) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _secs(s) -> str:
-    from .writer import _seconds
-    return _seconds(s)
-
-
 def best_on_validation(methods: dict) -> str | None:
     """The method with the highest validation macro-F1 (ties: the first listed), or None without validation."""
     scored = [(m["valid"]["macro_f1"], -i, n) for i, (n, m) in enumerate(methods.items())
@@ -310,10 +303,10 @@ def headline(metrics: dict) -> str:
     best = best_on_validation(methods)
     cards = []
     for name, m in methods.items():
-        rows = [("test accuracy", _f(m.get("accuracy")), True), ("test macro-F1", _f(m.get("macro_f1")), True),
-                ("balanced accuracy", _f(m.get("balanced_accuracy")), False),
-                ("valid macro-F1", _f(m.get("valid", {}).get("macro_f1")), False),
-                ("train", _secs(m.get("train_seconds")), False)]
+        rows = [("test accuracy", number(m.get("accuracy")), True), ("test macro-F1", number(m.get("macro_f1")), True),
+                ("balanced accuracy", number(m.get("balanced_accuracy")), False),
+                ("valid macro-F1", number(m.get("valid", {}).get("macro_f1")), False),
+                ("train", seconds(m.get("train_seconds")), False)]
         dl = "".join(f"<dt>{k}</dt><dd{BIG if big else ''}>{v}</dd>" for k, v, big in rows)
         badge = "<span class=\"badge\">best on validation</span>" if name == best else ""
         cards.append(f"<div class=\"card{' best' if name == best else ''}\"><h3>{html.escape(name)}{badge}</h3>"
@@ -348,9 +341,9 @@ def mistakes_section(predictions: dict[str, list[dict]], limit: int = MAX_MISTAK
         if not wrong:
             parts.append("<p>No mistakes on the test set.</p>")
             continue
-        cards = [_thumb(r, [f"<div class=\"t\">true: <b>{html.escape(r['true'])}</b> ({_f(r['p_true'], 2)})</div>",
+        cards = [_thumb(r, [f"<div class=\"t\">true: <b>{html.escape(r['true'])}</b> ({number(r['p_true'], 2)})</div>",
                             f"<div class=\"p\">predicted: <b>{html.escape(r['predicted'])}</b> "
-                            f"({_f(r['p_predicted'], 2)})</div>"]) for r in wrong[:limit]]
+                            f"({number(r['p_predicted'], 2)})</div>"]) for r in wrong[:limit]]
         parts.append(f"<div class=\"gallery\">{''.join(cards)}</div>")
     return "\n".join(parts)
 
@@ -366,7 +359,7 @@ def examples_section(method: str, rows: list[dict], classes: list[str], per_clas
         label = (f"<div class=\"name\">{i} {html.escape(c)}<small>{len(right)} of {len(mine)} correct</small></div>"
                  if mine else f"<div class=\"name\">{i} {html.escape(c)}<small>not in the test set</small></div>")
         if right:
-            body = "".join(_thumb(r, [f"<div class=\"t\">p = {_f(r['p_true'], 2)}</div>"]) for r in right[:per_class])
+            body = "".join(_thumb(r, [f"<div class=\"t\">p = {number(r['p_true'], 2)}</div>"]) for r in right[:per_class])
             body = f"<div class=\"gallery\">{body}</div>"
         else:
             body = "<div class=\"note\">no correctly classified test image</div>" if mine else ""

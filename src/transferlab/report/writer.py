@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import platform
 from pathlib import Path
@@ -13,7 +12,8 @@ import numpy as np
 
 from .. import __version__
 from . import plots
-from ..evaluation.metrics import format_report, markdown_table
+from ..evaluation.metrics import format_report
+from .format import markdown_table, number, seconds
 
 SEED_RESULTS = {  # the seed report, ResNet50 (torchvision) at 800x240, same boats test set
     "softmax": {"accuracy": 0.786, "macro_f1": 0.359, "train_seconds": 13 * 60 + 52},
@@ -61,18 +61,6 @@ def method_metrics(res: dict) -> dict:
     return m
 
 
-def _fmt(v, digits=3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _seconds(s) -> str:
-    if s is None or math.isnan(s):
-        return "–"
-    return f"{s:.2f} s" if s < 120 else f"{int(s // 60)}m {s % 60:.0f}s"
-
-
 def findings(metrics: dict, classes: list[str]) -> list[str]:
     """Short sentences written from the numbers."""
     methods = metrics["methods"]
@@ -85,7 +73,7 @@ def findings(metrics: dict, classes: list[str]) -> list[str]:
     fastest = min(scored, key=lambda n: scored[n]["train_seconds"])
     lines.append(f"Highest test accuracy: **{best_acc}** ({scored[best_acc]['accuracy']:.3f}); highest macro-F1: "
                  f"**{best_f1}** ({scored[best_f1]['macro_f1']:.3f}); fastest to train: **{fastest}** "
-                 f"({_seconds(scored[fastest]['train_seconds'])}).")
+                 f"({seconds(scored[fastest]['train_seconds'])}).")
     for n, m in scored.items():
         zero = [c for c, r in m["per_class"].items() if r["recall"] == 0]
         gap = m["accuracy"] - m["macro_f1"]
@@ -197,11 +185,11 @@ def render_markdown(metrics: dict, figures: dict) -> str:
 
     md += ["## Results (test set)", "", markdown_table(
         [["method", "accuracy", "macro-F1", "weighted F1", "balanced acc.", "valid macro-F1", "train", "predict"]]
-        + [[n + (" (selected)" if n == metrics.get("selected") else ""), _fmt(m["accuracy"]), _fmt(m["macro_f1"]),
-            _fmt(m["weighted_f1"]), _fmt(m["balanced_accuracy"]),
-            _fmt(m.get("valid", {}).get("macro_f1")), _seconds(m["train_seconds"]), _seconds(m["predict_seconds"])]
+        + [[n + (" (selected)" if n == metrics.get("selected") else ""), number(m["accuracy"]), number(m["macro_f1"]),
+            number(m["weighted_f1"]), number(m["balanced_accuracy"]),
+            number(m.get("valid", {}).get("macro_f1")), seconds(m["train_seconds"]), seconds(m["predict_seconds"])]
            for n, m in methods.items()]), ""]
-    seed_rows = [[f"seed {n} (ResNet50, 800x240)", _fmt(v["accuracy"]), _fmt(v["macro_f1"]), _seconds(v["train_seconds"])]
+    seed_rows = [[f"seed {n} (ResNet50, 800x240)", number(v["accuracy"]), number(v["macro_f1"]), seconds(v["train_seconds"])]
                  for n, v in SEED_RESULTS.items()]
     md += ["For reference, the seed report's numbers on the boats test set:", "",
            markdown_table([["method", "accuracy", "macro-F1", "train"]] + seed_rows), ""]
@@ -215,24 +203,24 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         rows = [header]
         for c in present:
             first = next(iter(scored.values()))["per_class"][c]
-            rows.append([f"{first['index']} {c}"] + [_fmt(scored[n]["per_class"][c][k]) for n in scored
+            rows.append([f"{first['index']} {c}"] + [number(scored[n]["per_class"][c][k]) for n in scored
                                                       for k in ("precision", "recall", "f1")] + [str(first["support"])])
-        rows.append(["accuracy"] + [v for n in scored for v in ("", "", _fmt(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
-        rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", _fmt(scored[n]["balanced_accuracy"]), _fmt(scored[n]["macro_f1"]))] + [""])
+        rows.append(["accuracy"] + [v for n in scored for v in ("", "", number(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
+        rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", number(scored[n]["balanced_accuracy"]), number(scored[n]["macro_f1"]))] + [""])
         md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `<method>_report.tsv`.", ""]
     from ..evaluation import analysis as _analysis
     md += _analysis.markdown(metrics, figures.get("selection", []))
 
     md += ["## Timings", "", markdown_table([
         ["step", "time", "notes"],
-        ["feature extraction (this run)", _seconds(ex["seconds"]),
-         f"{ex['computed']} computed, {ex['from_cache']} from cache, {_fmt(ex['images_per_second'], 1)} images/s"],
-        ["feature extraction (cold)", _seconds(ex["cold_seconds"]),
+        ["feature extraction (this run)", seconds(ex["seconds"]),
+         f"{ex['computed']} computed, {ex['from_cache']} from cache, {number(ex['images_per_second'], 1)} images/s"],
+        ["feature extraction (cold)", seconds(ex["cold_seconds"]),
          "backbone forward + decoding, as recorded in the cache when these features were computed"],
-        ["feature extraction (fully cached)", _seconds(ex["cached_seconds"]), f"{ex['images']} images, no forward pass"],
-        *[[f"{n}: train", _seconds(m["train_seconds"]), m.get("train_note", "on cached features")] for n, m in methods.items()],
-        *[[f"{n}: predict test", _seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],
-        *[[f"{n}: {m['cv']['k']}-fold CV", _seconds(m["cv"]["seconds"]), "selection score: one fit per fold, on images"]
+        ["feature extraction (fully cached)", seconds(ex["cached_seconds"]), f"{ex['images']} images, no forward pass"],
+        *[[f"{n}: train", seconds(m["train_seconds"]), m.get("train_note", "on cached features")] for n, m in methods.items()],
+        *[[f"{n}: predict test", seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],
+        *[[f"{n}: {m['cv']['k']}-fold CV", seconds(m["cv"]["seconds"]), "selection score: one fit per fold, on images"]
           for n, m in methods.items() if m.get("cv")],
     ]), ""]
 
@@ -265,8 +253,8 @@ def console_summary(metrics: dict) -> None:
     for col in ("method", "accuracy", "macro-F1", "balanced acc.", "valid macro-F1", "train", "predict"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for n, m in metrics["methods"].items():
-        table.add_row(n + (" *" if n == metrics.get("selected") else ""), _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["balanced_accuracy"]),
-                      _fmt(m.get("valid", {}).get("macro_f1")), _seconds(m["train_seconds"]), _seconds(m["predict_seconds"]))
+        table.add_row(n + (" *" if n == metrics.get("selected") else ""), number(m["accuracy"]), number(m["macro_f1"]), number(m["balanced_accuracy"]),
+                      number(m.get("valid", {}).get("macro_f1")), seconds(m["train_seconds"]), seconds(m["predict_seconds"]))
     if metrics.get("selected"):
         table.caption = f"* selected on validation {metrics['selection']['metric']}"
     Console(stderr=False).print(table)
