@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from . import plots
+from . import plots, sections
 from ..evaluation.metrics import format_report
 from .format import markdown_table, number, seconds
 
@@ -108,8 +108,7 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
     }
     figures = _plots(out, metrics, results, classes)
-    from ..evaluation import analysis as _analysis
-    figures["selection"] = _analysis.figures(out, metrics)
+    figures["selection"] = sections.selection_figures(out, metrics)
     for name, res in results.items():
         if "test" in res:
             (out / f"{name}_report.tsv").write_text(format_report(res["test"], classes) + "\n")
@@ -208,8 +207,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         rows.append(["accuracy"] + [v for n in scored for v in ("", "", number(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
         rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", number(scored[n]["balanced_accuracy"]), number(scored[n]["macro_f1"]))] + [""])
         md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `<method>_report.tsv`.", ""]
-    from ..evaluation import analysis as _analysis
-    md += _analysis.markdown(metrics, figures.get("selection", []))
+    md += sections.selection_section(metrics, figures.get("selection", []))
 
     md += ["## Timings", "", markdown_table([
         ["step", "time", "notes"],
@@ -234,8 +232,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
     if figures["curves"] or figures["confusion"]:
         md += ["## Plots", ""] + [f"![{t}]({f})" for t, f in figures["curves"] + figures["confusion"]] + [""]
     if metrics.get("leakage"):
-        from ..evaluation.leakage import markdown as leakage_markdown
-        md += leakage_markdown(metrics["leakage"])
+        md += sections.leakage_section(metrics["leakage"])
     md += ["## Findings", ""] + [f"- {line}" for line in findings(metrics, classes)] + [""]
     notes = list(metrics["notes"])
     if metrics["skipped"]:
