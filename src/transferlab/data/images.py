@@ -35,7 +35,8 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded PIL image as 8-bit RGB: 16-bit and float scaled, palettes expanded, transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -66,7 +67,7 @@ def load_rgb(path) -> Image.Image:
                 img.load()
                 if img.width < 1 or img.height < 1:
                     raise ImageError(path, "image has no pixels")
-                return _to_rgb(img)
+                return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:

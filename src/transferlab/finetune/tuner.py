@@ -41,7 +41,7 @@ from torchvision import transforms as T
 from ..features import distributed
 from ..features.backbones import Backbone, load_backbone
 from ..evaluation.metrics import evaluate
-from ..features.extract import _collate, _Images, default_workers, extract_features, forward_features, resolve_device, resolve_precision
+from ..features.extract import ImageFiles, collate, default_workers, extract_features, forward_features, resolve_device, resolve_precision
 from ..heads.seed import SoftmaxHead, balanced_weights
 from ..data.images import ImageError, load_rgb
 
@@ -525,8 +525,8 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         prec = resolve_precision(self.precision, dev)
         model = self.model_.to(dev).to(memory_format=torch.channels_last).eval()
         workers = default_workers(dev) if self.num_workers is None else self.num_workers
-        loader = DataLoader(_Images(paths, self.transform_, "plain"), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate, pin_memory=dev.type == "cuda")
+        loader = DataLoader(ImageFiles(paths, self.transform_, "plain"), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate, pin_memory=dev.type == "cuda")
         out = np.zeros((len(paths), len(self.classes_)), dtype=np.float32)
         for x, idx, failed in loader:
             if failed:
