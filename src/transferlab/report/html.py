@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import ImageError, load_rgb
 from .format import number, seconds
+from .markdown import findings
 
 MAX_MISTAKES = 24      # thumbnails per method
 EXAMPLES_PER_CLASS = 3
@@ -70,7 +72,6 @@ def data_uri(path: Path) -> str | None:
 
 def thumbnail_uri(path, box=THUMB_BOX, quality: int = 80) -> str | None:
     """A small JPEG of an image file as a `data:` URI (aspect kept, within `box`), or None when unreadable."""
-    from ..data.images import ImageError, load_rgb
     try:
         img = load_rgb(path)
     except ImageError:
@@ -311,7 +312,6 @@ def headline(metrics: dict) -> str:
         badge = "<span class=\"badge\">best on validation</span>" if name == best else ""
         cards.append(f"<div class=\"card{' best' if name == best else ''}\"><h3>{html.escape(name)}{badge}</h3>"
                      f"<dl>{dl}</dl></div>")
-    from .writer import findings
     items = "".join(f"<li>{_inline_md(line)}</li>" for line in findings(metrics, metrics["classes"]))
     note = ("<p class=\"note\">“Best on validation” is chosen by validation macro-F1; test numbers are shown "
             "for every method and were not used to choose.</p>") if best else ""
