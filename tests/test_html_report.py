@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _predictions(run_dir: Path, method: str) -> list[dict]:
-    with open(run_dir / f"{method}_predictions.csv", newline="") as f:
+    with open(run_dir / "methods" / method / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -89,7 +89,7 @@ def test_write_html_survives_missing_images(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     rows = _predictions(copy, "softmax")
-    with open(copy / "softmax_predictions.csv", "w", newline="") as f:  # point every row at a file that is gone
+    with open(copy / "methods" / "softmax" / "predictions.csv", "w", newline="") as f:  # point every row at a file that is gone
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({**r, "path": str(tmp_path / "gone" / Path(r["path"]).name)} for r in rows)

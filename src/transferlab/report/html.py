@@ -3,8 +3,9 @@
 It renders `report.md` (so every section there appears, tables made sortable, PNGs embedded as
 base64), puts a headline (each method's test numbers, the one best on validation, the findings)
 on top, and adds what markdown cannot show: per method the most confident mistakes and, per class,
-a few correctly classified test images, as JPEG thumbnails read from the `<method>_predictions.csv`
-files. No network, no external assets: the file opens from disk.
+a few correctly classified test images, as JPEG thumbnails read from `methods/<method>/predictions.csv`
+(written here too). The page scaffolding (`page`, `table`, CSS and JS from assets/) also serves
+`transferlab compare`. No network, no external assets: the file opens from disk.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.images import ImageError, load_rgb
+from . import layout
 from .format import number, seconds
 from .markdown import findings
 
@@ -33,7 +35,7 @@ PREDICTION_COLUMNS = ["path", "true", "predicted", "p_predicted", "p_true", "cor
 
 
 def write_predictions(path: Path, split, result: dict, classes: list[str]) -> Path:
-    """`<method>_predictions.csv`: one row per test image (path, true and predicted class, their probabilities)."""
+    """methods/<method>/predictions.csv: one row per test image (path, true and predicted class, their probabilities)."""
     pred = np.asarray(result["test_pred"], dtype=np.int64)
     proba = result.get("test_proba")
     rows = np.arange(len(pred))
@@ -269,8 +271,8 @@ def render_html(out: Path) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     md_text = (out / "report.md").read_text() if (out / "report.md").exists() else ""
     title, sections = _split_sections(md_text)
-    predictions = {m: read_predictions(out / f"{m}_predictions.csv") for m in metrics["methods"]
-                   if (out / f"{m}_predictions.csv").exists()}
+    predictions = {m: read_predictions(layout.method_dir(out, m) / layout.PREDICTIONS) for m in metrics["methods"]
+                   if (layout.method_dir(out, m) / layout.PREDICTIONS).exists()}
     data_name = Path(str(metrics.get("config", {}).get("data", out.name))).name
     ex = metrics.get("extract", {})
     sub = (f"{html.escape(metrics['backbone'])} ({html.escape(str(metrics.get('weights')))}) · input "

@@ -96,7 +96,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
                                                       for k in ("precision", "recall", "f1")] + [str(first["support"])])
         rows.append(["accuracy"] + [v for n in scored for v in ("", "", number(scored[n]["accuracy"]))] + [str(metrics["n_test"])])
         rows.append(["macro F1 / balanced acc."] + [v for n in scored for v in ("", number(scored[n]["balanced_accuracy"]), number(scored[n]["macro_f1"]))] + [""])
-        md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `<method>_report.tsv`.", ""]
+        md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `methods/<method>/report.tsv`.", ""]
     md += sections.selection_section(metrics, figures.get("selection", []))
 
     md += ["## Timings", "", markdown_table([

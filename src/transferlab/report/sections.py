@@ -9,23 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import plots
+from . import layout, plots
 from .format import interval, markdown_table, number, p_value
 
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
 def selection_figures(out: Path, metrics: dict) -> list[tuple[str, str]]:
-    """The data-efficiency plot of the selected method, as [(caption, file name)] (empty without a curve)."""
+    """plots/data_efficiency.png for the selected method, as [(caption, relative path)] (empty without a curve)."""
     eff = metrics.get("data_efficiency")
     if not eff:
         return []
     pts = [(p["k"], p["score"]) for p in eff["points"] if p["score"] is not None]
     label = METRIC_NAMES.get(eff["metric"], eff["metric"])
-    p = plots.plot_data_efficiency({eff["method"]: pts}, Path(out) / "data_efficiency.png",
+    p = plots.plot_data_efficiency({eff["method"]: pts}, layout.plot_path(out, "data_efficiency.png"),
                                    ylabel=f"validation {label}",
                                    title=f"{eff['method']}: validation {label} vs training images per class")
-    return [("Data efficiency of the selected method", p.name)]
+    return [("Data efficiency of the selected method", layout.relative(out, p))]
 
 
 def features_note(cfg: dict) -> str:

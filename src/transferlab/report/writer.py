@@ -1,4 +1,10 @@
-"""Report: metrics.json, report.md, per-class tables, history CSVs and plots for one study."""
+"""Writes a study's run folder: metrics.json, each method's files, the plots, report.md, report.html.
+
+`write` gathers the numbers into metrics.json (plus versions and machine), writes methods/<name>/
+(the seed-layout table, predictions, history, plots) and plots/, then report.md (markdown.py) and
+report.html (html.py) from them, and README.txt; where each file goes is layout.py's. Also the
+terminal summary `transferlab run` prints.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..evaluation.metrics import format_report
-from . import plots, sections
+from . import layout, plots, sections
 from .format import number, seconds
 from .html import write_html, write_predictions
 from .markdown import render_markdown
@@ -76,22 +82,15 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
         **(analysis or {}),  # selected, selection, ci, mcnemar, data_efficiency, recall_changes (analysis.py)
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
     }
-    figures = _plots(out, metrics, results, classes)
-    figures["selection"] = sections.selection_figures(out, metrics)
+    figures = {"data": [class_distribution(out, metrics)], "curves": [], "confusion": []}
     for name, res in results.items():
-        if "test" in res:
-            (out / f"{name}_report.tsv").write_text(format_report(res["test"], classes) + "\n")
-        hist = getattr(res["estimator"], "history_", None)
-        if hist:
-            with open(out / f"{name}_history.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(list(hist))
-                w.writerows(zip(*hist.values()))
+        curves, confusion = write_method(out, name, res, splits["test"], classes)
+        figures["curves"] += curves
+        figures["confusion"] += confusion
+    figures["selection"] = sections.selection_figures(out, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     (out / "report.md").write_text(render_markdown(metrics, figures))
-    for name, res in results.items():
-        if "test_pred" in res:
-            write_predictions(out / f"{name}_predictions.csv", splits["test"], res, classes)
+    (out / "README.txt").write_text(layout.README)
     write_html(out)  # report.html: report.md's sections, self-contained, plus mistakes and examples
     return metrics
 
@@ -106,22 +105,38 @@ def _json_default(o):
     return str(o)
 
 
-def _plots(out: Path, metrics: dict, results: dict, classes: list[str]) -> dict[str, list[tuple[str, str]]]:
-    figs: dict[str, list[tuple[str, str]]] = {"data": [], "curves": [], "confusion": []}
-    p = plots.plot_class_distribution(metrics["counts"], classes, out / "class_distribution.png",
-                                      title="Images per class and split")
-    figs["data"].append(("Class distribution", p.name))
-    for name, res in results.items():
-        hist = getattr(res["estimator"], "history_", None)
-        if hist:
-            p = plots.plot_learning_curves(hist, out / f"{name}_learning_curves.png", title=f"{name}: learning curves")
-            q = plots.plot_lr_schedule(hist, out / f"{name}_lr.png", title=f"{name}: learning rate")
-            figs["curves"] += [(f"{name} learning curves", p.name), (f"{name} learning rate", q.name)]
-        if "test" in res:
-            p = plots.plot_confusion_matrix(np.array(res["test"]["confusion_matrix"]), classes,
-                                            out / f"{name}_confusion.png", title=f"{name}: confusion matrix (test)")
-            figs["confusion"].append((f"{name} confusion matrix", p.name))
-    return figs
+def class_distribution(out: Path, metrics: dict) -> tuple[str, str]:
+    """plots/class_distribution.png; (caption, path relative to the run folder)."""
+    p = plots.plot_class_distribution(metrics["counts"], metrics["classes"],
+                                      layout.plot_path(out, "class_distribution.png"), title="Images per class and split")
+    return "Class distribution", layout.relative(out, p)
+
+
+def write_method(out: Path, name: str, res: dict, test, classes: list[str]) -> tuple[list, list]:
+    """methods/<name>/: report.tsv, predictions.csv, history.csv and the method's plots.
+
+    Returns the (caption, relative path) of its curve plots and of its confusion matrix, for report.md.
+    """
+    folder = layout.method_dir(out, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    curves, confusion = [], []
+    hist = getattr(res["estimator"], "history_", None)
+    if hist:
+        with open(folder / layout.HISTORY, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(list(hist))
+            w.writerows(zip(*hist.values()))
+        p = plots.plot_learning_curves(hist, folder / layout.LEARNING_CURVES, title=f"{name}: learning curves")
+        q = plots.plot_lr_schedule(hist, folder / layout.LR, title=f"{name}: learning rate")
+        curves += [(f"{name} learning curves", layout.relative(out, p)), (f"{name} learning rate", layout.relative(out, q))]
+    if "test" in res:
+        (folder / layout.REPORT_TSV).write_text(format_report(res["test"], classes) + "\n")
+        p = plots.plot_confusion_matrix(np.array(res["test"]["confusion_matrix"]), classes,
+                                        folder / layout.CONFUSION, title=f"{name}: confusion matrix (test)")
+        confusion.append((f"{name} confusion matrix", layout.relative(out, p)))
+    if "test_pred" in res:
+        write_predictions(folder / layout.PREDICTIONS, test, res, classes)
+    return curves, confusion
 
 
 def console_summary(metrics: dict) -> None:
