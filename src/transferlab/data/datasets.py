@@ -7,6 +7,8 @@ Three layouts are read, and nothing is ever written inside them:
 
 Classes come from the training data, sorted like torchvision's ImageFolder. When there is no
 validation split, one is carved from train (stratified, seeded); test is never touched for that.
+`list_images` is the one folder walk (hidden files skipped, symlink loops not followed) that
+`transferlab predict` uses too.
 """
 
 from __future__ import annotations

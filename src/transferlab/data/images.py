@@ -2,7 +2,8 @@
 
 Every decoded image is RGB, 8 bits per channel, EXIF orientation applied, first frame of
 animations, transparency composited on white. Anything unreadable raises `ImageError`
-with the path and the reason, so callers can skip and report it.
+with the path and the reason, so callers can skip and report it. `to_rgb` applies the same
+conversion to a PIL image already in memory (bundles and ONNX preprocessing use it).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Images are hashed, looked up in the cache, and only the missing ones are decoded (DataLoader workers)
 and passed through the backbone in batches (channels_last, bf16/fp16 autocast where the device does it
 natively). New features are written to the cache in chunks as they come, so memory stays flat and an
-interrupted run resumes. Unreadable images are skipped and returned with their reason.
+interrupted run resumes. Unreadable images are skipped and returned with their reason. The decoding
+dataset `ImageFiles` and its batcher `collate` are shared with fine-tuning, which predicts the same way.
 """
 
 from __future__ import annotations
