@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from transferlab.features.backbones import parse_size
-from transferlab.evaluation.metrics import bootstrap_ci, markdown_table
+from transferlab.evaluation.metrics import bootstrap_ci
+from transferlab.report.format import markdown_table
 from transferlab.study import StudyConfig, run_study
 
 RESULTS = Path(__file__).parent / "results"

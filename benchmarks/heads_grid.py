@@ -20,7 +20,7 @@ import torch
 
 from transferlab.features.backbones import DEFAULT_BACKBONE, load_backbone, parse_size
 from transferlab.data.datasets import discover
-from transferlab.evaluation.metrics import markdown_table
+from transferlab.report.format import markdown_table
 from transferlab.features.extract import extract_features
 from transferlab.heads import make_head, names
 

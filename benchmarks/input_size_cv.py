@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from transferlab.features.backbones import parse_size
-from transferlab.evaluation.metrics import markdown_table
 from transferlab.heads import make_head
+from transferlab.report.format import markdown_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from heads_grid import train_valid_features  # noqa: E402  (the same features the study uses)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import transferlab
-from transferlab.data.datasets import _list_images
+from transferlab.data.datasets import list_images
 from transferlab.model.export import ExportError, export_onnx, preprocess
 from transferlab.model.predict import predict_paths
 
@@ -64,7 +64,7 @@ def measure(bundle: Path, test_dir: Path, onnx: bool) -> dict:
                 import onnxruntime as ort
                 sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 meta = sess.get_modelmeta().custom_metadata_map
-                paths = [str(q) for q in _list_images(test_dir)]
+                paths = [str(q) for q in list_images(test_dir)]
                 t0 = time.perf_counter()
                 for i in range(0, len(paths), 64):
                     sess.run(None, {"image": preprocess(paths[i:i + 64], meta)})

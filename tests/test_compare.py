@@ -96,3 +96,16 @@ def test_compare_different_data_warns_and_missing_run_is_an_error(two_runs, tmp_
         " ".join(capsys.readouterr().out.split())
     assert main(["compare", str(tmp_path / "nothing")]) == 2
     assert re.search(r"not a transferlab run folder", capsys.readouterr().err)
+
+
+def test_best_ranks_by_the_metric_each_run_selected_on():
+    """Issue 18, bug 2: compare ranked by macro-F1 whatever --select-metric the runs used."""
+    from transferlab.report.compare import caveats
+    table = [{"run": "a", "method": "x", "valid_macro_f1": 0.9, "select_metric": "accuracy", "select_score": 0.70,
+              "macro_f1": 0.5, "valid_protocol": "validation split"},
+             {"run": "a", "method": "y", "valid_macro_f1": 0.6, "select_metric": "accuracy", "select_score": 0.95,
+              "macro_f1": 0.5, "valid_protocol": "validation split"}]
+    assert best(table)["method"] == "y"
+    mixed = table + [{**table[0], "run": "b", "select_metric": "macro_f1", "select_score": 0.9}]
+    assert any("selected on different metrics" in c for c in caveats(
+        [{**r, "data": "d", "test_counts": {}, "classes": []} for r in mixed]))

@@ -57,7 +57,7 @@ def test_rerun_from_config_gives_identical_metrics(first_run):
     assert _scores(a) == _scores(b)
     for key in ("classes", "n_train", "n_valid", "n_test", "seed", "input_size", "backbone", "weights_digest"):
         assert a[key] == b[key], key
-    assert (out / "softmax_predictions.csv").read_text() == (again / "softmax_predictions.csv").read_text()
+    assert (out / "methods/softmax/predictions.csv").read_text() == (again / "methods/softmax/predictions.csv").read_text()
     assert (out / "config.yaml").read_text() == (again / "config.yaml").read_text()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 
@@ -11,8 +12,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, log_loss
 
-from transferlab.evaluation.metrics import (bootstrap_ci, evaluate, format_report, markdown_table, mcnemar,
-                                    report_table)
+from transferlab.evaluation.metrics import bootstrap_ci, evaluate, format_report, mcnemar, report_table
+from transferlab.report.format import interval, markdown_table, number, p_value, seconds
 
 CLASSES = [f"boat{i}" for i in range(8)]
 
@@ -106,6 +107,15 @@ def test_markdown_table_alignment():
     assert lines[1] == "| --- | ---: | --- |"
     assert "fast \\| cheap" in lines[2]
     assert len(lines) == 4
+
+
+def test_shared_formatters():
+    assert number(0.87249) == "0.872" and number(np.float32(0.5), 1) == "0.5" and number(12) == "12"
+    assert number(None) == number(float("nan")) == "–" and number("x") == "x"
+    assert seconds(3.14159) == "3.14 s" and seconds(200) == "3m 20s" and seconds(None) == seconds(math.nan) == "–"
+    assert p_value(0.0001234) == "0.00012" and p_value(0.04567) == "0.046"
+    assert interval(0.8, [0.75, 0.85]) == "0.800 [0.750, 0.850]" and interval(0.8, None) == "0.800"
+    assert interval(None, [0.1, 0.2]) == "–"
 
 
 def test_bootstrap_ci_contains_point_and_is_seeded(case):

@@ -226,7 +226,7 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
     ft = metrics["methods"]["finetune"]
     assert ft["details"]["processes"] == 2 and ft["details"]["epochs_run"] == 2 and ft["accuracy"] is not None
     assert metrics["extract"]["computed"] == len(paths)  # counted over both processes' shares
-    assert (tmp_path / "report" / "finetune" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "report" / "methods" / "finetune" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_loss_flags_reach_the_fine_tuner():
@@ -254,8 +254,8 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
     assert ft_cv["k"] == 2 and ft_cv["seconds"] > 0
     assert sel["scores"]["finetune"] == ft_cv["scores"]  # its own K-fold score, not its validation split's
     assert sel["scores"]["finetune"] != m["methods"]["finetune"]["valid"]
-    assert not list((tmp_path / "run" / "finetune" / "cv").rglob("*.ckpt"))  # fold checkpoints removed
-    assert (tmp_path / "run" / "finetune" / "checkpoints" / "best.ckpt").exists()  # the final model's kept
+    assert not list((tmp_path / "run" / "methods" / "finetune" / "cv").rglob("*.ckpt"))  # fold checkpoints removed
+    assert (tmp_path / "run" / "methods" / "finetune" / "checkpoints" / "best.ckpt").exists()  # the final model's kept
 
     # one fold at a time: its held-out images get predictions, the rest stay -1; the folds are the heads'
     y = np.concatenate([data.labels("train"), data.labels("valid")])

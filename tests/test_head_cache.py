@@ -39,7 +39,7 @@ def test_rerun_loads_fitted_heads_with_identical_results(first, small_folder, tm
     for name in ("softmax", "svm"):
         assert again["methods"][name]["train_seconds"] == first["methods"][name]["train_seconds"]  # the fit's cost
         assert "loaded from the cache" in again["methods"][name]["train_note"]
-        p1, p2 = (tmp_path / r / f"{name}_predictions.csv" for r in ("run1", "run2"))
+        p1, p2 = (tmp_path / r / "methods" / name / "predictions.csv" for r in ("run1", "run2"))
         assert p1.read_text().replace(str(tmp_path / "run1"), "") == p2.read_text().replace(str(tmp_path / "run2"), "")
     assert again["data_efficiency"] == json.loads(json.dumps(first["data_efficiency"]))
     assert sorted(p.name for p in (Path(cache_dir) / "heads").iterdir()) == entries  # nothing new stored

@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _predictions(run_dir: Path, method: str) -> list[dict]:
-    with open(run_dir / f"{method}_predictions.csv", newline="") as f:
+    with open(run_dir / "methods" / method / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -89,7 +89,7 @@ def test_write_html_survives_missing_images(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     rows = _predictions(copy, "softmax")
-    with open(copy / "softmax_predictions.csv", "w", newline="") as f:  # point every row at a file that is gone
+    with open(copy / "methods" / "softmax" / "predictions.csv", "w", newline="") as f:  # point every row at a file that is gone
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({**r, "path": str(tmp_path / "gone" / Path(r["path"]).name)} for r in rows)
@@ -150,3 +150,20 @@ def test_chromium_sorts_tables(tmp_path):
         "a ant|c cat|b boat|accuracy",    # support ascending, numerically (2 < 7 < 10)
         "a ant|b boat|c cat|accuracy",    # class names
     ]
+
+
+def test_headline_and_gallery_name_the_selected_method_not_the_best_validation_split_score():
+    """Issue 18, bug 2: the page crowned the best validation-split macro-F1 whatever --cv / --select-metric chose."""
+    from transferlab.report.html import headline
+    per_class = {"a": {"recall": 1.0}}
+    methods = {"split_best": {"accuracy": 0.8, "macro_f1": 0.8, "balanced_accuracy": 0.8, "train_seconds": 1.0,
+                              "valid": {"macro_f1": 0.99, "accuracy": 0.6}, "per_class": per_class},
+               "cv_best": {"accuracy": 0.7, "macro_f1": 0.7, "balanced_accuracy": 0.7, "train_seconds": 1.0,
+                           "valid": {"macro_f1": 0.50, "accuracy": 0.5}, "per_class": per_class}}
+    metrics = {"methods": methods, "classes": ["a"], "counts": {"train": {"a": 3}}, "selected": "cv_best",
+               "selection": {"metric": "accuracy", "protocol": "5-fold CV on train + valid",
+                             "scores": {"split_best": {"accuracy": 0.81}, "cv_best": {"accuracy": 0.86}}}}
+    page = headline(metrics)
+    crowned = re.findall(r'<div class="card best"><h3>(\w+)<span class="badge">selected', page)
+    assert crowned == ["cv_best"]
+    assert "by accuracy on the 5-fold CV on train + valid" in page and "0.860" in page

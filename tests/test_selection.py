@@ -275,9 +275,9 @@ def test_methods_all_end_to_end_and_test_labels_do_not_move_the_selection(tmp_pa
         assert m["methods"][name]["tuning"]["best_params"]
     report = (out / "report.md").read_text()
     for text in ("## Selection and statistics", "### McNemar's test", "### Data efficiency",
-                 "data_efficiency.png", f"{m['selected']} (selected)"):
+                 "](plots/data_efficiency.png)", f"{m['selected']} (selected)"):
         assert text in report
-    assert (out / "data_efficiency.png").stat().st_size > 0
+    assert (out / "plots" / "data_efficiency.png").stat().st_size > 0
 
     # the same study with every test image in a wrong class folder
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,16 @@ def test_metrics_json_has_stable_keys(study):
 def test_report_tables_match_sklearn_and_files_are_written(study):
     cfg, metrics = study
     out = Path(cfg.out)
-    for name in ("class_distribution.png", "softmax_learning_curves.png", "softmax_lr.png", "softmax_confusion.png",
-                 "svm_confusion.png", "softmax_history.csv", "softmax_report.tsv", "svm_report.tsv", "report.md"):
+    for name in ("plots/class_distribution.png", "methods/softmax/learning_curves.png", "methods/softmax/lr.png",
+                 "methods/softmax/confusion.png", "methods/svm/confusion.png", "methods/softmax/history.csv",
+                 "methods/softmax/report.tsv", "methods/svm/report.tsv", "report.md"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for section in ("## Setup", "## Results (test set)", "### Per-class results", "## Timings", "## Findings"):
         assert section in report
     m = metrics["methods"]["softmax"]
     # the seed-layout table in the .tsv agrees with sklearn's classification_report on the same predictions
-    tsv = (out / "softmax_report.tsv").read_text().splitlines()
+    tsv = (out / "methods" / "softmax" / "report.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["class", "precision", "recall", "f1-score", "support"]
     assert len(tsv) == 1 + 3 + 3  # header, three present classes, accuracy, macro, weighted
     cm = np.array(m["confusion_matrix"])
@@ -64,9 +66,28 @@ def test_report_tables_match_sklearn_and_files_are_written(study):
     ref = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
     assert float(tsv[-2].split("\t")[3]) == pytest.approx(ref["macro avg"]["f1-score"], abs=5e-4)
     assert m["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"])
-    hist = (out / "softmax_history.csv").read_text().splitlines()
+    hist = (out / "methods" / "softmax" / "history.csv").read_text().splitlines()
     assert hist[0].split(",") == ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr"]
     assert len(hist) == 1 + 5
+
+
+def test_run_folder_layout(study):
+    """At the top only what a person opens first; per-method files, models and data plots in three folders."""
+    cfg, metrics = study
+    out = Path(cfg.out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.html", "report.md", "metrics.json", "config.yaml", "README.txt", "methods", "models", "plots"])
+    assert len((out / "README.txt").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (out / "methods").iterdir()) == sorted(metrics["methods"]) == ["softmax", "svm"]
+    assert sorted(p.name for p in (out / "methods" / "softmax").iterdir()) == [
+        "confusion.png", "history.csv", "learning_curves.png", "lr.png", "predictions.csv", "report.tsv"]
+    assert sorted(p.name for p in (out / "methods" / "svm").iterdir()) == ["confusion.png", "predictions.csv", "report.tsv"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["softmax", "svm"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["class_distribution.png", "data_efficiency.png"]
+    # report.md links every figure by its path in the run folder; each one exists
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text())
+    assert sorted(links) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert "](plots/class_distribution.png)" in (out / "report.md").read_text()
 
 
 def test_same_seed_same_metrics_and_second_run_uses_cache(study, tmp_path, cache_dir, small_folder):
@@ -86,7 +107,7 @@ def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):
     m = metrics["methods"]["svm"]
     assert set(m["per_class"]) == {"a", "b"}
     assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in ("a", "b")]))
-    rows = [line.split("\t")[0] for line in (tmp_path / "out" / "svm_report.tsv").read_text().splitlines()]
+    rows = [line.split("\t")[0] for line in (tmp_path / "out" / "methods" / "svm" / "report.tsv").read_text().splitlines()]
     assert rows == ["class", "0 a", "1 b", "accuracy", "macro avg", "weighted avg"]
 
 

@@ -95,7 +95,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
     g.add_argument("--monitor", default="val_macro_f1", choices=("val_macro_f1", "val_loss", "val_acc"),
                    help="validation metric for early stopping and the best checkpoint")
-    g.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/finetune/checkpoints/last.ckpt")
+    g.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/methods/finetune/checkpoints/last.ckpt")
     _add_scale_args(p)
 
 
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune end to end (stage 1: softmax head on cached features), "
                                          "reported beside the frozen softmax head; same options as run")
     ft.add_argument("data", help="ImageFolder root, root of class folders, or CSV manifest")
-    ft.add_argument("--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/finetune)")
+    ft.add_argument("--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/methods/finetune)")
     ft.add_argument("--methods", default="softmax,finetune", help="comma-separated methods")
     ft.add_argument("--epochs", type=int, default=50, help="softmax head epochs (stage 1)")
     _add_backbone_args(ft)

@@ -7,6 +7,8 @@ Three layouts are read, and nothing is ever written inside them:
 
 Classes come from the training data, sorted like torchvision's ImageFolder. When there is no
 validation split, one is carved from train (stratified, seeded); test is never touched for that.
+`list_images` is the one folder walk (hidden files skipped, symlink loops not followed) that
+`transferlab predict` uses too.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _is_loop(real: Path, folder: Path) -> bool:
     return real == top or real in top.parents
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     """Image files under `folder`; symlinked folders are followed once each, link loops are not walked."""
     found = []
     seen = {Path(os.path.realpath(folder))}
@@ -130,7 +132,7 @@ def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[S
     """Classes (sorted class folders with images) and their images as training samples; empty ones noted."""
     classes, samples = [], []
     for cdir in _class_dirs(folder, notes):
-        imgs = _list_images(cdir)
+        imgs = list_images(cdir)
         if not imgs:
             notes.append(f"class folder {cdir} has no images: class ignored")
             continue
@@ -152,7 +154,7 @@ def _from_imagefolder(root: Path) -> ImageDataset:
         if any(s.split == split for s in samples):
             raise DatasetError(f"{root} has more than one {split} folder ({sdir})")
         for cdir in _class_dirs(sdir, notes):
-            imgs = _list_images(cdir)
+            imgs = list_images(cdir)
             if cdir.name not in index:
                 if not imgs:
                     notes.append(f"class folder {cdir} has no images and is not a training class: ignored")

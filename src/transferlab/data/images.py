@@ -2,7 +2,8 @@
 
 Every decoded image is RGB, 8 bits per channel, EXIF orientation applied, first frame of
 animations, transparency composited on white. Anything unreadable raises `ImageError`
-with the path and the reason, so callers can skip and report it.
+with the path and the reason, so callers can skip and report it. `to_rgb` applies the same
+conversion to a PIL image already in memory (bundles and ONNX preprocessing use it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded PIL image as 8-bit RGB: 16-bit and float scaled, palettes expanded, transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -66,7 +68,7 @@ def load_rgb(path) -> Image.Image:
                 img.load()
                 if img.width < 1 or img.height < 1:
                     raise ImageError(path, "image has no pixels")
-                return _to_rgb(img)
+                return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:

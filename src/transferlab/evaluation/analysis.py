@@ -3,23 +3,19 @@
 Order matters and is the point: `analyse` first selects the method (validation scores only) and the
 baseline it is compared with (the seed procedure better on validation), draws the data-efficiency
 curve (train + valid only), and only then reads test predictions for bootstrap intervals, McNemar's
-test and per-class recall changes. Its results go to metrics.json (`selected`, `selection`, `ci`,
-`mcnemar`, `data_efficiency`, `recall_changes`) and to a section of report.md.
+test and per-class recall changes. This module computes; its results go to metrics.json (`selected`,
+`selection`, `ci`, `mcnemar`, `data_efficiency`, `recall_changes`), and report/sections.py renders them
+as report.md's "Selection and statistics" section and the data-efficiency plot.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from ..report import plots
-from .metrics import bootstrap_ci, markdown_table, mcnemar
 from ..heads import registry
 from ..heads.search import ValidationSearch, cross_val_scores, fixed
+from .metrics import bootstrap_ci, mcnemar
 from .selection import data_efficiency, select_method
-
-METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
 def _fit_X(split):
@@ -96,131 +92,3 @@ def recall_changes(test: dict, base: dict) -> list[dict]:
              "baseline_recall": base["per_class"][c]["recall"], "change": pc["recall"] - base["per_class"][c]["recall"]}
             for c, pc in test["per_class"].items()]
     return sorted(rows, key=lambda r: (-abs(r["change"]), r["index"]))
-
-
-def figures(out: Path, metrics: dict) -> list[tuple[str, str]]:
-    eff = metrics.get("data_efficiency")
-    if not eff:
-        return []
-    pts = [(p["k"], p["score"]) for p in eff["points"] if p["score"] is not None]
-    label = METRIC_NAMES.get(eff["metric"], eff["metric"])
-    p = plots.plot_data_efficiency({eff["method"]: pts}, Path(out) / "data_efficiency.png",
-                                   ylabel=f"validation {label}",
-                                   title=f"{eff['method']}: validation {label} vs training images per class")
-    return [("Data efficiency of the selected method", p.name)]
-
-
-def _f(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _ci(m: dict, ci: dict | None, key: str) -> str:
-    if m.get(key) is None:
-        return "–"
-    return f"{m[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if ci else f"{m[key]:.3f}"
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
-
-
-def _features_note(cfg: dict) -> str:
-    if cfg.get("flip_train"):
-        return (" Every head trained on each training image and its horizontal flip as two samples and predicts on "
-                "the mean of both views' features (`--flip-train`).")
-    if cfg.get("tta"):
-        return " Features: the mean of each image's and its horizontal flip's (`--tta`)."
-    return ""
-
-
-def _caveat(metrics: dict, tag: str) -> str:
-    counts = metrics.get("counts", {}).get("valid", {})
-    rare = min((c for c in counts.values() if c), default=None)
-    if tag == "valid":
-        return ("The validation split is small" + (f" (its rarest class has {rare} image{'s' * (rare != 1)})"
-                                                    if rare is not None else "")
-                + ", so validation scores are noisy, and a tuned head's score is the best of its grid, which "
-                  "flatters it a little.")
-    return ("CV scores pool out-of-fold predictions of every train + valid image, so rare classes weigh in with "
-            "all their images; a tuned head's score is still the best of its grid, which flatters it a little. "
-            "The `valid` numbers elsewhere in this report are the final models' (fitted on train) on the "
-            "validation split.")
-
-
-def markdown(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
-    """The report section 'Selection and statistics' as markdown lines (empty when nothing was selected)."""
-    chosen = metrics.get("selected")
-    if not chosen:
-        return []
-    sel, methods, ci = metrics["selection"], metrics["methods"], metrics.get("ci", {})
-    name = METRIC_NAMES[sel["metric"]]
-    v = sel["valid"]
-    protocol = sel.get("protocol", "validation split")
-    how = ("each grid point fitted on train, scored on the validation split" if protocol == "validation split"
-           else f"each grid point scored by {protocol} (pooled out-of-fold predictions), the chosen one then "
-                "fitted on train")
-    md = ["## Selection and statistics", "",
-          f"Selected: **{chosen}**, the best {name} on the {protocol} of {len(sel['ranking'])} methods "
-          f"(macro-F1 {v['macro_f1']:.3f}, accuracy {v['accuracy']:.3f}, balanced accuracy "
-          f"{v['balanced_accuracy']:.3f}; ties broken by the other two, then by order). Tuned heads chose their "
-          f"hyperparameters the same way: {how}. Test labels "
-          "played no part; test numbers below were computed once, after selection."
-          + (f" Not candidates (no score under this protocol): {', '.join(sel['left_out'])}."
-             if sel.get("left_out") else "")
-          + _features_note(metrics.get("config", {})), ""]
-    tag = "valid" if protocol == "validation split" else "CV"
-    rows = [["method", f"{tag} macro-F1", f"{tag} acc.", f"{tag} bal. acc.", "test accuracy [95% CI]",
-             "test macro-F1 [95% CI]", "test bal. acc. [95% CI]", "selected"]]
-    for n, _ in sel["ranking"]:
-        m = methods[n]
-        mv = sel.get("scores", {}).get(n) or m.get("valid", {})
-        rows.append([n, _f(mv.get("macro_f1")), _f(mv.get("accuracy")), _f(mv.get("balanced_accuracy")),
-                     _ci(m, ci.get(n), "accuracy"), _ci(m, ci.get(n), "macro_f1"),
-                     _ci(m, ci.get(n), "balanced_accuracy"), "✓" if n == chosen else ""])
-    any_ci = next(iter(ci.values()), None)
-    md += [markdown_table(rows), "", f"Rows in order of the {protocol} score. " + (
-        f"Intervals: percentile bootstrap over test images ({any_ci['n_boot']} resamples, seed {any_ci['seed']}). "
-        if any_ci else "") + _caveat(metrics, tag), ""]
-
-    tuned = {n: m["tuning"] for n, m in methods.items() if m.get("tuning")}
-    if tuned:
-        rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
-        rows += [[n, ", ".join(f"{k.split('__')[-1]}={val}"
-                               for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()),
-                  _f(t["valid"][sel["metric"]]),
-                  str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
-                  f"{t['search_seconds']:.1f} s"] for n, t in tuned.items()]
-        md += ["### Tuned hyperparameters", "", markdown_table(rows), ""]
-
-    if metrics.get("mcnemar"):
-        rows = [["comparison", "only the first right", "only the second right", "p-value", "test"]]
-        rows += [[k, str(t["b"]), str(t["c"]), _p(t["p_value"]), "exact binomial" if t["method"] == "exact"
-                  else "chi-square, continuity-corrected"] for k, t in metrics["mcnemar"].items()]
-        md += ["### McNemar's test (test set)", "", "Paired correctness of the selected method against each of the "
-               "seed's procedures on the same test images.", "", markdown_table(rows), ""]
-
-    rc = metrics.get("recall_changes")
-    if rc:
-        moved = [r for r in rc["classes"] if r["change"] != 0]
-        rows = [["class", "support", f"{rc['baseline']} recall", f"{rc['method']} recall", "change"]]
-        rows += [[f"{r['index']} {r['class']}", str(r["support"]), _f(r["baseline_recall"]), _f(r["recall"]),
-                  f"{r['change']:+.3f}"] for r in moved[:10]]
-        md += ["### Per-class recall: largest changes", "",
-               f"Against **{rc['baseline']}**, the seed procedure better on validation. Classes with a handful of "
-               "test images move macro-F1 most; their recalls are a few images each."
-               + ("" if moved else " No class recall changed."), ""]
-        if moved:
-            md += [markdown_table(rows), ""]
-
-    eff = metrics.get("data_efficiency")
-    if eff:
-        rows = [["images per class (at most)", "training images", f"valid {METRIC_NAMES[eff['metric']]}", "draws"]]
-        rows += [[str(p["k"]), str(p["n_train"]),
-                  _f(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
-                  str(len(p["scores"]))] for p in eff["points"]]
-        md += ["### Data efficiency", "", f"**{eff['method']}** with its chosen hyperparameters fixed, trained on at "
-               f"most k images per class (fewer where a class has fewer), sampled with seed {eff['seed']}; points "
-               f"below the full training set average {eff['repeats']} draws. Scored on validation.", "",
-               markdown_table(rows), ""]
-    md += [f"![{t}]({f})" for t, f in figs] + ([""] if figs else [])
-    return md

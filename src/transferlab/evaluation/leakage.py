@@ -3,7 +3,8 @@
 Exact duplicates are found by content hash (the feature cache's), near-duplicates by the cosine
 similarity of the cached features: each evaluation image (valid, test) is matched to its nearest
 reference image (train, and valid for test), in blocks so memory stays bounded. Frames cut from one
-video are the typical source of near-duplicates, and they make test scores optimistic.
+video are the typical source of near-duplicates, and they make test scores optimistic. This module
+computes (metrics.json's `leakage`); report/sections.py renders the report's "Leakage check" section.
 """
 
 from __future__ import annotations
@@ -90,25 +91,3 @@ def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: 
         out["warning"] = (f"possible leakage between splits (cosine >= {threshold:g} for near-duplicates): "
                           f"{'; '.join(parts)}. Scores on those splits may be optimistic.")
     return out
-
-
-def markdown(leak: dict, max_listed: int = 10) -> list[str]:
-    """The report's "Leakage check" section."""
-    from .metrics import markdown_table
-    md = ["## Leakage check", "",
-          (f"Exact duplicates: same file content (hash). Near-duplicates: not exact, but the cosine similarity of the "
-           f"backbone features to the nearest image of the other split is at least {leak['threshold']:g}."), ""]
-    sweep = sorted({t for c in leak["comparisons"].values() for t in c["near_at"]}, key=float)
-    rows = [["images", "compared with", "exact", f"near (>= {leak['threshold']:g})", *[f">= {t}" for t in sweep]]]
-    for name, c in leak["comparisons"].items():
-        q, r = name.split("-")
-        rows.append([f"{q} ({c['n_query']})", f"{r} ({c['n_reference']})", str(c["exact"]), str(c["near"]),
-                     *[str(c["near_at"].get(t, "")) for t in sweep]])
-    md += [markdown_table(rows), ""]
-    if leak["warning"]:
-        md += [f"**Warning:** {leak['warning']}", ""]
-        listed = [p for c in leak["comparisons"].values() for p in c["pairs"]][:max_listed]
-        md += [f"- {p['kind']} ({p['similarity']:.3f}): `{p['query']}` ~ `{p['reference']}`" for p in listed] + [""]
-    else:
-        md += ["No exact or near-duplicates between the splits.", ""]
-    return md

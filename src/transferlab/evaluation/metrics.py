@@ -68,27 +68,6 @@ def format_report(metrics: dict, classes: list[str], sep: str = "\t") -> str:
     return "\n".join(sep.join(row) for row in report_table(metrics, classes))
 
 
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell.replace(",", "").rstrip("%"))
-        return True
-    except ValueError:
-        return False
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    """A GitHub markdown table; the first row is the header, numeric columns are right-aligned."""
-    width = max(len(r) for r in rows)
-    cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] + [""] * (width - len(r)) for r in rows]
-    header, body = cells[0], cells[1:]
-    align = []
-    for j in range(width):
-        column = [r[j] for r in body if r[j] not in ("", "–", "-")]
-        align.append("---:" if column and all(_is_number(c) for c in column) else "---")
-    lines = [header, align, *body]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
 def count_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy, macro-F1 and balanced accuracy from stacked confusion counts (B, K, K); present classes only."""
     tp = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)

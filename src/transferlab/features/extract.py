@@ -3,7 +3,8 @@
 Images are hashed, looked up in the cache, and only the missing ones are decoded (DataLoader workers)
 and passed through the backbone in batches (channels_last, bf16/fp16 autocast where the device does it
 natively). New features are written to the cache in chunks as they come, so memory stays flat and an
-interrupted run resumes. Unreadable images are skipped and returned with their reason.
+interrupted run resumes. Unreadable images are skipped and returned with their reason. The decoding
+dataset `ImageFiles` and its batcher `collate` are shared with fine-tuning, which predicts the same way.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-class _Images(Dataset):
+class ImageFiles(Dataset):
+    """Image files as (tensor after `transform`, flipped for view "hflip", index, "") or (None, index, reason)."""
+
     def __init__(self, paths, transform, view):
         self.paths, self.transform, self.view = paths, transform, view
 
@@ -99,7 +102,8 @@ class _Images(Dataset):
         return x, i, reason
 
 
-def _collate(batch):
+def collate(batch):
+    """ImageFiles items as (stacked tensor or None, indices of the readable ones, [(index, reason)] of the rest)."""
     ok = [b for b in batch if b[0] is not None]
     x = torch.stack([b[0] for b in ok]) if ok else None
     return x, [b[1] for b in ok], [(b[1], b[2]) for b in batch if b[0] is None]
@@ -170,8 +174,8 @@ def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_si
     todo_keys = [k for k, _ in todo]
     todo_paths = [p for _, p in todo]
     model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
-    loader = DataLoader(_Images(todo_paths, backbone.transform(), view), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+    loader = DataLoader(ImageFiles(todo_paths, backbone.transform(), view), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     pending_keys: list[bytes] = []
     pending: list[np.ndarray] = []

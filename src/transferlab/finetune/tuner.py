@@ -7,6 +7,7 @@ earlier stages at lower learning rates (lr x layer_decay^distance from the head)
 decay on biases and norms, linear warmup then cosine (or one-cycle, or constant), early stopping and
 best/last checkpoints on the validation split, CSV logs (TensorBoard too when installed), mixed
 precision, gradient accumulation, resume from the last checkpoint, and DDP over devices and nodes.
+In a study (`fit_method`) checkpoints and logs go to the run folder's methods/finetune/.
 
 BatchNorm: stages that stay frozen keep their BatchNorm layers in eval mode, so their running
 statistics never move (stage 1 never runs the backbone at all); trained stages update theirs, unless
@@ -41,8 +42,9 @@ from torchvision import transforms as T
 from ..features import distributed
 from ..features.backbones import Backbone, load_backbone
 from ..evaluation.metrics import evaluate, full_proba
-from ..features.extract import _collate, _Images, default_workers, extract_features, forward_features, resolve_device, resolve_precision
+from ..features.extract import ImageFiles, collate, default_workers, extract_features, forward_features, resolve_device, resolve_precision
 from ..heads.seed import SoftmaxHead, balanced_weights
+from ..report.layout import method_dir
 from ..data.images import ImageError, load_rgb
 
 AUGMENTATIONS = ("crop", "flip", "color")
@@ -525,8 +527,8 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         prec = resolve_precision(self.precision, dev)
         model = self.model_.to(dev).to(memory_format=torch.channels_last).eval()
         workers = default_workers(dev) if self.num_workers is None else self.num_workers
-        loader = DataLoader(_Images(paths, self.transform_, "plain"), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate, pin_memory=dev.type == "cuda")
+        loader = DataLoader(ImageFiles(paths, self.transform_, "plain"), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate, pin_memory=dev.type == "cuda")
         out = np.zeros((len(paths), len(self.classes_)), dtype=np.float32)
         for x, idx, failed in loader:
             if failed:
@@ -559,7 +561,8 @@ def make_finetuner(cfg) -> FineTuner:
     return FineTuner(backbone=cfg.backbone, weights=cfg.weights, input_size=cfg.input_size, head_epochs=cfg.epochs,
                      precision=cfg.precision, device=cfg.device, devices=getattr(cfg, "devices", 1),
                      num_nodes=getattr(cfg, "num_nodes", 1), strategy=getattr(cfg, "strategy", "auto"),
-                     num_workers=cfg.num_workers, cache_dir=cfg.cache_dir, out_dir=str(Path(cfg.out) / "finetune"),
+                     num_workers=cfg.num_workers, cache_dir=cfg.cache_dir,
+                     out_dir=str(method_dir(cfg.out, "finetune")),  # checkpoints and logs beside its report files
                      progress=cfg.progress, seed=cfg.seed, **opts)
 
 
@@ -603,7 +606,7 @@ def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=
     features `X`) for exactly `epochs` epochs: with no validation data there is no early stopping and the
     last epoch is kept. `folds` limits the run to those fold indices (others stay -1); `on_fold(i, pred)` is
     called after each, e.g. to save progress. Fold checkpoints are deleted; their CSV logs are kept in
-    OUT/finetune/cv/fold<i>.
+    OUT/methods/finetune/cv/fold<i>.
     """
     from ..heads.search import cv_folds
     y = np.asarray(y)
@@ -611,7 +614,7 @@ def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=
     for i, (a, b) in enumerate(cv_folds(y, int(cfg.cv), cfg.seed)):
         if folds is not None and i not in folds:
             continue
-        est = make_finetuner(cfg).set_params(out_dir=str(Path(cfg.out) / "finetune" / "cv" / f"fold{i}"),
+        est = make_finetuner(cfg).set_params(out_dir=str(method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"),
                                              resume=False)
         est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone)
         pred[b] = est.predict([paths[j] for j in b])

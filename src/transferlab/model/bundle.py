@@ -324,14 +324,14 @@ class Model:
         import torch
 
         from ..features.extract import forward_features, resolve_device, resolve_precision
-        from ..data.images import _to_rgb
+        from ..data.images import to_rgb
         dev = resolve_device(self.device)
         prec = resolve_precision(self.precision, dev)
         transform = self.backbone.transform()
         model = self.backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([transform(_to_rgb(im)) for im in images[start:start + self.batch_size]])
+            batch = torch.stack([transform(to_rgb(im)) for im in images[start:start + self.batch_size]])
             feats = forward_features(model, batch, dev, prec).numpy()
             if self.tta:
                 feats = (feats + forward_features(model, torch.flip(batch, dims=[-1]), dev, prec).numpy()) / 2

@@ -228,7 +228,7 @@ def preprocess(images, meta: dict[str, str]) -> np.ndarray:
     """Reference preprocessing from the ONNX metadata alone: paths or PIL images -> NCHW float32 batch."""
     from PIL import Image
 
-    from ..data.images import _to_rgb, load_rgb
+    from ..data.images import load_rgb, to_rgb
     h, w = json.loads(meta["input_size"])
     mean = np.array(json.loads(meta["mean"]), dtype=np.float32)
     std = np.array(json.loads(meta["std"]), dtype=np.float32)
@@ -236,7 +236,7 @@ def preprocess(images, meta: dict[str, str]) -> np.ndarray:
                 "lanczos": Image.LANCZOS}[meta["interpolation"]]
     batch = []
     for im in images:
-        im = _to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im)
+        im = to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im)
         arr = np.asarray(im.resize((w, h), resample), dtype=np.float32) / 255.0
         batch.append(((arr - mean) / std).transpose(2, 0, 1))
     return np.stack(batch).astype(np.float32)

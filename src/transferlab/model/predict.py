@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError, Model
-from ..data.datasets import _list_images
+from ..data.datasets import list_images
 
 
 @dataclass
@@ -45,7 +45,7 @@ def collect_images(inputs, classes: list[str]) -> list[tuple[str, str | None]]:
     for item in inputs:
         item = Path(item).expanduser()
         if item.is_dir():
-            for p in _list_images(item):
+            for p in list_images(item):
                 first = p.relative_to(item).parts[0] if len(p.relative_to(item).parts) > 1 else None
                 found.append((str(p), first if first in known else None))
         elif item.is_file():

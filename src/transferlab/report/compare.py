@@ -13,7 +13,10 @@ import json
 import math
 from pathlib import Path
 
-from ..evaluation.metrics import markdown_table
+from .format import markdown_table, number, seconds
+from .sections import METRIC_NAMES
+from .html import page
+from .html import table as html_table
 
 COLUMNS = ["run", "backbone", "input", "method", "test accuracy", "test macro-F1", "test balanced acc.",
            "valid macro-F1", "extraction (cold)", "train"]
@@ -48,11 +51,13 @@ def rows(run_dirs) -> list[dict]:
         for method, r in m["methods"].items():
             scored = (selection.get("scores") or {}).get(method)  # what the run selected on: split or CV
             valid = scored or r.get("valid") or {}
+            metric = selection.get("metric", "macro_f1")
             out.append({"run": label, "path": str(run_dir), "backbone": m.get("backbone"),
                         "input": "x".join(map(str, m.get("input_size", []))), "method": method,
                         "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                         "balanced_accuracy": r.get("balanced_accuracy"),
                         "valid_macro_f1": valid.get("macro_f1"),
+                        "select_metric": metric, "select_score": valid.get(metric),
                         "valid_protocol": selection.get("protocol", "validation split") if scored
                         else "validation split",
                         "extract_seconds": extraction, "train_seconds": r.get("train_seconds"),
@@ -62,9 +67,10 @@ def rows(run_dirs) -> list[dict]:
 
 
 def best(table: list[dict]) -> dict | None:
-    """The row with the highest validation macro-F1 (first listed wins ties), or None without validation."""
-    scored = [r for r in table if r["valid_macro_f1"] is not None]
-    return max(scored, key=lambda r: r["valid_macro_f1"]) if scored else None
+    """The row with the highest validation score on the metric its run selected on (`--select-metric`; first listed
+    wins ties), or None without validation."""
+    scored = [r for r in table if r.get("select_score", r["valid_macro_f1"]) is not None]
+    return max(scored, key=lambda r: r.get("select_score", r["valid_macro_f1"])) if scored else None
 
 
 def caveats(table: list[dict]) -> list[str]:
@@ -76,31 +82,27 @@ def caveats(table: list[dict]) -> list[str]:
     if len(protocols) > 1:
         out.append(f"Validation macro-F1 comes from different protocols ({'; '.join(protocols)}): rerun with the "
                    f"same --cv for a like-for-like choice.")
+    metrics = sorted({r.get("select_metric", "macro_f1") for r in table})
+    if len(metrics) > 1:
+        out.append(f"The runs selected on different metrics ({', '.join(metrics)}): each row's score is on its own "
+                   f"run's metric, so the best row is not a like-for-like choice; rerun with the same --select-metric.")
     return out
 
 
-def _fmt(v) -> str:
-    from .writer import _fmt as fmt
-    return fmt(v)
-
-
-def _secs(v) -> str:
-    from .writer import _seconds
-    return _seconds(v)
-
-
 def cells(r: dict, top: dict | None) -> list[str]:
-    return [r["run"], str(r["backbone"]), r["input"], r["method"] + (" ★" if r is top else ""), _fmt(r["accuracy"]),
-            _fmt(r["macro_f1"]), _fmt(r["balanced_accuracy"]), _fmt(r["valid_macro_f1"]),
-            _secs(r["extract_seconds"]), _secs(r["train_seconds"])]
+    return [r["run"], str(r["backbone"]), r["input"], r["method"] + (" ★" if r is top else ""), number(r["accuracy"]),
+            number(r["macro_f1"]), number(r["balanced_accuracy"]), number(r["valid_macro_f1"]),
+            seconds(r["extract_seconds"]), seconds(r["train_seconds"])]
 
 
 def summary(top: dict | None) -> str:
     if top is None:
         return "No run has validation numbers: no best run/method is named."
-    return (f"Best on validation: {top['run']} / {top['method']} (valid macro-F1 {_fmt(top['valid_macro_f1'])}, "
+    metric = METRIC_NAMES.get(top.get("select_metric", "macro_f1"), top.get("select_metric"))
+    return (f"Best on validation: {top['run']} / {top['method']} (valid {metric} "
+            f"{number(top.get('select_score', top['valid_macro_f1']))}, "
             f"{top['valid_protocol']}; "
-            f"its test accuracy {_fmt(top['accuracy'])}, test macro-F1 {_fmt(top['macro_f1'])}).")
+            f"its test accuracy {number(top['accuracy'])}, test macro-F1 {number(top['macro_f1'])}).")
 
 
 def render_markdown(table: list[dict]) -> str:
@@ -114,15 +116,14 @@ def render_markdown(table: list[dict]) -> str:
 
 
 def render_html(table: list[dict]) -> str:
-    from .html import page
-    from .html import table as html_table
     top = best(table)
     body = ["<h1>transferlab: runs compared</h1>",
             f"<p class=\"sub\">{len({r['path'] for r in table})} runs, {len(table)} run/method rows. "
             "Click a column to sort.</p>",
             f"<p><strong>★ {html.escape(summary(top))}</strong></p>",
             html_table([COLUMNS] + [cells(r, top) for r in table]),
-            "<p class=\"note\">Best is chosen by validation macro-F1 (the validation split's, or the K-fold CV score "
+            "<p class=\"note\">Best is chosen by the metric the runs selected on (macro-F1 unless --select-metric; "
+            "the validation split's score, or the K-fold CV score "
             "of a run made with --cv K); test numbers are shown, not used to choose. "
             "Extraction (cold): backbone forward + decoding for all images, as recorded when the features were "
             "computed; train: fitting the method on cached features.</p>"]

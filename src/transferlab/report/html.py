@@ -3,8 +3,9 @@
 It renders `report.md` (so every section there appears, tables made sortable, PNGs embedded as
 base64), puts a headline (each method's test numbers, the one best on validation, the findings)
 on top, and adds what markdown cannot show: per method the most confident mistakes and, per class,
-a few correctly classified test images, as JPEG thumbnails read from the `<method>_predictions.csv`
-files. No network, no external assets: the file opens from disk.
+a few correctly classified test images, as JPEG thumbnails read from `methods/<method>/predictions.csv`
+(written here too). The page scaffolding (`page`, `table`, CSS and JS from assets/) also serves
+`transferlab compare`. No network, no external assets: the file opens from disk.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import json
 import math
 import os
 import re
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+
+from ..data.images import ImageError, load_rgb
+from . import layout
+from .format import number, seconds
+from .markdown import findings
+from .sections import METRIC_NAMES
 
 MAX_MISTAKES = 24      # thumbnails per method
 EXAMPLES_PER_CLASS = 3
@@ -28,7 +36,7 @@ PREDICTION_COLUMNS = ["path", "true", "predicted", "p_predicted", "p_true", "cor
 
 
 def write_predictions(path: Path, split, result: dict, classes: list[str]) -> Path:
-    """`<method>_predictions.csv`: one row per test image (path, true and predicted class, their probabilities)."""
+    """methods/<method>/predictions.csv: one row per test image (path, true and predicted class, their probabilities)."""
     pred = np.asarray(result["test_pred"], dtype=np.int64)
     proba = result.get("test_proba")
     rows = np.arange(len(pred))
@@ -68,7 +76,6 @@ def data_uri(path: Path) -> str | None:
 
 def thumbnail_uri(path, box=THUMB_BOX, quality: int = 80) -> str | None:
     """A small JPEG of an image file as a `data:` URI (aspect kept, within `box`), or None when unreadable."""
-    from ..data.images import ImageError, load_rgb
     try:
         img = load_rgb(path)
     except ImageError:
@@ -81,129 +88,20 @@ def thumbnail_uri(path, box=THUMB_BOX, quality: int = 80) -> str | None:
 
 # ---------------------------------------------------------------- page scaffolding
 
-CSS = """
-:root{--fg:#1d2330;--muted:#5d6677;--line:#dde1e8;--bg:#fff;--soft:#f5f7fa;--accent:#2357c6;--bad:#b3261e;--good:#1e7b34}
-*{box-sizing:border-box}
-body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:var(--fg);background:var(--bg)}
-main{max-width:1200px;margin:0 auto;padding:18px 28px 60px}
-h1{font-size:1.55em;margin:.2em 0 .1em}
-h2{font-size:1.25em;margin:1.8em 0 .5em;padding-top:.4em;border-top:1px solid var(--line)}
-h3{font-size:1.05em;margin:1.3em 0 .4em}
-p,li{max-width:78em}
-code{font-size:.9em;background:var(--soft);padding:0 .25em;border-radius:3px}
-a{color:var(--accent)}
-.sub{color:var(--muted);margin:0 0 .8em}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:.6em 0 .4em}
-.card{border:1px solid var(--line);border-radius:8px;padding:10px 14px;min-width:250px;background:var(--soft)}
-.card.best{border-color:var(--accent);box-shadow:0 0 0 1px var(--accent) inset}
-.card h3{margin:0 0 .3em;font-size:1.05em}
-.badge{display:inline-block;font-size:.72em;font-weight:600;color:#fff;background:var(--accent);border-radius:9px;padding:1px 8px;margin-left:6px;vertical-align:2px}
-.card dl{display:grid;grid-template-columns:auto auto;gap:0 14px;margin:0;align-items:baseline}
-.card dt{color:var(--muted)}
-.card dd{margin:0;text-align:right;font-variant-numeric:tabular-nums}
-.card dd.big{font-size:1.3em;font-weight:600}
-ul.findings{margin:.4em 0;padding-left:1.2em}
-nav.toc{margin:.8em 0;font-size:.92em;color:var(--muted)}
-nav.toc a{margin-right:.9em;white-space:nowrap}
-.table-wrap{overflow-x:auto;margin:.5em 0 1em}
-table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
-th,td{border-bottom:1px solid var(--line);padding:3px 9px;text-align:left;vertical-align:top}
-th{background:var(--soft);position:sticky;top:0}
-td.num,th.num{text-align:right}
-tr.pinned td{background:#fafbfc;font-weight:600}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th:hover{background:#e8edf6}
-table.sortable th[data-dir=asc]::after{content:" \\25B2";font-size:.75em}
-table.sortable th[data-dir=desc]::after{content:" \\25BC";font-size:.75em}
-tbody tr:hover td{background:#f0f4fb}
-.fig{display:inline-block;margin:6px 10px 12px 0;vertical-align:top;max-width:100%;overflow-x:auto}
-.fig img{max-width:100%;height:auto;cursor:zoom-in;display:block}
-.fig img.zoomed{max-width:none;cursor:zoom-out}
-.fig .cap{display:block;font-size:.85em;color:var(--muted)}
-.gallery{display:flex;flex-wrap:wrap;gap:10px;margin:.4em 0 1em}
-.thumb{width:212px;border:1px solid var(--line);border-radius:6px;padding:5px;font-size:12px;line-height:1.35;background:#fff}
-.thumb img{display:block;max-width:200px;max-height:150px;margin:0 auto 4px;border-radius:3px}
-.thumb .missing{height:60px;display:flex;align-items:center;justify-content:center;color:var(--muted);background:var(--soft)}
-.thumb .t{color:var(--good)}
-.thumb .p{color:var(--bad)}
-.thumb .f{color:var(--muted);overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.classrow{display:grid;grid-template-columns:220px 1fr;gap:10px;align-items:start;border-top:1px solid var(--line);padding:6px 0}
-.classrow .gallery{margin:0}
-.classrow .name{font-weight:600;overflow-wrap:anywhere}
-.classrow .name small{display:block;font-weight:400;color:var(--muted)}
-.note{color:var(--muted);font-size:.92em}
-"""
+def _asset(name: str) -> str:
+    return (files(__package__) / "assets" / name).read_text(encoding="utf-8")
 
-JS = """
-(function(){
-  var PIN=/^(accuracy|macro|weighted|total|micro|mean|all)\\b/i;
-  function num(text){
-    var t=text.replace(/[,\\u202f]/g,'').trim(), m;
-    if((m=t.match(/^(\\d+)m\\s+(\\d+(?:\\.\\d+)?)s$/)))return +m[1]*60+ +m[2];
-    if((m=t.match(/^([-+]?(?:\\d+\\.?\\d*|\\.\\d+)(?:e[-+]?\\d+)?)\\s*(?:s|%|ms)?$/i)))return parseFloat(m[1]);
-    return null;
-  }
-  function sortBy(table,col,th){
-    var body=table.tBodies[0];if(!body)return;
-    var dir=th.dataset.dir==='asc'?'desc':'asc';
-    Array.prototype.forEach.call(table.tHead.rows[0].cells,function(c){delete c.dataset.dir;});
-    th.dataset.dir=dir;
-    var rows=Array.prototype.slice.call(body.rows),pinned=rows.filter(function(r){return r.classList.contains('pinned');});
-    rows=rows.filter(function(r){return !r.classList.contains('pinned');});
-    var vals=rows.map(function(r){var c=r.cells[col];return c?(c.dataset.sort!==undefined?c.dataset.sort:c.textContent.trim()):'';});
-    var numeric=vals.every(function(v){return v===''||v==='\\u2013'||v==='-'||num(v)!==null;});
-    var keyed=rows.map(function(r,i){return {r:r,v:vals[i],n:numeric?num(vals[i]):null,i:i};});
-    keyed.sort(function(a,b){
-      var empty=function(x){return numeric?x.n===null:x.v===''||x.v==='\\u2013';};
-      if(empty(a)!==empty(b))return empty(a)?1:-1;
-      var d=numeric?a.n-b.n:a.v.localeCompare(b.v,undefined,{numeric:true,sensitivity:'base'});
-      if(dir==='desc')d=-d;return d||a.i-b.i;
-    });
-    keyed.forEach(function(k){body.appendChild(k.r);});pinned.forEach(function(r){body.appendChild(r);});
-  }
-  var tables=document.querySelectorAll('table.sortable');
-  Array.prototype.forEach.call(tables,function(table){
-    if(!table.tHead||!table.tBodies[0])return;
-    var rows=Array.prototype.slice.call(table.tBodies[0].rows);
-    for(var i=rows.length-1;i>=0;i--){
-      var first=rows[i].cells[0]?rows[i].cells[0].textContent.trim():'';
-      if(first===''||PIN.test(first))rows[i].classList.add('pinned');else break;
-    }
-    Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,col){
-      th.title='click to sort';th.tabIndex=0;
-      th.addEventListener('click',function(){sortBy(table,col,th);});
-      th.addEventListener('keydown',function(e){if(e.key==='Enter')sortBy(table,col,th);});
-    });
-    var body=Array.prototype.slice.call(table.tBodies[0].rows),width=table.tHead.rows[0].cells.length;
-    for(var col=0;col<width;col++){
-      var cells=body.map(function(r){return r.cells[col];}).filter(function(c){return c&&!/^(|\u2013|-)$/.test(c.textContent.trim());});
-      if(cells.length&&cells.every(function(c){return num(c.textContent)!==null;})){
-        table.tHead.rows[0].cells[col].classList.add('num');
-        body.forEach(function(r){if(r.cells[col])r.cells[col].classList.add('num');});
-      }
-    }
-  });
-  document.body.setAttribute('data-sortable-tables',tables.length);
-  Array.prototype.forEach.call(document.querySelectorAll('.fig img'),function(img){
-    img.addEventListener('click',function(){img.classList.toggle('zoomed');});
-  });
-  function countImages(){
-    var imgs=Array.prototype.slice.call(document.images);
-    var ok=imgs.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;
-    document.body.setAttribute('data-images-total',imgs.length);
-    document.body.setAttribute('data-images-loaded',ok);
-  }
-  if(document.readyState==='complete')countImages();else window.addEventListener('load',countImages);
-})();
-"""
+
+CSS = _asset("report.css")  # package data, shipped in the wheel
+JS = _asset("report.js")  # sortable tables, click-to-zoom figures, image-load counters for the browser test
 
 
 def page(title: str, body: str) -> str:
     """A complete HTML document with the report's CSS and scripts inlined."""
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n{body}\n</main>\n"
-            f"<script>{JS}</script>\n</body>\n</html>\n")
+            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}</style>\n</head>\n<body>\n<main>\n{body}\n</main>\n"
+            f"<script>\n{JS}</script>\n</body>\n</html>\n")
 
 
 def table(rows: list[list], *, sortable: bool = True, pinned: int = 0) -> str:
@@ -280,20 +178,11 @@ def _split_sections(md_text: str) -> tuple[str, list[tuple[str, str]]]:
 
 # ---------------------------------------------------------------- headline and galleries
 
-def _f(v, digits=3) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _secs(s) -> str:
-    from .writer import _seconds
-    return _seconds(s)
-
-
-def best_on_validation(methods: dict) -> str | None:
-    """The method with the highest validation macro-F1 (ties: the first listed), or None without validation."""
-    scored = [(m["valid"]["macro_f1"], -i, n) for i, (n, m) in enumerate(methods.items())
-              if m.get("valid", {}).get("macro_f1") is not None]
-    return max(scored)[2] if scored else None
+def selected(metrics: dict) -> tuple[str | None, str, str]:
+    """(the method the study selected, the metric it was selected on, the protocol), as metrics.json records them:
+    the one best method everything on the page names; None when nothing was selected (no validation data)."""
+    sel = metrics.get("selection") or {}
+    return metrics.get("selected"), sel.get("metric", "macro_f1"), sel.get("protocol", "validation split")
 
 
 def _inline_md(text: str) -> str:
@@ -307,21 +196,24 @@ BIG = ' class="big"'
 
 def headline(metrics: dict) -> str:
     methods = metrics["methods"]
-    best = best_on_validation(methods)
+    best, metric, protocol = selected(metrics)
+    scores = (metrics.get("selection") or {}).get("scores") or {}
+    label = METRIC_NAMES.get(metric, metric)
     cards = []
     for name, m in methods.items():
-        rows = [("test accuracy", _f(m.get("accuracy")), True), ("test macro-F1", _f(m.get("macro_f1")), True),
-                ("balanced accuracy", _f(m.get("balanced_accuracy")), False),
-                ("valid macro-F1", _f(m.get("valid", {}).get("macro_f1")), False),
-                ("train", _secs(m.get("train_seconds")), False)]
+        on = (scores.get(name) or m.get("valid") or {}).get(metric)
+        rows = [("test accuracy", number(m.get("accuracy")), True), ("test macro-F1", number(m.get("macro_f1")), True),
+                ("balanced accuracy", number(m.get("balanced_accuracy")), False),
+                (f"selection {label}", number(on), False),
+                ("train", seconds(m.get("train_seconds")), False)]
         dl = "".join(f"<dt>{k}</dt><dd{BIG if big else ''}>{v}</dd>" for k, v, big in rows)
-        badge = "<span class=\"badge\">best on validation</span>" if name == best else ""
+        badge = "<span class=\"badge\">selected</span>" if name == best else ""
         cards.append(f"<div class=\"card{' best' if name == best else ''}\"><h3>{html.escape(name)}{badge}</h3>"
                      f"<dl>{dl}</dl></div>")
-    from .writer import findings
     items = "".join(f"<li>{_inline_md(line)}</li>" for line in findings(metrics, metrics["classes"]))
-    note = ("<p class=\"note\">“Best on validation” is chosen by validation macro-F1; test numbers are shown "
-            "for every method and were not used to choose.</p>") if best else ""
+    note = (f"<p class=\"note\">“Selected” is the study's choice, by {html.escape(label)} on the "
+            f"{html.escape(protocol)} (the “selection” row); test numbers are shown for every method and were not "
+            f"used to choose.</p>") if best else ""
     return f"<div class=\"cards\">{''.join(cards)}</div>{note}<ul class=\"findings\">{items}</ul>"
 
 
@@ -348,9 +240,9 @@ def mistakes_section(predictions: dict[str, list[dict]], limit: int = MAX_MISTAK
         if not wrong:
             parts.append("<p>No mistakes on the test set.</p>")
             continue
-        cards = [_thumb(r, [f"<div class=\"t\">true: <b>{html.escape(r['true'])}</b> ({_f(r['p_true'], 2)})</div>",
+        cards = [_thumb(r, [f"<div class=\"t\">true: <b>{html.escape(r['true'])}</b> ({number(r['p_true'], 2)})</div>",
                             f"<div class=\"p\">predicted: <b>{html.escape(r['predicted'])}</b> "
-                            f"({_f(r['p_predicted'], 2)})</div>"]) for r in wrong[:limit]]
+                            f"({number(r['p_predicted'], 2)})</div>"]) for r in wrong[:limit]]
         parts.append(f"<div class=\"gallery\">{''.join(cards)}</div>")
     return "\n".join(parts)
 
@@ -366,7 +258,7 @@ def examples_section(method: str, rows: list[dict], classes: list[str], per_clas
         label = (f"<div class=\"name\">{i} {html.escape(c)}<small>{len(right)} of {len(mine)} correct</small></div>"
                  if mine else f"<div class=\"name\">{i} {html.escape(c)}<small>not in the test set</small></div>")
         if right:
-            body = "".join(_thumb(r, [f"<div class=\"t\">p = {_f(r['p_true'], 2)}</div>"]) for r in right[:per_class])
+            body = "".join(_thumb(r, [f"<div class=\"t\">p = {number(r['p_true'], 2)}</div>"]) for r in right[:per_class])
             body = f"<div class=\"gallery\">{body}</div>"
         else:
             body = "<div class=\"note\">no correctly classified test image</div>" if mine else ""
@@ -384,8 +276,8 @@ def render_html(out: Path) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     md_text = (out / "report.md").read_text() if (out / "report.md").exists() else ""
     title, sections = _split_sections(md_text)
-    predictions = {m: read_predictions(out / f"{m}_predictions.csv") for m in metrics["methods"]
-                   if (out / f"{m}_predictions.csv").exists()}
+    predictions = {m: read_predictions(layout.method_dir(out, m) / layout.PREDICTIONS) for m in metrics["methods"]
+                   if (layout.method_dir(out, m) / layout.PREDICTIONS).exists()}
     data_name = Path(str(metrics.get("config", {}).get("data", out.name))).name
     ex = metrics.get("extract", {})
     sub = (f"{html.escape(metrics['backbone'])} ({html.escape(str(metrics.get('weights')))}) · input "
@@ -396,7 +288,7 @@ def render_html(out: Path) -> str:
     extra = []
     if predictions:
         extra.append(("Most confident mistakes", "mistakes", mistakes_section(predictions)))
-        best = best_on_validation(metrics["methods"])
+        best = selected(metrics)[0]
         chosen = best if best in predictions else next(iter(predictions))
         extra.append(("Correct examples", "examples", examples_section(chosen, predictions[chosen], metrics["classes"])))
     # galleries go after the results and per-class tables, before timings and plots
