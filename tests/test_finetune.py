@@ -20,8 +20,8 @@ from PIL import Image
 from .conftest import make_imagefolder
 from transferlab.features.backbones import load_backbone
 from transferlab.data.datasets import discover
-from transferlab.finetune.tuner import (AspectRandomResizedCrop, FineTuneModule, FineTuner, stage_groups,
-                                  train_transform)
+from transferlab.finetune.module import AspectRandomResizedCrop, FineTuneModule, stage_groups, train_transform
+from transferlab.finetune.tuner import FineTuner
 
 FAST = dict(batch_size=8, num_workers=0, progress=False, head_epochs=5, warmup_epochs=0.5)
 

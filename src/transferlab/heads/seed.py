@@ -1,4 +1,4 @@
-"""Heads: classifiers trained on cached features, each a scikit-learn estimator.
+"""The seed study's two heads, registered as the methods `softmax` and `svm`.
 
 `softmax` is the seed's Model 1 (a linear softmax layer, Adam lr 1e-4, ReduceLROnPlateau on the
 training loss with PyTorch's defaults, 50 epochs); `svm` is its Model 2 (`SVC(kernel="rbf")`).
