@@ -90,6 +90,7 @@ def test_study_bundle_and_onnx_agree_under_flip_features(tmp_path, flag):
     its bundle was marked tta) must all give the study's own test probabilities."""
     import csv
 
+    from transferlab.report import layout
     from transferlab.study import StudyConfig, run_study
 
     from .conftest import make_imagefolder
@@ -106,7 +107,7 @@ def test_study_bundle_and_onnx_agree_under_flip_features(tmp_path, flag):
     for method in ("softmax", "lda", "finetune"):
         bundle = run / metrics["methods"][method]["bundle"]
         assert json.loads((bundle / "config.json").read_text())["tta"] is (method != "finetune")
-        pred_csv = next(run.rglob(f"*{method}*predictions.csv"))
+        pred_csv = layout.method_dir(run, method) / layout.PREDICTIONS
         rows = list(csv.DictReader(pred_csv.open()))
         paths = [r["path"] for r in rows]
         model = transferlab.load(bundle, cache_dir=cache, precision="fp32")
