@@ -125,3 +125,15 @@ def test_stage_packages_depend_on_earlier_stages_only():
             edges.setdefault(stage(a), set()).add(stage(b))
     assert _cycles(edges) == []
     assert edges.get("data", set()) == set() and edges["features"] == {"data"}
+
+
+def test_readme_python_imports_resolve():
+    """Every `from transferlab... import name` in the README's Python blocks names something that exists."""
+    import importlib
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    lines = [m for b in blocks for m in re.findall(r"^from (transferlab[\w.]*) import ([\w, ]+)", b, re.M)]
+    assert lines
+    for module, names in lines:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(mod, name.strip()), f"{module}.{name.strip()}"
