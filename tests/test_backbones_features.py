@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,65 @@ def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder,
     assert b.computed == 0
     np.testing.assert_array_equal(a.features, b.features)
     assert len(FeatureCache(cache_dir, tiny_backbone.cache_key(a.precision))) == 6  # bf16 where the CPU has it
+
+
+# --- feature-cache key ----------------------------------------------------------------------------
+
+def test_cache_key_changes_with_input_size_precision_weights_view_and_library_versions(tiny_backbone, tmp_path, monkeypatch):
+    import dataclasses
+
+    import PIL
+    import torchvision
+    save_file(tiny_backbone.model.state_dict(), str(tmp_path / "w.safetensors"))
+    same = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 40))
+    key = tiny_backbone.cache_key("fp32")
+    assert same.cache_key("fp32") == key == dataclasses.replace(tiny_backbone).cache_key("fp32")  # same inputs, same key
+    other_size = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 48))
+    torch.manual_seed(1)
+    other_weights = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    assert other_weights.weights_digest != tiny_backbone.weights_digest
+    changed = {"input size": other_size.cache_key("fp32"), "precision": tiny_backbone.cache_key("bf16"),
+               "weights": other_weights.cache_key("fp32"), "view": tiny_backbone.cache_key("fp32", "hflip")}
+    for module in (torch, timm, PIL, torchvision):  # what decodes, resizes and runs the network
+        with monkeypatch.context() as m:
+            m.setattr(module, "__version__", "0.0.1-other")
+            changed[module.__name__] = tiny_backbone.cache_key("fp32")
+    assert all(k != key for k in changed.values()), changed
+    assert len(set(changed.values())) == len(changed)
+    assert tiny_backbone.cache_key("fp32") == key  # nothing left behind
+
+
+def test_feature_code_digest_covers_decode_resize_and_forward_code_only(tmp_path, tiny_backbone, monkeypatch):
+    import transferlab
+    from transferlab.features import backbones
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = backbones.feature_code_digest.__wrapped__  # uncached: the files change below
+    base = digest(str(pkg))
+    (pkg / "report" / "writer.py").write_text((pkg / "report" / "writer.py").read_text() + "\n# edited\n")
+    (pkg / "heads" / "probes.py").write_text((pkg / "heads" / "probes.py").read_text() + "\n# edited\n")
+    assert digest(str(pkg)) == base  # a report or head edit keeps the features
+    for name in ("data/images.py", "features/backbones.py", "features/extract.py"):
+        (pkg / name).write_text((pkg / name).read_text() + "\n# edited\n")
+        assert digest(str(pkg)) != base, name
+        base = digest(str(pkg))
+    key = tiny_backbone.cache_key("fp32")
+    monkeypatch.setattr(backbones, "feature_code_digest", lambda *a: "0" * 64)
+    assert tiny_backbone.cache_key("fp32") != key
+
+
+def test_library_upgrade_recomputes_features_and_key_is_readable(small_folder, tiny_backbone, cache_dir, monkeypatch):
+    import json
+    paths = _paths(small_folder)[:4]
+    kw = dict(cache_dir=cache_dir, progress=False, num_workers=0, precision="fp32")
+    first = extract_features(paths, tiny_backbone, **kw)
+    assert extract_features(paths, tiny_backbone, **kw).computed == 0
+    monkeypatch.setattr(timm, "__version__", "99.0")
+    upgraded = extract_features(paths, tiny_backbone, **kw)
+    assert upgraded.computed == 4 and upgraded.from_cache == 0  # stale features are not reused
+    np.testing.assert_allclose(upgraded.features, first.features, rtol=1e-5, atol=1e-6)
+    meta = json.loads((cache_dir / "features" / tiny_backbone.cache_key("fp32") / "backbone.json").read_text())
+    assert meta["versions"]["timm"] == "99.0" and meta["versions"]["torch"] == str(torch.__version__)
+    assert {"Pillow", "torchvision"} <= set(meta["versions"]) and len(meta["code"]) == 64
+    assert meta["input_size"] == [32, 40] and meta["precision"] == "fp32" and meta["view"] == "plain"
+

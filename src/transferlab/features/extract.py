@@ -129,7 +129,7 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.cache_key(prec, view),
-                         meta={**backbone.describe(), "precision": prec, "view": view})
+                         meta={**backbone.describe(), **backbone.cache_inputs(prec, view)})
 
     skipped: dict[str, str] = {}
     keys: dict[str, bytes] = {}
