@@ -206,7 +206,7 @@ def test_cache_key_changes_with_input_size_precision_weights_view_and_library_ve
 
     import PIL
     import torchvision
-    save_file(tiny_backbone.model.state_dict(), str(tmp_path / "w.safetensors"))
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     same = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 40))
     key = tiny_backbone.cache_key("fp32")
     assert same.cache_key("fp32") == key == dataclasses.replace(tiny_backbone).cache_key("fp32")  # same inputs, same key
