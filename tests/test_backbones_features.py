@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -199,7 +200,7 @@ def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder,
     assert len(FeatureCache(cache_dir, tiny_backbone.cache_key(a.precision))) == 6  # bf16 where the CPU has it
 
 
-# --- feature-cache key ----------------------------------------------------------------------------
+# --- feature-cache key and index ------------------------------------------------------------------
 
 def test_cache_key_changes_with_input_size_precision_weights_view_and_library_versions(tiny_backbone, tmp_path, monkeypatch):
     import dataclasses
@@ -259,3 +260,71 @@ def test_library_upgrade_recomputes_features_and_key_is_readable(small_folder, t
     assert {"Pillow", "torchvision"} <= set(meta["versions"]) and len(meta["code"]) == 64
     assert meta["input_size"] == [32, 40] and meta["precision"] == "fp32" and meta["view"] == "plain"
 
+
+def _put_chunks(cache_dir, key, n_chunks, rows, dim, seed=0):
+    rng = np.random.default_rng(seed)
+    writer = FeatureCache(cache_dir, key)
+    chunks = []
+    for c in range(n_chunks):
+        keys = [bytes([seed, c, r % 256, r // 256]) + bytes(12) for r in range(rows)]
+        feats = rng.normal(size=(rows, dim)).astype(np.float32)
+        chunks.append((writer.put(keys, feats), keys, feats))
+    return chunks
+
+
+def test_cache_reads_only_the_chunks_a_request_needs_and_verifies_them_when_read(cache_dir):
+    import warnings
+    (a, keys_a, feats_a), (b, keys_b, _) = _put_chunks(cache_dir, "k", 2, 4, 8)
+    data = bytearray(b.read_bytes())
+    data[-8:] = bytes(range(8))  # chunk b's features no longer match its checksum; its keys still read
+    b.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = FeatureCache(cache_dir, "k")  # opening reads no features
+        assert len(fresh) == 8 and keys_b[0] in fresh
+        got = fresh.get_many([keys_a[2], keys_a[0], b"\xff" * 16])
+    assert list(got) == [keys_a[2], keys_a[0]]
+    np.testing.assert_array_equal(got[keys_a[0]], feats_a[0])
+    np.testing.assert_array_equal(fresh.get(keys_a[2]), feats_a[2])
+    assert b.exists()  # never read, so never checked
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert fresh.get(keys_b[1]) is None
+    assert not b.exists() and b.with_suffix(".corrupt").exists()
+    assert keys_b[0] not in fresh and len(fresh) == 4
+
+
+def test_cache_refresh_reads_only_chunks_it_has_not_seen(cache_dir, tmp_path):
+    import warnings
+    [(a, keys_a, feats_a)] = _put_chunks(cache_dir, "k", 1, 3, 8)
+    opened = FeatureCache(cache_dir, "k")
+    a.write_bytes(b"garbage")  # indexed already: a refresh does not read it again
+    [(new, keys_new, feats_new)] = _put_chunks(tmp_path / "elsewhere", "k", 1, 3, 8, seed=1)
+    os.replace(new, opened.dir / new.name)  # as another process would write it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opened.refresh()
+    assert keys_new[0] in opened and keys_a[0] in opened
+    np.testing.assert_array_equal(opened.get(keys_new[1]), feats_new[1])
+    with pytest.warns(UserWarning, match="corrupt"):  # read when asked for: checked, set aside
+        assert opened.get(keys_a[0]) is None
+    os.remove(opened.dir / new.name)  # a chunk gone from the folder leaves the index at the next refresh
+    opened.refresh()
+    assert len(opened) == 0
+
+
+def test_cache_holds_what_was_asked_for_not_the_whole_cache(cache_dir):
+    import gc
+    import tracemalloc
+    chunks = _put_chunks(cache_dir, "k", 16, 64, 1024)  # 16 chunks of 256 KiB
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cache = FeatureCache(cache_dir, "k")
+        got = {k: cache.get(k) for k in (chunks[3][1][5], chunks[3][1][9], chunks[11][1][0])}
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 16 * 64 and len(got) == 3
+    np.testing.assert_array_equal(got[chunks[11][1][0]], chunks[11][2][0])
+    assert held < 256 * 1024, held  # three rows and the index, not 4 MiB of features
+    assert peak < 3 * 256 * 1024, peak  # one chunk at a time is read and checked
