@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +198,133 @@ def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder,
     assert b.computed == 0
     np.testing.assert_array_equal(a.features, b.features)
     assert len(FeatureCache(cache_dir, tiny_backbone.cache_key(a.precision))) == 6  # bf16 where the CPU has it
+
+
+# --- feature-cache key and index ------------------------------------------------------------------
+
+def test_cache_key_changes_with_input_size_precision_weights_view_and_library_versions(tiny_backbone, tmp_path, monkeypatch):
+    import dataclasses
+
+    import PIL
+    import torchvision
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    same = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 40))
+    key = tiny_backbone.cache_key("fp32")
+    assert same.cache_key("fp32") == key == dataclasses.replace(tiny_backbone).cache_key("fp32")  # same inputs, same key
+    other_size = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 48))
+    torch.manual_seed(1)
+    other_weights = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    assert other_weights.weights_digest != tiny_backbone.weights_digest
+    changed = {"input size": other_size.cache_key("fp32"), "precision": tiny_backbone.cache_key("bf16"),
+               "weights": other_weights.cache_key("fp32"), "view": tiny_backbone.cache_key("fp32", "hflip")}
+    for module in (torch, timm, PIL, torchvision):  # what decodes, resizes and runs the network
+        with monkeypatch.context() as m:
+            m.setattr(module, "__version__", "0.0.1-other")
+            changed[module.__name__] = tiny_backbone.cache_key("fp32")
+    assert all(k != key for k in changed.values()), changed
+    assert len(set(changed.values())) == len(changed)
+    assert tiny_backbone.cache_key("fp32") == key  # nothing left behind
+
+
+def test_feature_code_digest_covers_decode_resize_and_forward_code_only(tmp_path, tiny_backbone, monkeypatch):
+    import transferlab
+    from transferlab.features import backbones
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = backbones.feature_code_digest.__wrapped__  # uncached: the files change below
+    base = digest(str(pkg))
+    (pkg / "report" / "writer.py").write_text((pkg / "report" / "writer.py").read_text() + "\n# edited\n")
+    (pkg / "heads" / "probes.py").write_text((pkg / "heads" / "probes.py").read_text() + "\n# edited\n")
+    assert digest(str(pkg)) == base  # a report or head edit keeps the features
+    for name in ("data/images.py", "features/backbones.py", "features/extract.py"):
+        (pkg / name).write_text((pkg / name).read_text() + "\n# edited\n")
+        assert digest(str(pkg)) != base, name
+        base = digest(str(pkg))
+    key = tiny_backbone.cache_key("fp32")
+    monkeypatch.setattr(backbones, "feature_code_digest", lambda *a: "0" * 64)
+    assert tiny_backbone.cache_key("fp32") != key
+
+
+def test_library_upgrade_recomputes_features_and_key_is_readable(small_folder, tiny_backbone, cache_dir, monkeypatch):
+    import json
+    paths = _paths(small_folder)[:4]
+    kw = dict(cache_dir=cache_dir, progress=False, num_workers=0, precision="fp32")
+    first = extract_features(paths, tiny_backbone, **kw)
+    assert extract_features(paths, tiny_backbone, **kw).computed == 0
+    monkeypatch.setattr(timm, "__version__", "99.0")
+    upgraded = extract_features(paths, tiny_backbone, **kw)
+    assert upgraded.computed == 4 and upgraded.from_cache == 0  # stale features are not reused
+    np.testing.assert_allclose(upgraded.features, first.features, rtol=1e-5, atol=1e-6)
+    meta = json.loads((cache_dir / "features" / tiny_backbone.cache_key("fp32") / "backbone.json").read_text())
+    assert meta["versions"]["timm"] == "99.0" and meta["versions"]["torch"] == str(torch.__version__)
+    assert {"Pillow", "torchvision"} <= set(meta["versions"]) and len(meta["code"]) == 64
+    assert meta["input_size"] == [32, 40] and meta["precision"] == "fp32" and meta["view"] == "plain"
+
+
+def _put_chunks(cache_dir, key, n_chunks, rows, dim, seed=0):
+    rng = np.random.default_rng(seed)
+    writer = FeatureCache(cache_dir, key)
+    chunks = []
+    for c in range(n_chunks):
+        keys = [bytes([seed, c, r % 256, r // 256]) + bytes(12) for r in range(rows)]
+        feats = rng.normal(size=(rows, dim)).astype(np.float32)
+        chunks.append((writer.put(keys, feats), keys, feats))
+    return chunks
+
+
+def test_cache_reads_only_the_chunks_a_request_needs_and_verifies_them_when_read(cache_dir):
+    import warnings
+    (a, keys_a, feats_a), (b, keys_b, _) = _put_chunks(cache_dir, "k", 2, 4, 8)
+    data = bytearray(b.read_bytes())
+    data[-8:] = bytes(range(8))  # chunk b's features no longer match its checksum; its keys still read
+    b.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = FeatureCache(cache_dir, "k")  # opening reads no features
+        assert len(fresh) == 8 and keys_b[0] in fresh
+        got = fresh.get_many([keys_a[2], keys_a[0], b"\xff" * 16])
+    assert list(got) == [keys_a[2], keys_a[0]]
+    np.testing.assert_array_equal(got[keys_a[0]], feats_a[0])
+    np.testing.assert_array_equal(fresh.get(keys_a[2]), feats_a[2])
+    assert b.exists()  # never read, so never checked
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert fresh.get(keys_b[1]) is None
+    assert not b.exists() and b.with_suffix(".corrupt").exists()
+    assert keys_b[0] not in fresh and len(fresh) == 4
+
+
+def test_cache_refresh_reads_only_chunks_it_has_not_seen(cache_dir, tmp_path):
+    import warnings
+    [(a, keys_a, feats_a)] = _put_chunks(cache_dir, "k", 1, 3, 8)
+    opened = FeatureCache(cache_dir, "k")
+    a.write_bytes(b"garbage")  # indexed already: a refresh does not read it again
+    [(new, keys_new, feats_new)] = _put_chunks(tmp_path / "elsewhere", "k", 1, 3, 8, seed=1)
+    os.replace(new, opened.dir / new.name)  # as another process would write it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opened.refresh()
+    assert keys_new[0] in opened and keys_a[0] in opened
+    np.testing.assert_array_equal(opened.get(keys_new[1]), feats_new[1])
+    with pytest.warns(UserWarning, match="corrupt"):  # read when asked for: checked, set aside
+        assert opened.get(keys_a[0]) is None
+    os.remove(opened.dir / new.name)  # a chunk gone from the folder leaves the index at the next refresh
+    opened.refresh()
+    assert len(opened) == 0
+
+
+def test_cache_holds_what_was_asked_for_not_the_whole_cache(cache_dir):
+    import gc
+    import tracemalloc
+    chunks = _put_chunks(cache_dir, "k", 16, 64, 1024)  # 16 chunks of 256 KiB
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cache = FeatureCache(cache_dir, "k")
+        got = {k: cache.get(k) for k in (chunks[3][1][5], chunks[3][1][9], chunks[11][1][0])}
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 16 * 64 and len(got) == 3
+    np.testing.assert_array_equal(got[chunks[11][1][0]], chunks[11][2][0])
+    assert held < 256 * 1024, held  # three rows and the index, not 4 MiB of features
+    assert peak < 3 * 256 * 1024, peak  # one chunk at a time is read and checked

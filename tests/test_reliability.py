@@ -262,19 +262,30 @@ def test_hard_errors_exit_2_with_one_clear_line(tmp_path, case):
         assert not list(tmp_path.glob("cache/features/*/chunk-*"))
 
 
-def test_corrupt_chunk_moved_aside_by_another_run_meanwhile(tmp_path, monkeypatch):
-    """Two runs find the same corrupt chunk: the one that loses the race to quarantine it just goes on."""
+@pytest.mark.parametrize("reader", ["_read_keys", "_read_chunk"])
+def test_corrupt_chunk_moved_aside_by_another_run_meanwhile(tmp_path, monkeypatch, reader):
+    """Two runs find the same corrupt chunk: the one that loses the race to quarantine it just goes on,
+    whether it was indexing the chunk's keys (on opening) or reading its features (on lookup)."""
+    import warnings
+
     from transferlab.features import cache as C
-    chunk = C.FeatureCache(tmp_path, "k").put([b"\x01" * 16], np.ones((1, 4), np.float32))
-    chunk.write_bytes(b"garbage")
-    real = C.load_file
+    chunk = C.FeatureCache(tmp_path / "writer", "k").put([b"\x01" * 16], np.ones((1, 4), np.float32))
+    os.replace(chunk, tmp_path / chunk.name)  # written by another process: not in this one's index yet
+    chunk = C.FeatureCache(tmp_path, "k").dir / chunk.name
+    os.replace(tmp_path / chunk.name, chunk)
+    if reader == "_read_keys":
+        chunk.write_bytes(b"garbage")
+    real = getattr(C, reader)
 
     def other_run_quarantines_it_first(path):
         os.replace(path, Path(path).with_suffix(".corrupt"))
         return real(path)
 
-    monkeypatch.setattr(C, "load_file", other_run_quarantines_it_first)
-    assert len(C.FeatureCache(tmp_path, "k")) == 0
+    monkeypatch.setattr(C, reader, other_run_quarantines_it_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run that moved it aside warned; this one just recomputes
+        cache = C.FeatureCache(tmp_path, "k")
+        assert cache.get(b"\x01" * 16) is None and len(cache) == 0
     assert chunk.with_suffix(".corrupt").exists() and not chunk.exists()
 
 

@@ -135,3 +135,26 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert metrics["weights"].startswith("embedded:") and len(metrics["classes"]) == 10
     assert metrics["methods"]["svm"]["accuracy"] > 0.3  # ten classes: chance is 0.1
+
+
+def test_extract_splits_times_the_warm_path_without_repeating_a_warm_pass(small_folder, tmp_path, cache_dir,
+                                                                         tiny_backbone, monkeypatch):
+    import transferlab.study as S
+    from transferlab.data.datasets import discover
+    calls = []
+    real = S.extract_features
+
+    def counting(paths, bb, **kw):
+        calls.append(kw.get("view", "plain"))
+        return real(paths, bb, **kw)
+
+    monkeypatch.setattr(S, "extract_features", counting)
+    cfg = _cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25)
+    ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction)
+    _, cold = S.extract_splits(cfg, ds, tiny_backbone)
+    assert calls == ["plain", "plain"] and cold["computed"] == 34  # computed, then one fully cached pass timed
+    assert 0 < cold["cached_seconds"] != cold["seconds"]
+    calls.clear()
+    _, warm = S.extract_splits(cfg, ds, tiny_backbone)
+    assert calls == ["plain"] and warm["computed"] == 0  # already the warm path: not read a second time
+    assert warm["cached_seconds"] == warm["seconds"]

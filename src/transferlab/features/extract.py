@@ -133,7 +133,7 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.cache_key(prec, view),
-                         meta={**backbone.describe(), "precision": prec, "view": view})
+                         meta={**backbone.describe(), **backbone.cache_inputs(prec, view)})
 
     skipped: dict[str, str] = {}
     keys: dict[str, bytes] = {}
@@ -142,11 +142,12 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
             keys[p] = content_hash(p)
         except OSError as exc:
             skipped[p] = f"cannot read ({exc.strerror or exc})"
+    found = cache.get_many(dict.fromkeys(keys.values()))  # reads (and checks) only the chunks holding these images
     todo: dict[bytes, str] = {}
     for p, k in keys.items():
-        if cache.get(k) is None and k not in todo:
+        if k not in found and k not in todo:
             todo[k] = p
-    from_cache = sum(1 for k in keys.values() if cache.get(k) is not None)
+    from_cache = sum(1 for k in keys.values() if k in found)
 
     # Under torch.distributed each process computes its share of rank 0's list, then all caches are completed.
     todo = distributed.agree(todo)
@@ -160,9 +161,13 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     skipped.update({p: failed[k] for p, k in keys.items() if k in failed and p not in skipped})
 
     kept = [p for p in paths if p in keys and p not in skipped]
-    unique = {keys[p] for p in kept}
-    cold = float(sum(cache.compute_seconds(k) for k in unique))
-    feats = np.stack([cache.get(keys[p]) for p in kept]) if kept else np.zeros((0, backbone.num_features), np.float32)
+    got = cache.get_many(dict.fromkeys(keys[p] for p in kept))  # held already: found above or computed here
+    lost = [p for p in kept if keys[p] not in got]
+    if lost:  # only if a chunk another process wrote turned out corrupt after it was exchanged
+        raise ExtractionError(f"features of {len(lost)} images (e.g. {lost[0]}) vanished from the cache during "
+                              f"this run; rerun to compute them")
+    cold = float(sum(cache.compute_seconds(k) for k in got))
+    feats = np.stack([got[keys[p]] for p in kept]) if kept else np.zeros((0, backbone.num_features), np.float32)
     return Extraction(features=feats, paths=kept,
                       skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
                       seconds=time.perf_counter() - start, computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
