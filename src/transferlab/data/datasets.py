@@ -2,11 +2,14 @@
 
 Three layouts are read, and nothing is ever written inside them:
 - an ImageFolder root with `train/` and optional `valid/` (or `val/`) and `test/` folders of class folders;
-- a root of class folders directly, split here (stratified, seeded) into train/valid/test;
+- a root of class folders directly, split here (stratified, by image content) into train/valid/test;
 - a CSV manifest `path,label[,split]`, paths relative to the CSV file.
 
 Classes come from the training data, sorted like torchvision's ImageFolder. When there is no
-validation split, one is carved from train (stratified, seeded); test is never touched for that.
+validation split, one is carved from train (stratified, by image content and seed); test is never
+touched for that. Splits made here follow each image's bytes (`stratified_split`): adding or removing
+images moves only images at a class's boundary, exact duplicates share a split, and the test set of
+class folders is the same for every seed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hashing import content_hash, split_score
 from .images import IGNORED_DIRS, is_image_file
 
 SPLITS = ("train", "valid", "test")
@@ -106,11 +110,48 @@ def _class_dirs(folder: Path, notes: list[str] | None = None) -> list[Path]:
     return dirs
 
 
-def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int) -> list[Sample]:
-    """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was."""
+def _content_key(path: str, hashes: dict[str, bytes]) -> bytes:
+    """The file's content hash (memoised in `hashes`); a file that cannot be read is keyed by its path."""
+    if path not in hashes:
+        try:
+            hashes[path] = content_hash(path)
+        except OSError:  # skipped with its reason at extraction; its split only needs to be deterministic
+            hashes[path] = b"unreadable:" + os.fsencode(path)
+    return hashes[path]
+
+
+def _lowest_scores(samples: list[Sample], idx: list[int], k: int, salt: str, hashes: dict[str, bytes]) -> list[int]:
+    """The `k` of `idx` whose content scores lowest under `salt`, exact duplicates taken together (never all)."""
+    groups: dict[bytes, list[int]] = {}
+    for i in idx:
+        groups.setdefault(_content_key(samples[i].path, hashes), []).append(i)
+    order = sorted(groups, key=lambda key: (split_score(key, salt), key))
+    taken: list[int] = []
+    for key in order[:-1]:  # the highest-scored group always stays: a class keeps at least one image
+        if len(taken) >= k:
+            break
+        taken += groups[key]
+    return taken
+
+
+def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int = 0, *,
+                     salt: str | None = None, hashes: dict[str, bytes] | None = None) -> list[Sample]:
+    """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was.
+
+    A class of n images gives up k = round(fraction * n) of them (at least one when fraction > 0 and n >= 3,
+    never all n). With `salt` (image files), the k moved are those with the lowest score
+    SHA-256(content hash || salt) / 2**256, a uniform u in [0, 1): an image's side depends only on its bytes,
+    the salt and its class's k, so adding or removing images moves only those images and the images at the
+    class's boundary (never an image of another class), renaming a file moves nothing, and exact duplicates
+    (same bytes) move together: a run of duplicates at the boundary moves whole, so a class can give up a
+    few more than k. `hashes` (path -> content hash) saves reading a file twice across calls. Without a salt
+    (samples that are not files, e.g. rows of a feature matrix in `heads.search.holdout_split`), a permutation
+    per class drawn from one `seed`ed stream picks them.
+    """
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"split fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if salt is None else None
+    hashes = {} if hashes is None else hashes
     by_class: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         by_class.setdefault(s.label, []).append(i)
@@ -122,7 +163,10 @@ def stratified_split(samples: list[Sample], fraction: float, new_split: str, see
         if fraction > 0 and n >= 3:
             k = max(k, 1)
         k = min(k, n - 1)
-        moved.update(idx[j] for j in rng.permutation(n)[:k])
+        if salt is None:
+            moved.update(idx[j] for j in rng.permutation(n)[:k])
+        else:
+            moved.update(_lowest_scores(samples, idx, k, salt, hashes))
     return [replace(s, split=new_split) if i in moved else s for i, s in enumerate(samples)]
 
 
@@ -165,11 +209,15 @@ def _from_imagefolder(root: Path) -> ImageDataset:
     return ImageDataset(root, classes, samples, "imagefolder", notes)
 
 
-def _from_class_folders(root: Path, seed: int, valid_fraction: float, test_fraction: float) -> ImageDataset:
+TEST_SALT = "test"  # the test set of class folders: the same for every --seed
+
+
+def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, bytes]) -> ImageDataset:
     notes: list[str] = []
     classes, samples = _training_classes(root, notes)
-    samples = stratified_split(samples, test_fraction, "test", seed)
-    notes.append(f"split class folders into train/test with test fraction {test_fraction} (seed {seed})")
+    samples = stratified_split(samples, test_fraction, "test", salt=TEST_SALT, hashes=hashes)
+    notes.append(f"split class folders into train/test with test fraction {test_fraction}, by image content "
+                 "(the same test set for every seed)")
     return ImageDataset(root, classes, samples, "class-folders", notes)
 
 
@@ -205,8 +253,13 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
 
 def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2,
              allow_outside: bool = False) -> ImageDataset:
-    """Read a dataset from a folder or CSV manifest; always returns train, valid and (usually) test."""
+    """Read a dataset from a folder or CSV manifest; always returns train, valid and (usually) test.
+
+    Splits made here are drawn by image content (see `stratified_split`): the test set of a root of class
+    folders does not depend on `seed`; a validation split carved from train does (`carve_validation`).
+    """
     root = Path(source).expanduser()
+    hashes: dict[str, bytes] = {}  # content hashes, read once for both carves
     if not root.exists():
         raise DatasetError(f"dataset not found: {root}")
     if root.is_file():
@@ -216,21 +269,28 @@ def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fractio
     elif (root / "train").is_dir():
         ds = _from_imagefolder(root)
     else:
-        ds = _from_class_folders(root, seed, valid_fraction, test_fraction)
+        ds = _from_class_folders(root, test_fraction, hashes)
     if not ds.split("train"):
         raise DatasetError(f"no training images found in {root} "
                            f"(looked for {', '.join(sorted(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.gif', '.webp', '.tiff')))})")
     if len(ds.classes) < 2:
         raise DatasetError(f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two")
     if not ds.split("valid"):
-        ds = carve_validation(ds, valid_fraction, seed)
+        ds = carve_validation(ds, valid_fraction, seed, hashes=hashes)
     return ds
 
 
-def carve_validation(ds: ImageDataset, fraction: float, seed: int) -> ImageDataset:
-    """Move a stratified, seeded `fraction` of train to valid (never touches test)."""
+def carve_validation(ds: ImageDataset, fraction: float, seed: int, *,
+                     hashes: dict[str, bytes] | None = None) -> ImageDataset:
+    """Move a stratified `fraction` of train to valid by image content, salted with `seed` (never touches test).
+
+    The seed is part of the salt on purpose: another seed draws another validation split (to see how much
+    selection depends on it) while the test set stays put; for one seed the carve is as stable as the test
+    split (adding images moves only boundary images, duplicates stay together).
+    """
     train = [s for s in ds.samples if s.split == "train"]
     rest = [s for s in ds.samples if s.split != "train"]
-    carved = stratified_split(train, fraction, "valid", seed + 1)
-    notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified (seed {seed})"]
+    carved = stratified_split(train, fraction, "valid", salt=f"valid:{seed}", hashes=hashes)
+    notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified by image content "
+                        f"(seed {seed})"]
     return replace(ds, samples=carved + rest, notes=notes)
