@@ -222,8 +222,12 @@ def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, byte
 
 
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
+    """Rows `path,label[,split]`; an empty path or label, or a path listed twice with another label or split,
+    is an error naming the line(s); a row repeated exactly is read once, with a note."""
     base = manifest.parent.resolve()
     rows = []
+    first: dict[Path, tuple[str, str, int]] = {}  # file -> (label, split, line) of its first row
+    repeats: list[tuple[int, int]] = []
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -233,6 +237,10 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             if len(row) < 2:
                 raise DatasetError(f"{manifest}:{lineno}: expected 'path,label[,split]', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
+            if not path:
+                raise DatasetError(f"{manifest}:{lineno}: empty path (every row needs path,label[,split])")
+            if not label:
+                raise DatasetError(f"{manifest}:{lineno}: empty label for {path!r} (every row needs path,label[,split])")
             split = SPLIT_ALIASES.get(row[2].strip().lower(), None) if len(row) > 2 and row[2].strip() else "train"
             if split is None:
                 raise DatasetError(f"{manifest}:{lineno}: unknown split {row[2]!r} (use train, valid or test)")
@@ -240,6 +248,15 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             if not allow_outside and not full.is_relative_to(base):
                 raise DatasetError(f"{manifest}:{lineno}: path {path!r} points outside {base}; "
                                    "pass --allow-outside to allow it")
+            if full in first:
+                label0, split0, line0 = first[full]
+                if (label0, split0) != (label, split):
+                    raise DatasetError(f"{manifest}: {path!r} is listed twice: line {line0} ({label0}, {split0}) "
+                                       f"and line {lineno} ({label}, {split}); one file can have one label and "
+                                       "one split")
+                repeats.append((lineno, line0))
+                continue
+            first[full] = (label, split, lineno)
             rows.append((str(base / path), label, split, lineno))
     classes = sorted({label for _, label, split, _ in rows if split == "train"})
     index = {c: i for i, c in enumerate(classes)}
@@ -248,7 +265,13 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
         if label not in index:
             raise DatasetError(f"{manifest}:{lineno}: class '{label}' ({split}) has no training images")
         samples.append(Sample(path, index[label], split))
-    return ImageDataset(manifest, classes, samples, "csv")
+    notes = []
+    if repeats:
+        shown = ", ".join(str(line) for line, _ in repeats[:10]) + (", ..." if len(repeats) > 10 else "")
+        notes.append(f"{manifest}: {len(repeats)} row(s) repeat an earlier row (same path, label and split) and were "
+                     f"read once: lines {shown} (first listed on line(s) "
+                     f"{', '.join(str(line0) for _, line0 in repeats[:10])})")
+    return ImageDataset(manifest, classes, samples, "csv", notes)
 
 
 def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2,
