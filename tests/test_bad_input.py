@@ -50,3 +50,38 @@ def test_csv_exact_repeat_is_read_once_with_a_note(tmp_path):
     assert [n for n in ds.notes if "lines 8, 9" in n and "read once" in n]
 
 
+# --- command-line numbers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["run", "d", "--epochs", "-3"], ["run", "d", "--epochs", "0"], ["run", "d", "--cv", "1"],
+    ["run", "d", "--batch-size", "-8"], ["run", "d", "--valid-fraction", "1.5"], ["run", "d", "--test-fraction", "-0.1"],
+    ["run", "d", "--valid-fraction", "nan"], ["run", "d", "--seed", "-1"], ["run", "d", "--workers", "-2"],
+    ["run", "d", "--ft-epochs", "0"], ["run", "d", "--ft-lr", "-0.001"], ["run", "d", "--accumulate", "0"],
+    ["run", "d", "--crop-scale", "0"], ["run", "d", "--label-smoothing", "1"], ["run", "d", "--patience", "-1"],
+    ["run", "d", "--layer-decay", "0"], ["run", "d", "--num-nodes", "0"], ["finetune", "d", "--epochs", "-3"],
+    ["extract", "d", "--chunk-size", "0"], ["predict", "b", "x.jpg", "--top-k", "0"], ["demo", "--seed", "-5"],
+    ["export", "b", "--onnx", "m.onnx", "--opset", "0"], ["run", "d", "--epochs", "three"],
+])
+def test_nonsensical_numbers_are_argparse_errors_naming_the_value(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    flag, value = argv[-2:]
+    assert f"argument {flag}" in err and value in err, err
+
+
+def test_sensible_numbers_still_parse():
+    a = build_parser().parse_args(["run", "d", "--epochs", "1", "--cv", "0", "--valid-fraction", "0",
+                                   "--test-fraction", "0.3", "--seed", "7", "--workers", "0", "--label-smoothing", "0.1"])
+    assert (a.epochs, a.cv, a.valid_fraction, a.test_fraction, a.seed, a.workers) == (1, 0, 0.0, 0.3, 7, 0)
+    assert build_parser().parse_args(["run", "d", "--cv", "5"]).cv == 5
+
+
+def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
+    from transferlab.cli import main
+    (tmp_path / "c.yaml").write_text(f"data: {tmp_path}\nepochs: -3\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "epochs must be a positive integer, got -3" in capsys.readouterr().err
+
+
