@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, features
 
 from transferlab.cli import build_parser
-from transferlab.data.datasets import DatasetError, discover
+from transferlab.data.datasets import DatasetError, DatasetWarning, discover
 from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
 
 from .conftest import make_image, make_imagefolder
@@ -85,3 +85,61 @@ def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
     assert "epochs must be a positive integer, got -3" in capsys.readouterr().err
 
 
+# --- files that are not read --------------------------------------------------------------------
+
+def test_unknown_extension_and_no_extension_are_listed_as_skipped(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    (root / "train" / "a" / "notes.txt").write_text("shot on a sunny day")
+    shutil.copy(root / "train" / "b" / "000.png", root / "train" / "b" / "IMG_0001")  # an image without extension
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"junk")  # OS junk stays silent
+    (root / "train" / "a" / "Thumbs.db").write_bytes(b"junk")
+    with pytest.warns(DatasetWarning, match="2 files"):
+        ds = discover(root)
+    assert {Path(s["path"]).name: s["reason"] for s in ds.skipped} == {
+        "notes.txt": "not an image extension (.txt)",
+        "IMG_0001": "no file extension (rename it with its image type's extension to use it)"}
+    notes = "\n".join(ds.notes)
+    assert "notes.txt" in notes and "IMG_0001" in notes and ".DS_Store" not in notes and "Thumbs.db" not in notes
+
+
+@pytest.mark.skipif(not features.check_module("avif"), reason="this Pillow has no AVIF support")
+def test_avif_is_read_where_pillow_has_it(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(root / "train" / "a" / "phone.avif")
+    ds = discover(root, valid_fraction=0)
+    assert any(p.endswith("phone.avif") for p in ds.paths("train")) and not ds.skipped
+    assert load_rgb(root / "train" / "a" / "phone.avif").size == (16, 12)
+
+
+def test_heic_without_the_extra_is_listed_with_what_to_install(tmp_path):
+    if ".heic" in IMAGE_EXTENSIONS:
+        pytest.skip("pillow-heif is installed: HEIC is read (test_heic_with_the_extra_is_read)")
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    for name in ("IMG_1.HEIC", "IMG_2.heif"):
+        (root / "train" / "a" / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.warns(DatasetWarning, match=r"transferlab\[heic\]"):
+        ds = discover(root)
+    assert sorted(Path(s["path"]).name for s in ds.skipped) == ["IMG_1.HEIC", "IMG_2.heif"]
+    assert all(s["reason"] == "HEIC/HEIF needs the heic extra: pip install 'transferlab[heic]'" for s in ds.skipped)
+    # named in a CSV manifest, extraction skips it with the same reason
+    with pytest.raises(Exception, match=r"transferlab\[heic\]"):
+        load_rgb(root / "train" / "a" / "IMG_1.HEIC")
+
+
+def test_heic_with_the_extra_is_read(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
+    pillow_heif.from_pillow(Image.new("RGB", (16, 12), (10, 200, 30))).save(root / "train" / "a" / "IMG_1.heic")
+    ds = discover(root, valid_fraction=0)
+    assert any(p.endswith("IMG_1.heic") for p in ds.paths("train")) and not ds.skipped
+    assert load_rgb(root / "train" / "a" / "IMG_1.heic").size == (16, 12)
+
+
+def test_class_folder_of_only_skipped_files_says_why_it_is_ignored(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    with pytest.warns(DatasetWarning):
+        ds = discover(root)
+    assert ds.classes == ["a", "b"]
+    assert [n for n in ds.notes if "train/c" in n and "no images" in n and "1 file skipped" in n]

@@ -6,12 +6,13 @@ import argparse
 import math
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
 from .features.cache import default_cache_dir
 from .config import ConfigError
-from .data.datasets import DatasetError
+from .data.datasets import DatasetError, DatasetWarning
 from .features.extract import PRECISIONS, ExtractionError
 
 
@@ -340,7 +341,7 @@ def cmd_extract(args) -> int:
         return 0
     print(f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
           f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision})")
-    for s in ex.skipped:
+    for s in ds.skipped + ex.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
         by_path = {s.path: s for s in ds.samples}
@@ -379,7 +380,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """Data warnings (files skipped, a class that cannot be learned) as one `transferlab: warning:` line."""
+    if issubclass(category, DatasetWarning):
+        return f"transferlab: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # which flags were given (run --config)
     handler = {"run": cmd_run, "finetune": cmd_run, "demo": cmd_demo, "extract": cmd_extract,

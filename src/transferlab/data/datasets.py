@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .hashing import content_hash, split_score
-from .images import IGNORED_DIRS, is_image_file
+from .images import IGNORED_DIRS, IMAGE_EXTENSIONS, is_image_file, skip_reason
 
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -32,6 +33,10 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val":
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message says what and where."""
+
+
+class DatasetWarning(UserWarning):
+    """Data that a study goes on without (files skipped, a class it cannot learn); the message says which."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class ImageDataset:
     samples: list[Sample]
     layout: str
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: files in class folders not read
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -79,8 +85,10 @@ def _is_loop(real: Path, folder: Path) -> bool:
     return real == top or real in top.parents
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`; symlinked folders are followed once each, link loops are not walked."""
+def _list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
+    """Image files under `folder`; symlinked folders are followed once each, link loops are not walked.
+
+    Other files (not hidden, not OS junk) go to `skipped` with the reason they are not read."""
     found = []
     seen = {Path(os.path.realpath(folder))}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -93,6 +101,9 @@ def _list_images(folder: Path) -> list[Path]:
             keep.append(d)
         dirnames[:] = keep
         found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f))]
+        if skipped is not None:
+            skipped += [{"path": os.path.join(dirpath, f), "reason": r} for f in sorted(filenames)
+                        if (r := skip_reason(Path(f)))]
     return found
 
 
@@ -170,13 +181,19 @@ def stratified_split(samples: list[Sample], fraction: float, new_split: str, see
     return [replace(s, split=new_split) if i in moved else s for i, s in enumerate(samples)]
 
 
-def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[Sample]]:
+def _no_images(cdir: Path, skipped: list[dict], before: int) -> str:
+    n = len(skipped) - before
+    return f"class folder {cdir} has no images" + (f" ({n} file{'s' * (n != 1)} skipped, see below)" if n else "")
+
+
+def _training_classes(folder: Path, notes: list[str], skipped: list[dict]) -> tuple[list[str], list[Sample]]:
     """Classes (sorted class folders with images) and their images as training samples; empty ones noted."""
     classes, samples = [], []
     for cdir in _class_dirs(folder, notes):
-        imgs = _list_images(cdir)
+        before = len(skipped)
+        imgs = _list_images(cdir, skipped)
         if not imgs:
-            notes.append(f"class folder {cdir} has no images: class ignored")
+            notes.append(f"{_no_images(cdir, skipped, before)}: class ignored")
             continue
         samples += [Sample(str(p), len(classes), "train") for p in imgs]
         classes.append(cdir.name)
@@ -186,7 +203,8 @@ def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[S
 def _from_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
     notes: list[str] = []
-    classes, samples = _training_classes(train_dir, notes)
+    skipped: list[dict] = []
+    classes, samples = _training_classes(train_dir, notes, skipped)
     index = {c: i for i, c in enumerate(classes)}
     for name in ("valid", "val", "validation", "test"):
         sdir = root / name
@@ -196,17 +214,18 @@ def _from_imagefolder(root: Path) -> ImageDataset:
         if any(s.split == split for s in samples):
             raise DatasetError(f"{root} has more than one {split} folder ({sdir})")
         for cdir in _class_dirs(sdir, notes):
-            imgs = _list_images(cdir)
+            before = len(skipped)
+            imgs = _list_images(cdir, skipped)
             if cdir.name not in index:
                 if not imgs:
-                    notes.append(f"class folder {cdir} has no images and is not a training class: ignored")
+                    notes.append(f"{_no_images(cdir, skipped, before)} and is not a training class: ignored")
                     continue
                 raise DatasetError(f"class '{cdir.name}' in {sdir} is not a class of {train_dir} "
                                    f"(training classes: {', '.join(classes)})")
             if not imgs:
-                notes.append(f"class folder {cdir} has no images")
+                notes.append(_no_images(cdir, skipped, before))
             samples += [Sample(str(p), index[cdir.name], split) for p in imgs]
-    return ImageDataset(root, classes, samples, "imagefolder", notes)
+    return ImageDataset(root, classes, samples, "imagefolder", notes, skipped)
 
 
 TEST_SALT = "test"  # the test set of class folders: the same for every --seed
@@ -214,11 +233,12 @@ TEST_SALT = "test"  # the test set of class folders: the same for every --seed
 
 def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, bytes]) -> ImageDataset:
     notes: list[str] = []
-    classes, samples = _training_classes(root, notes)
+    skipped: list[dict] = []
+    classes, samples = _training_classes(root, notes, skipped)
     samples = stratified_split(samples, test_fraction, "test", salt=TEST_SALT, hashes=hashes)
     notes.append(f"split class folders into train/test with test fraction {test_fraction}, by image content "
                  "(the same test set for every seed)")
-    return ImageDataset(root, classes, samples, "class-folders", notes)
+    return ImageDataset(root, classes, samples, "class-folders", notes, skipped)
 
 
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
@@ -294,13 +314,41 @@ def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fractio
     else:
         ds = _from_class_folders(root, test_fraction, hashes)
     if not ds.split("train"):
+        n = len(ds.skipped)
+        why = f"; {n} file{'s' * (n != 1)} skipped ({_skipped_summary(ds.skipped)})" if n else ""
         raise DatasetError(f"no training images found in {root} "
-                           f"(looked for {', '.join(sorted(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.gif', '.webp', '.tiff')))})")
+                           f"(looked for {', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}{why})")
     if len(ds.classes) < 2:
         raise DatasetError(f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two")
     if not ds.split("valid"):
         ds = carve_validation(ds, valid_fraction, seed, hashes=hashes)
+    if ds.skipped:
+        ds.notes += _skipped_notes(ds.skipped)
+        n = len(ds.skipped)
+        warnings.warn(f"{n} file{'s' * (n != 1)} in {root} skipped ({_skipped_summary(ds.skipped)}); "
+                      "the report's notes list them", DatasetWarning, stacklevel=2)
     return ds
+
+
+def _by_reason(skipped: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in skipped:
+        out.setdefault(s["reason"], []).append(s["path"])
+    return out
+
+
+def _skipped_summary(skipped: list[dict]) -> str:
+    return "; ".join(f"{len(paths)}: {reason}" for reason, paths in _by_reason(skipped).items())
+
+
+def _skipped_notes(skipped: list[dict], shown: int = 20) -> list[str]:
+    """One note per reason: how many files, and the first `shown` of them."""
+    notes = []
+    for reason, paths in _by_reason(skipped).items():
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        notes.append(f"{len(paths)} file{'s' * (len(paths) != 1)} skipped ({reason}): "
+                     f"{', '.join(paths[:shown])}{more}")
+    return notes
 
 
 def carve_validation(ds: ImageDataset, fraction: float, seed: int, *,
