@@ -143,3 +143,25 @@ def test_class_folder_of_only_skipped_files_says_why_it_is_ignored(tmp_path):
         ds = discover(root)
     assert ds.classes == ["a", "b"]
     assert [n for n in ds.notes if "train/c" in n and "no images" in n and "1 file skipped" in n]
+
+
+# --- a training class that extraction cannot read -----------------------------------------------
+
+def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, cache_dir):
+    from transferlab.study import StudyConfig, run_study
+    root = make_imagefolder(tmp_path / "d", {"train": {"ant": 8, "bee": 8, "cat": 6}, "test": {"ant": 3, "bee": 3, "cat": 2}})
+    for p in (root / "train" / "cat").iterdir():
+        p.write_bytes(b"not a picture")
+    cfg = StudyConfig(data=str(root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
+                      input_size=(32, 40), epochs=2, cache_dir=str(cache_dir), progress=False, num_workers=0,
+                      methods=["softmax", "svm"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_study(cfg)
+    ours = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+    assert len(ours) == 1 and "'cat'" in ours[0] and "6 training images" in ours[0] and "unreadable" in ours[0], ours
+    assert metrics["classes"] == ["ant", "bee", "cat"]  # still a class: its test images are scored ...
+    for name in ("softmax", "svm"):  # ... and the model cannot predict it
+        assert metrics["methods"][name]["per_class"]["cat"]["recall"] == 0.0
+    assert any("'cat'" in n and "cannot predict" in n for n in metrics["notes"])
+    assert "cannot predict" in (Path(cfg.out) / "report.md").read_text()
