@@ -6,7 +6,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, features
 
@@ -14,7 +13,7 @@ from transferlab.cli import build_parser
 from transferlab.data.datasets import DatasetError, DatasetWarning, discover
 from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
 
-from .conftest import make_image, make_imagefolder
+from .conftest import make_imagefolder
 
 
 # --- CSV manifests ------------------------------------------------------------------------------
