@@ -128,7 +128,8 @@ def _case_files(data: Path, outside: Path, rng) -> dict[str, list[tuple]]:
                          ("ignored", _save(_rgb(rng), A / ".thumbs" / "t.png"))],
         "macosx_folder": [("ignored", _save(_rgb(rng), data / "train" / "__MACOSX" / "ant" / "m.png")),
                           ("ignored", _save(_rgb(rng), A / "__MACOSX" / "n.png"))],
-        "not_an_image_extension": [("ignored", _write(A / "notes.txt", b"labels by hand\n"))],
+        "not_an_image_extension": [("absent", _write(A / "notes.txt", b"labels by hand\n")),  # not read, but
+                                   ("note", "notes.txt")],  # listed with its reason (issue 18), not dropped silently
         "empty_class_folder": [("note", "empty_class"), ("note", "ghost")],
         "same_image_train_and_test": [("used", str(T / "dup_of_train_000.png")),
                                       ("leak", str(T / "dup_of_train_000.png"))],

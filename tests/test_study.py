@@ -134,7 +134,9 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert metrics["weights"].startswith("embedded:") and len(metrics["classes"]) == 10
-    assert metrics["methods"]["svm"]["accuracy"] > 0.3  # ten classes: chance is 0.1
+    # ten classes: chance is 0.1. 14 test images, so one image is 0.07: over ten validation carves the svm
+    # scores 0.21-0.36 (mean 0.30, the same for seeded permutations and content-drawn carves)
+    assert metrics["methods"]["svm"]["accuracy"] > 0.2
 
 
 def test_extract_splits_times_the_warm_path_without_repeating_a_warm_pass(small_folder, tmp_path, cache_dir,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
 from .features.cache import default_cache_dir
 from .config import ConfigError
-from .data.datasets import DatasetError
+from .data.datasets import DatasetError, DatasetWarning
 from .features.extract import PRECISIONS, ExtractionError
 
 
@@ -41,6 +43,48 @@ def _similarity(text: str) -> float:
     return value
 
 
+def _number(convert, ok, what: str):
+    """An argparse `type=`: `convert` the text, then refuse it unless `ok(value)`, naming the value given."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _number(int, lambda n: n >= 1, "a positive integer")
+_count = _number(int, lambda n: n >= 0, "an integer >= 0")
+_seed = _number(int, lambda n: 0 <= n < 2**32, "a seed in [0, 2**32)")
+_folds = _number(int, lambda n: n == 0 or n >= 2, "0 (off) or a number of folds >= 2")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")  # 0: no such split
+_share = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_positive = _number(float, lambda v: 0.0 < v < math.inf, "a positive number")
+_non_negative = _number(float, lambda v: 0.0 <= v < math.inf, "a number >= 0")
+CONFIG_NUMBERS = {"epochs": _positive_int, "seed": _seed, "batch_size": _positive_int, "num_workers": _count,
+                  "valid_fraction": _fraction, "test_fraction": _fraction, "cv": _folds, "num_nodes": _positive_int,
+                  "dup_threshold": _similarity}  # the same checks for a config file's values
+
+
+def _check_numbers(cfg, source) -> None:
+    """A config file's numbers pass the checks their flags have (`--epochs -3` and `epochs: -3` alike)."""
+    for name, check in CONFIG_NUMBERS.items():
+        value = getattr(cfg, name)
+        if value is None and name == "num_workers":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                check in (_positive_int, _count, _seed, _folds) and not isinstance(value, int)):
+            raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+        try:
+            check(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{source}: {name} {exc}") from None
+
+
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm model name, e.g. resnet50.tv_in1k (default {DEFAULT_BACKBONE}; offline: {', '.join(EMBEDDED)})")
@@ -53,46 +97,49 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How features are computed and cached (extraction and prediction alike)."""
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (auto: bf16 where native)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader decoding workers (default: by device)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_count, default=None, help="DataLoader decoding workers (default: by device)")
     p.add_argument("--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--valid-fraction", type=float, default=0.1, help="carved from train when there is no valid/")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="for a root of class folders with no splits")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="heads, fine-tuning and the validation carve (the test split of class folders ignores it)")
+    p.add_argument("--valid-fraction", type=_fraction, default=0.1,
+                   help="carved from train when there is no valid/ (0: no validation split)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2,
+                   help="for a root of class folders with no splits (0: no test split)")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--allow-outside", action="store_true", help="let a CSV manifest name files outside its folder")
 
 
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="1", help="processes per node through Lightning, e.g. 4 GPUs (default 1)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)")
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp when several processes)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (method 'finetune')")
     g.add_argument("--unfreeze", default="all", help="backbone stages trained in stage 2: all, or the last N (0: head only)")
-    g.add_argument("--ft-epochs", type=int, default=10, help="stage 2 epochs (early stopping may end sooner)")
-    g.add_argument("--ft-lr", type=float, default=5e-4, help="AdamW learning rate of the head; stages below get less")
-    g.add_argument("--layer-decay", type=float, default=0.75, help="lr factor per stage further from the head")
-    g.add_argument("--ft-weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then the schedule")
+    g.add_argument("--ft-epochs", type=_positive_int, default=10, help="stage 2 epochs (early stopping may end sooner)")
+    g.add_argument("--ft-lr", type=_positive, default=5e-4, help="AdamW learning rate of the head; stages below get less")
+    g.add_argument("--layer-decay", type=_share, default=0.75, help="lr factor per stage further from the head")
+    g.add_argument("--ft-weight-decay", type=_non_negative, default=0.05)
+    g.add_argument("--warmup-epochs", type=_non_negative, default=1.0, help="linear warmup, then the schedule")
     g.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "constant"))
-    g.add_argument("--ft-batch-size", type=int, default=32, help="images per step and process")
-    g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--ft-batch-size", type=_positive_int, default=32, help="images per step and process")
+    g.add_argument("--accumulate", type=_positive_int, default=1, help="gradient accumulation steps")
     g.add_argument("--augment", default="crop,flip,color", help="training augmentation: any of crop,flip,color, or none")
-    g.add_argument("--crop-scale", type=float, default=0.5, help="smallest crop area fraction of the random resized crop")
-    g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
+    g.add_argument("--crop-scale", type=_share, default=0.5, help="smallest crop area fraction of the random resized crop")
+    g.add_argument("--color-jitter", type=_non_negative, default=0.2, help="brightness/contrast/saturation jitter strength")
     g.add_argument("--bn", default="train", choices=("train", "frozen"),
                    help="BatchNorm statistics of trained stages: train (update) or frozen (frozen stages never update)")
     g.add_argument("--ft-class-weight", default=None, choices=("balanced",),
                    help="stage 2 loss weights: balanced (inverse class frequency); default unweighted")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="stage 2 cross-entropy label smoothing")
-    g.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
+    g.add_argument("--label-smoothing", type=_fraction, default=0.0, help="stage 2 cross-entropy label smoothing")
+    g.add_argument("--patience", type=_count, default=5, help="early stopping patience in epochs (0: off)")
     g.add_argument("--monitor", default="val_macro_f1", choices=("val_macro_f1", "val_loss", "val_acc"),
                    help="validation metric for early stopping and the best checkpoint")
     g.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/methods/finetune/checkpoints/last.ckpt")
@@ -126,7 +173,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-train", action="store_true",
                    help="heads also train on each training image's flipped features and predict on the mean of "
                         "both views (flipped features cached too)")
-    p.add_argument("--cv", type=int, default=0, metavar="K",
+    p.add_argument("--cv", type=_folds, default=0, metavar="K",
                    help="tune and select by K-fold stratified CV over train + valid (pooled out-of-fold scores) "
                         "instead of the validation split; final models are still fitted on train (default 0: off)")
     p.add_argument("--no-data-efficiency", dest="data_efficiency", action="store_false",
@@ -149,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/study", help="report folder")
     run.add_argument("--methods", default="softmax,svm",
                      help="comma-separated methods, or 'all' (" + _methods_help() + ")")
-    run.add_argument("--epochs", type=int, default=50, help="softmax head epochs")
+    run.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs")
     _add_selection_args(run)
     run.add_argument("--dup-threshold", type=_similarity, default=0.95,
                      help="leakage check: feature cosine similarity counted as a near-duplicate across splits")
@@ -162,20 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("data", help="ImageFolder root, root of class folders, or CSV manifest")
     ft.add_argument("--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/methods/finetune)")
     ft.add_argument("--methods", default="softmax,finetune", help="comma-separated methods")
-    ft.add_argument("--epochs", type=int, default=50, help="softmax head epochs (stage 1)")
+    ft.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs (stage 1)")
     _add_backbone_args(ft)
     _add_data_args(ft)
     _add_finetune_args(ft)
 
     demo = sub.add_parser("demo", help="build the offline demo data set and run the study on it")
     demo.add_argument("--out", default="demo_run", help="folder for the demo data and its report")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--no-progress", action="store_true")
 
     ext = sub.add_parser("extract", help="extract (and cache) features only; optionally save them as .npz")
     ext.add_argument("data")
     ext.add_argument("--save", help="write features, labels, paths and splits to this .npz file")
-    ext.add_argument("--chunk-size", type=int, default=512, help="images per cache chunk (work kept if interrupted)")
+    ext.add_argument("--chunk-size", type=_positive_int, default=512, help="images per cache chunk (work kept if interrupted)")
     _add_backbone_args(ext)
     _add_data_args(ext)
     _add_scale_args(ext)
@@ -188,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
     pred.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     pred.add_argument("--out", default="predictions.csv", help="CSV: path, predicted, probability[, top-k][, label]")
-    pred.add_argument("--top-k", type=int, default=1, help="also write the K most probable classes")
+    pred.add_argument("--top-k", type=_positive_int, default=1, help="also write the K most probable classes")
     pred.add_argument("--evaluate", action="store_true",
                       help="images are in folders named after classes: print the classification report")
     _add_bundle_args(pred)
@@ -198,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a bundle's backbone + head as one ONNX graph")
     exp.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
     exp.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
-    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--opset", type=_positive_int, default=17)
     _add_bundle_args(exp)
     return parser
 
@@ -228,6 +275,7 @@ def cmd_run(args) -> int:
     if getattr(args, "config", None):  # the file's values, then the flags actually given
         from .config import given_dests, load, merge
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
+        _check_numbers(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
     from .heads.registry import resolve_methods
@@ -293,7 +341,7 @@ def cmd_extract(args) -> int:
         return 0
     print(f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
           f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision})")
-    for s in ex.skipped:
+    for s in ds.skipped + ex.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
         by_path = {s.path: s for s in ds.samples}
@@ -332,7 +380,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """Data warnings (files skipped, a class that cannot be learned) as one `transferlab: warning:` line."""
+    if issubclass(category, DatasetWarning):
+        return f"transferlab: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # which flags were given (run --config)
     handler = {"run": cmd_run, "finetune": cmd_run, "demo": cmd_demo, "extract": cmd_extract,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .report import writer as report
 from .features.backbones import load_backbone
-from .data.datasets import discover
+from .data.datasets import DatasetWarning, discover
 from .config import StudyConfig
 from .evaluation.metrics import evaluate, full_proba
 from .features.extract import extract_features
@@ -75,6 +76,30 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
     return splits, info
 
 
+def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[dict]) -> list[str]:
+    """Training classes none of whose training images could be read: one warning each, also in the notes.
+
+    The study goes on, as it does past any unreadable image (`--strict` stops at the first): such a class
+    keeps its place in the class list, no head is trained on it, and its valid and test images are still
+    scored, as a class the model cannot predict (recall 0), rather than dropped from the numbers unseen.
+    """
+    trained = set(np.unique(splits["train"].y).tolist())
+    reason = {s["path"]: s["reason"] for s in skipped}
+    found = []
+    for label, name in enumerate(ds.classes):
+        if label in trained:
+            continue
+        paths = [s.path for s in ds.split("train") if s.label == label]
+        n_test = int((splits["test"].y == label).sum())
+        example = f"e.g. {paths[0]}: {reason.get(paths[0], 'not read')}" if paths else "none listed"
+        msg = (f"class '{name}': all {len(paths)} training images unreadable ({example}); no head learns it, "
+               f"and its {n_test} test images are scored as a class the model cannot predict")
+        warnings.warn(msg, DatasetWarning, stacklevel=2)
+        ds.notes.append(msg)
+        found.append(name)
+    return found
+
+
 def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str]) -> dict:
     """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
@@ -126,6 +151,7 @@ def run_study(cfg: StudyConfig) -> dict:
         skipped = extract_info["skipped"]
         hint = f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}{hint}")
+    warn_untrained_classes(ds, splits, extract_info["skipped"])
     results = {}
     for name in cfg.methods:
         _seed_everything(cfg.seed)

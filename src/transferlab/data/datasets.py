@@ -2,11 +2,14 @@
 
 Three layouts are read, and nothing is ever written inside them:
 - an ImageFolder root with `train/` and optional `valid/` (or `val/`) and `test/` folders of class folders;
-- a root of class folders directly, split here (stratified, seeded) into train/valid/test;
+- a root of class folders directly, split here (stratified, by image content) into train/valid/test;
 - a CSV manifest `path,label[,split]`, paths relative to the CSV file.
 
 Classes come from the training data, sorted like torchvision's ImageFolder. When there is no
-validation split, one is carved from train (stratified, seeded); test is never touched for that.
+validation split, one is carved from train (stratified, by image content and seed); test is never
+touched for that. Splits made here follow each image's bytes (`stratified_split`): adding or removing
+images moves only images at a class's boundary, exact duplicates share a split, and the test set of
+class folders is the same for every seed.
 `list_images` is the one folder walk (hidden files skipped, symlink loops not followed) that
 `transferlab predict` uses too.
 """
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .images import IGNORED_DIRS, is_image_file
+from .hashing import content_hash, split_score
+from .images import IGNORED_DIRS, IMAGE_EXTENSIONS, is_image_file, skip_reason
 
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -30,6 +35,10 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val":
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message says what and where."""
+
+
+class DatasetWarning(UserWarning):
+    """Data that a study goes on without (files skipped, a class it cannot learn); the message says which."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class ImageDataset:
     samples: list[Sample]
     layout: str
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: files in class folders not read
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -77,8 +87,10 @@ def _is_loop(real: Path, folder: Path) -> bool:
     return real == top or real in top.parents
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`; symlinked folders are followed once each, link loops are not walked."""
+def list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
+    """Image files under `folder`; symlinked folders are followed once each, link loops are not walked.
+
+    Other files (not hidden, not OS junk) go to `skipped` with the reason they are not read."""
     found = []
     seen = {Path(os.path.realpath(folder))}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -91,6 +103,9 @@ def list_images(folder: Path) -> list[Path]:
             keep.append(d)
         dirnames[:] = keep
         found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f))]
+        if skipped is not None:
+            skipped += [{"path": os.path.join(dirpath, f), "reason": r} for f in sorted(filenames)
+                        if (r := skip_reason(Path(f)))]
     return found
 
 
@@ -108,11 +123,48 @@ def _class_dirs(folder: Path, notes: list[str] | None = None) -> list[Path]:
     return dirs
 
 
-def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int) -> list[Sample]:
-    """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was."""
+def _content_key(path: str, hashes: dict[str, bytes]) -> bytes:
+    """The file's content hash (memoised in `hashes`); a file that cannot be read is keyed by its path."""
+    if path not in hashes:
+        try:
+            hashes[path] = content_hash(path)
+        except OSError:  # skipped with its reason at extraction; its split only needs to be deterministic
+            hashes[path] = b"unreadable:" + os.fsencode(path)
+    return hashes[path]
+
+
+def _lowest_scores(samples: list[Sample], idx: list[int], k: int, salt: str, hashes: dict[str, bytes]) -> list[int]:
+    """The `k` of `idx` whose content scores lowest under `salt`, exact duplicates taken together (never all)."""
+    groups: dict[bytes, list[int]] = {}
+    for i in idx:
+        groups.setdefault(_content_key(samples[i].path, hashes), []).append(i)
+    order = sorted(groups, key=lambda key: (split_score(key, salt), key))
+    taken: list[int] = []
+    for key in order[:-1]:  # the highest-scored group always stays: a class keeps at least one image
+        if len(taken) >= k:
+            break
+        taken += groups[key]
+    return taken
+
+
+def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int = 0, *,
+                     salt: str | None = None, hashes: dict[str, bytes] | None = None) -> list[Sample]:
+    """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was.
+
+    A class of n images gives up k = round(fraction * n) of them (at least one when fraction > 0 and n >= 3,
+    never all n). With `salt` (image files), the k moved are those with the lowest score
+    SHA-256(content hash || salt) / 2**256, a uniform u in [0, 1): an image's side depends only on its bytes,
+    the salt and its class's k, so adding or removing images moves only those images and the images at the
+    class's boundary (never an image of another class), renaming a file moves nothing, and exact duplicates
+    (same bytes) move together: a run of duplicates at the boundary moves whole, so a class can give up a
+    few more than k. `hashes` (path -> content hash) saves reading a file twice across calls. Without a salt
+    (samples that are not files, e.g. rows of a feature matrix in `heads.search.holdout_split`), a permutation
+    per class drawn from one `seed`ed stream picks them.
+    """
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"split fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if salt is None else None
+    hashes = {} if hashes is None else hashes
     by_class: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         by_class.setdefault(s.label, []).append(i)
@@ -124,17 +176,26 @@ def stratified_split(samples: list[Sample], fraction: float, new_split: str, see
         if fraction > 0 and n >= 3:
             k = max(k, 1)
         k = min(k, n - 1)
-        moved.update(idx[j] for j in rng.permutation(n)[:k])
+        if salt is None:
+            moved.update(idx[j] for j in rng.permutation(n)[:k])
+        else:
+            moved.update(_lowest_scores(samples, idx, k, salt, hashes))
     return [replace(s, split=new_split) if i in moved else s for i, s in enumerate(samples)]
 
 
-def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[Sample]]:
+def _no_images(cdir: Path, skipped: list[dict], before: int) -> str:
+    n = len(skipped) - before
+    return f"class folder {cdir} has no images" + (f" ({n} file{'s' * (n != 1)} skipped, see below)" if n else "")
+
+
+def _training_classes(folder: Path, notes: list[str], skipped: list[dict]) -> tuple[list[str], list[Sample]]:
     """Classes (sorted class folders with images) and their images as training samples; empty ones noted."""
     classes, samples = [], []
     for cdir in _class_dirs(folder, notes):
-        imgs = list_images(cdir)
+        before = len(skipped)
+        imgs = list_images(cdir, skipped)
         if not imgs:
-            notes.append(f"class folder {cdir} has no images: class ignored")
+            notes.append(f"{_no_images(cdir, skipped, before)}: class ignored")
             continue
         samples += [Sample(str(p), len(classes), "train") for p in imgs]
         classes.append(cdir.name)
@@ -144,7 +205,8 @@ def _training_classes(folder: Path, notes: list[str]) -> tuple[list[str], list[S
 def _from_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
     notes: list[str] = []
-    classes, samples = _training_classes(train_dir, notes)
+    skipped: list[dict] = []
+    classes, samples = _training_classes(train_dir, notes, skipped)
     index = {c: i for i, c in enumerate(classes)}
     for name in ("valid", "val", "validation", "test"):
         sdir = root / name
@@ -154,30 +216,40 @@ def _from_imagefolder(root: Path) -> ImageDataset:
         if any(s.split == split for s in samples):
             raise DatasetError(f"{root} has more than one {split} folder ({sdir})")
         for cdir in _class_dirs(sdir, notes):
-            imgs = list_images(cdir)
+            before = len(skipped)
+            imgs = list_images(cdir, skipped)
             if cdir.name not in index:
                 if not imgs:
-                    notes.append(f"class folder {cdir} has no images and is not a training class: ignored")
+                    notes.append(f"{_no_images(cdir, skipped, before)} and is not a training class: ignored")
                     continue
                 raise DatasetError(f"class '{cdir.name}' in {sdir} is not a class of {train_dir} "
                                    f"(training classes: {', '.join(classes)})")
             if not imgs:
-                notes.append(f"class folder {cdir} has no images")
+                notes.append(_no_images(cdir, skipped, before))
             samples += [Sample(str(p), index[cdir.name], split) for p in imgs]
-    return ImageDataset(root, classes, samples, "imagefolder", notes)
+    return ImageDataset(root, classes, samples, "imagefolder", notes, skipped)
 
 
-def _from_class_folders(root: Path, seed: int, valid_fraction: float, test_fraction: float) -> ImageDataset:
+TEST_SALT = "test"  # the test set of class folders: the same for every --seed
+
+
+def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, bytes]) -> ImageDataset:
     notes: list[str] = []
-    classes, samples = _training_classes(root, notes)
-    samples = stratified_split(samples, test_fraction, "test", seed)
-    notes.append(f"split class folders into train/test with test fraction {test_fraction} (seed {seed})")
-    return ImageDataset(root, classes, samples, "class-folders", notes)
+    skipped: list[dict] = []
+    classes, samples = _training_classes(root, notes, skipped)
+    samples = stratified_split(samples, test_fraction, "test", salt=TEST_SALT, hashes=hashes)
+    notes.append(f"split class folders into train/test with test fraction {test_fraction}, by image content "
+                 "(the same test set for every seed)")
+    return ImageDataset(root, classes, samples, "class-folders", notes, skipped)
 
 
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
+    """Rows `path,label[,split]`; an empty path or label, or a path listed twice with another label or split,
+    is an error naming the line(s); a row repeated exactly is read once, with a note."""
     base = manifest.parent.resolve()
     rows = []
+    first: dict[Path, tuple[str, str, int]] = {}  # file -> (label, split, line) of its first row
+    repeats: list[tuple[int, int]] = []
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -187,6 +259,10 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             if len(row) < 2:
                 raise DatasetError(f"{manifest}:{lineno}: expected 'path,label[,split]', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
+            if not path:
+                raise DatasetError(f"{manifest}:{lineno}: empty path (every row needs path,label[,split])")
+            if not label:
+                raise DatasetError(f"{manifest}:{lineno}: empty label for {path!r} (every row needs path,label[,split])")
             split = SPLIT_ALIASES.get(row[2].strip().lower(), None) if len(row) > 2 and row[2].strip() else "train"
             if split is None:
                 raise DatasetError(f"{manifest}:{lineno}: unknown split {row[2]!r} (use train, valid or test)")
@@ -194,6 +270,15 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             if not allow_outside and not full.is_relative_to(base):
                 raise DatasetError(f"{manifest}:{lineno}: path {path!r} points outside {base}; "
                                    "pass --allow-outside to allow it")
+            if full in first:
+                label0, split0, line0 = first[full]
+                if (label0, split0) != (label, split):
+                    raise DatasetError(f"{manifest}: {path!r} is listed twice: line {line0} ({label0}, {split0}) "
+                                       f"and line {lineno} ({label}, {split}); one file can have one label and "
+                                       "one split")
+                repeats.append((lineno, line0))
+                continue
+            first[full] = (label, split, lineno)
             rows.append((str(base / path), label, split, lineno))
     classes = sorted({label for _, label, split, _ in rows if split == "train"})
     index = {c: i for i, c in enumerate(classes)}
@@ -202,13 +287,24 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
         if label not in index:
             raise DatasetError(f"{manifest}:{lineno}: class '{label}' ({split}) has no training images")
         samples.append(Sample(path, index[label], split))
-    return ImageDataset(manifest, classes, samples, "csv")
+    notes = []
+    if repeats:
+        shown = ", ".join(str(line) for line, _ in repeats[:10]) + (", ..." if len(repeats) > 10 else "")
+        notes.append(f"{manifest}: {len(repeats)} row(s) repeat an earlier row (same path, label and split) and were "
+                     f"read once: lines {shown} (first listed on line(s) "
+                     f"{', '.join(str(line0) for _, line0 in repeats[:10])})")
+    return ImageDataset(manifest, classes, samples, "csv", notes)
 
 
 def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2,
              allow_outside: bool = False) -> ImageDataset:
-    """Read a dataset from a folder or CSV manifest; always returns train, valid and (usually) test."""
+    """Read a dataset from a folder or CSV manifest; always returns train, valid and (usually) test.
+
+    Splits made here are drawn by image content (see `stratified_split`): the test set of a root of class
+    folders does not depend on `seed`; a validation split carved from train does (`carve_validation`).
+    """
     root = Path(source).expanduser()
+    hashes: dict[str, bytes] = {}  # content hashes, read once for both carves
     if not root.exists():
         raise DatasetError(f"dataset not found: {root}")
     if root.is_file():
@@ -218,21 +314,56 @@ def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fractio
     elif (root / "train").is_dir():
         ds = _from_imagefolder(root)
     else:
-        ds = _from_class_folders(root, seed, valid_fraction, test_fraction)
+        ds = _from_class_folders(root, test_fraction, hashes)
     if not ds.split("train"):
+        n = len(ds.skipped)
+        why = f"; {n} file{'s' * (n != 1)} skipped ({_skipped_summary(ds.skipped)})" if n else ""
         raise DatasetError(f"no training images found in {root} "
-                           f"(looked for {', '.join(sorted(e.lstrip('.') for e in ('.jpg', '.png', '.bmp', '.gif', '.webp', '.tiff')))})")
+                           f"(looked for {', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}{why})")
     if len(ds.classes) < 2:
         raise DatasetError(f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two")
     if not ds.split("valid"):
-        ds = carve_validation(ds, valid_fraction, seed)
+        ds = carve_validation(ds, valid_fraction, seed, hashes=hashes)
+    if ds.skipped:
+        ds.notes += _skipped_notes(ds.skipped)
+        n = len(ds.skipped)
+        warnings.warn(f"{n} file{'s' * (n != 1)} in {root} skipped ({_skipped_summary(ds.skipped)}); "
+                      "the report's notes list them", DatasetWarning, stacklevel=2)
     return ds
 
 
-def carve_validation(ds: ImageDataset, fraction: float, seed: int) -> ImageDataset:
-    """Move a stratified, seeded `fraction` of train to valid (never touches test)."""
+def _by_reason(skipped: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in skipped:
+        out.setdefault(s["reason"], []).append(s["path"])
+    return out
+
+
+def _skipped_summary(skipped: list[dict]) -> str:
+    return "; ".join(f"{len(paths)}: {reason}" for reason, paths in _by_reason(skipped).items())
+
+
+def _skipped_notes(skipped: list[dict], shown: int = 20) -> list[str]:
+    """One note per reason: how many files, and the first `shown` of them."""
+    notes = []
+    for reason, paths in _by_reason(skipped).items():
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        notes.append(f"{len(paths)} file{'s' * (len(paths) != 1)} skipped ({reason}): "
+                     f"{', '.join(paths[:shown])}{more}")
+    return notes
+
+
+def carve_validation(ds: ImageDataset, fraction: float, seed: int, *,
+                     hashes: dict[str, bytes] | None = None) -> ImageDataset:
+    """Move a stratified `fraction` of train to valid by image content, salted with `seed` (never touches test).
+
+    The seed is part of the salt on purpose: another seed draws another validation split (to see how much
+    selection depends on it) while the test set stays put; for one seed the carve is as stable as the test
+    split (adding images moves only boundary images, duplicates stay together).
+    """
     train = [s for s in ds.samples if s.split == "train"]
     rest = [s for s in ds.samples if s.split != "train"]
-    carved = stratified_split(train, fraction, "valid", seed + 1)
-    notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified (seed {seed})"]
+    carved = stratified_split(train, fraction, "valid", salt=f"valid:{seed}", hashes=hashes)
+    notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified by image content "
+                        f"(seed {seed})"]
     return replace(ds, samples=carved + rest, notes=notes)

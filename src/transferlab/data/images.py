@@ -4,6 +4,10 @@ Every decoded image is RGB, 8 bits per channel, EXIF orientation applied, first 
 animations, transparency composited on white. Anything unreadable raises `ImageError`
 with the path and the reason, so callers can skip and report it. `to_rgb` applies the same
 conversion to a PIL image already in memory (bundles and ONNX preprocessing use it).
+
+Phone formats: AVIF is read where Pillow has AVIF support (its recent wheels do); HEIC/HEIF is read
+with the `heic` extra (pillow-heif, registered here when installed). Files that are not read say why
+(`skip_reason`), so a dataset lists them instead of dropping them silently.
 """
 
 from __future__ import annotations
@@ -12,10 +16,35 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+AVIF_EXTENSIONS = frozenset({".avif", ".avifs"})
+HEIF_REASON = "HEIC/HEIF needs the heic extra: pip install 'transferlab[heic]'"
+AVIF_REASON = "AVIF needs a Pillow with AVIF support: pip install -U pillow"
 IGNORED_DIRS = frozenset({"__MACOSX"})
+IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})  # OS junk, like hidden files: never listed
+
+
+def _plugin_extensions() -> frozenset[str]:
+    """AVIF where this Pillow reads it; HEIC/HEIF where pillow-heif is installed (its opener registered now)."""
+    found = set()
+    try:
+        if features.check_module("avif"):
+            found |= AVIF_EXTENSIONS
+    except ValueError:  # a Pillow that does not know the module
+        pass
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        pass
+    else:
+        register_heif_opener()
+        found |= HEIF_EXTENSIONS
+    return frozenset(found)
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}) | _plugin_extensions()
 
 
 class ImageError(Exception):
@@ -36,8 +65,22 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def skip_reason(path: Path) -> str | None:
+    """Why a file that `is_image_file` refuses is not read, for the list of skipped files; None for an
+    image, a hidden file or OS junk (`Thumbs.db`), which are not worth a word."""
+    name, suffix = path.name, path.suffix.lower()
+    if is_image_file(path) or name.startswith(".") or name.lower() in IGNORED_FILES:
+        return None
+    if suffix in HEIF_EXTENSIONS:
+        return HEIF_REASON
+    if suffix in AVIF_EXTENSIONS:
+        return AVIF_REASON
+    if not suffix:
+        return "no file extension (rename it with its image type's extension to use it)"
+    return f"not an image extension ({suffix})"
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """A decoded PIL image as 8-bit RGB: 16-bit and float scaled, palettes expanded, transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -77,4 +120,6 @@ def load_rgb(path) -> Image.Image:
         raise ImageError(path, f"too large to decode safely ({exc})") from None
     except Exception as exc:  # PIL raises many types for broken files
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"cannot decode ({type(exc).__name__}: {exc})"
+        if path.suffix.lower() in (HEIF_EXTENSIONS | AVIF_EXTENSIONS) - IMAGE_EXTENSIONS and reason != "empty file":
+            reason = skip_reason(path) or reason  # e.g. a .heic named in a CSV manifest without the heic extra
         raise ImageError(path, reason) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..features.cache import content_hash
+from ..data.hashing import content_hash
 
 COMPARISONS = (("test", "train"), ("valid", "train"), ("test", "valid"))
 SWEEP = (0.9, 0.95, 0.98)

@@ -29,7 +29,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-HASH_BYTES = 16
+from ..data.hashing import HASH_BYTES, content_hash  # noqa: F401  (content_hash: the cache key, re-exported)
 
 
 def default_cache_dir() -> Path:
@@ -38,15 +38,6 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "transferlab"
-
-
-def content_hash(path) -> bytes:
-    """Hash of the file's bytes: the same picture under another name hits the cache."""
-    h = hashlib.blake2b(digest_size=HASH_BYTES)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
 
 
 def _checksum(keys: np.ndarray, feats: np.ndarray) -> str:

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
 from .backbones import Backbone
-from .cache import FeatureCache, content_hash, default_cache_dir
+from ..data.hashing import content_hash
+from .cache import FeatureCache, default_cache_dir
 from ..data.images import ImageError, load_rgb
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -1,0 +1,166 @@
+"""Bad input is a clear error naming the file and line, or a listed skip, never silent (issue 18, bug 6)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image, features
+
+from transferlab.cli import build_parser
+from transferlab.data.datasets import DatasetError, DatasetWarning, discover
+from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
+
+from .conftest import make_imagefolder
+
+
+# --- CSV manifests ------------------------------------------------------------------------------
+
+def _manifest(tmp_path: Path, rows: list[str]) -> Path:
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 4, "b": 4}})
+    (tmp_path / "m.csv").write_text("\n".join(["path,label,split", *rows]) + "\n")
+    return tmp_path / "m.csv"
+
+
+def _rows(n=3) -> list[str]:
+    return [f"imgs/all/{c}/{i:03d}.png,{c},train" for c in ("a", "b") for i in range(n)]
+
+
+def test_csv_empty_label_names_file_and_line(tmp_path):
+    m = _manifest(tmp_path, _rows() + ["imgs/all/a/003.png, ,train"])
+    with pytest.raises(DatasetError, match=r"m\.csv:8: empty label"):
+        discover(m)
+
+
+def test_csv_path_listed_twice_with_another_split_or_label_names_both_lines(tmp_path):
+    for clash in ("imgs/all/a/000.png,a,valid", "imgs/all/a/000.png,b,train", "imgs/all/./a/000.png,a,test"):
+        m = _manifest(tmp_path, _rows() + [clash])
+        with pytest.raises(DatasetError, match=r"m\.csv.*imgs/all/(\./)?a/000\.png.*lines? 2 .*8") as err:
+            discover(m)
+        assert "listed twice" in str(err.value)
+
+
+def test_csv_exact_repeat_is_read_once_with_a_note(tmp_path):
+    m = _manifest(tmp_path, _rows() + ["imgs/all/a/000.png,a,train", "imgs/all/b/001.png,b,train"])
+    ds = discover(m, valid_fraction=0)
+    assert len(ds.samples) == 6 and len({s.path for s in ds.samples}) == 6
+    assert [n for n in ds.notes if "lines 8, 9" in n and "read once" in n]
+
+
+# --- command-line numbers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["run", "d", "--epochs", "-3"], ["run", "d", "--epochs", "0"], ["run", "d", "--cv", "1"],
+    ["run", "d", "--batch-size", "-8"], ["run", "d", "--valid-fraction", "1.5"], ["run", "d", "--test-fraction", "-0.1"],
+    ["run", "d", "--valid-fraction", "nan"], ["run", "d", "--seed", "-1"], ["run", "d", "--workers", "-2"],
+    ["run", "d", "--ft-epochs", "0"], ["run", "d", "--ft-lr", "-0.001"], ["run", "d", "--accumulate", "0"],
+    ["run", "d", "--crop-scale", "0"], ["run", "d", "--label-smoothing", "1"], ["run", "d", "--patience", "-1"],
+    ["run", "d", "--layer-decay", "0"], ["run", "d", "--num-nodes", "0"], ["finetune", "d", "--epochs", "-3"],
+    ["extract", "d", "--chunk-size", "0"], ["predict", "b", "x.jpg", "--top-k", "0"], ["demo", "--seed", "-5"],
+    ["export", "b", "--onnx", "m.onnx", "--opset", "0"], ["run", "d", "--epochs", "three"],
+])
+def test_nonsensical_numbers_are_argparse_errors_naming_the_value(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    flag, value = argv[-2:]
+    assert f"argument {flag}" in err and value in err, err
+
+
+def test_sensible_numbers_still_parse():
+    a = build_parser().parse_args(["run", "d", "--epochs", "1", "--cv", "0", "--valid-fraction", "0",
+                                   "--test-fraction", "0.3", "--seed", "7", "--workers", "0", "--label-smoothing", "0.1"])
+    assert (a.epochs, a.cv, a.valid_fraction, a.test_fraction, a.seed, a.workers) == (1, 0, 0.0, 0.3, 7, 0)
+    assert build_parser().parse_args(["run", "d", "--cv", "5"]).cv == 5
+
+
+def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
+    from transferlab.cli import main
+    (tmp_path / "c.yaml").write_text(f"data: {tmp_path}\nepochs: -3\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "epochs must be a positive integer, got -3" in capsys.readouterr().err
+
+
+# --- files that are not read --------------------------------------------------------------------
+
+def test_unknown_extension_and_no_extension_are_listed_as_skipped(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    (root / "train" / "a" / "notes.txt").write_text("shot on a sunny day")
+    shutil.copy(root / "train" / "b" / "000.png", root / "train" / "b" / "IMG_0001")  # an image without extension
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"junk")  # OS junk stays silent
+    (root / "train" / "a" / "Thumbs.db").write_bytes(b"junk")
+    with pytest.warns(DatasetWarning, match="2 files"):
+        ds = discover(root)
+    assert {Path(s["path"]).name: s["reason"] for s in ds.skipped} == {
+        "notes.txt": "not an image extension (.txt)",
+        "IMG_0001": "no file extension (rename it with its image type's extension to use it)"}
+    notes = "\n".join(ds.notes)
+    assert "notes.txt" in notes and "IMG_0001" in notes and ".DS_Store" not in notes and "Thumbs.db" not in notes
+
+
+@pytest.mark.skipif(not features.check_module("avif"), reason="this Pillow has no AVIF support")
+def test_avif_is_read_where_pillow_has_it(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(root / "train" / "a" / "phone.avif")
+    ds = discover(root, valid_fraction=0)
+    assert any(p.endswith("phone.avif") for p in ds.paths("train")) and not ds.skipped
+    assert load_rgb(root / "train" / "a" / "phone.avif").size == (16, 12)
+
+
+def test_heic_without_the_extra_is_listed_with_what_to_install(tmp_path):
+    if ".heic" in IMAGE_EXTENSIONS:
+        pytest.skip("pillow-heif is installed: HEIC is read (test_heic_with_the_extra_is_read)")
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    for name in ("IMG_1.HEIC", "IMG_2.heif"):
+        (root / "train" / "a" / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.warns(DatasetWarning, match=r"transferlab\[heic\]"):
+        ds = discover(root)
+    assert sorted(Path(s["path"]).name for s in ds.skipped) == ["IMG_1.HEIC", "IMG_2.heif"]
+    assert all(s["reason"] == "HEIC/HEIF needs the heic extra: pip install 'transferlab[heic]'" for s in ds.skipped)
+    # named in a CSV manifest, extraction skips it with the same reason
+    with pytest.raises(Exception, match=r"transferlab\[heic\]"):
+        load_rgb(root / "train" / "a" / "IMG_1.HEIC")
+
+
+def test_heic_with_the_extra_is_read(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
+    pillow_heif.from_pillow(Image.new("RGB", (16, 12), (10, 200, 30))).save(root / "train" / "a" / "IMG_1.heic")
+    ds = discover(root, valid_fraction=0)
+    assert any(p.endswith("IMG_1.heic") for p in ds.paths("train")) and not ds.skipped
+    assert load_rgb(root / "train" / "a" / "IMG_1.heic").size == (16, 12)
+
+
+def test_class_folder_of_only_skipped_files_says_why_it_is_ignored(tmp_path):
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    with pytest.warns(DatasetWarning):
+        ds = discover(root)
+    assert ds.classes == ["a", "b"]
+    assert [n for n in ds.notes if "train/c" in n and "no images" in n and "1 file skipped" in n]
+
+
+# --- a training class that extraction cannot read -----------------------------------------------
+
+def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, cache_dir):
+    from transferlab.study import StudyConfig, run_study
+    root = make_imagefolder(tmp_path / "d", {"train": {"ant": 8, "bee": 8, "cat": 6}, "test": {"ant": 3, "bee": 3, "cat": 2}})
+    for p in (root / "train" / "cat").iterdir():
+        p.write_bytes(b"not a picture")
+    cfg = StudyConfig(data=str(root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
+                      input_size=(32, 40), epochs=2, cache_dir=str(cache_dir), progress=False, num_workers=0,
+                      methods=["softmax", "svm"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_study(cfg)
+    ours = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+    assert len(ours) == 1 and "'cat'" in ours[0] and "6 training images" in ours[0] and "unreadable" in ours[0], ours
+    assert metrics["classes"] == ["ant", "bee", "cat"]  # still a class: its test images are scored ...
+    for name in ("softmax", "svm"):  # ... and the model cannot predict it
+        assert metrics["methods"][name]["per_class"]["cat"]["recall"] == 0.0
+    assert any("'cat'" in n and "cannot predict" in n for n in metrics["notes"])
+    assert "cannot predict" in (Path(cfg.out) / "report.md").read_text()
