@@ -160,3 +160,24 @@ def test_extract_splits_times_the_warm_path_without_repeating_a_warm_pass(small_
     _, warm = S.extract_splits(cfg, ds, tiny_backbone)
     assert calls == ["plain"] and warm["computed"] == 0  # already the warm path: not read a second time
     assert warm["cached_seconds"] == warm["seconds"]
+
+
+def test_metrics_time_every_stage_and_the_total(small_folder, tmp_path, cache_dir):
+    """Issue 16 (nothing silent): metrics.json's `timings` has extract, heads, analysis, report and total, the stages
+    add up to at most the total, and report.md's Timings section lists the stages it could time."""
+    m = run_study(_cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25))
+    t = json.loads((tmp_path / "run" / "metrics.json").read_text())["timings"]
+    assert list(t) == ["extract", "heads", "analysis", "report", "total"] and m["timings"] == t
+    assert all(v > 0 for v in t.values())
+    assert sum(t[k] for k in ("extract", "heads", "analysis", "report")) <= t["total"] + 1e-6
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "stage: extract" in md and "stage: heads" in md and "stage: analysis" in md
+
+
+def test_progress_shows_each_stage_after_extraction(small_folder, tmp_path, cache_dir, capsys):
+    cfg = _cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25)
+    cfg.progress = True
+    run_study(cfg)
+    shown = capsys.readouterr().out
+    for stage in ("heads", "analysis: selection, statistics, leakage", "report: bundles, tables, plots, report.html"):
+        assert stage in shown

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from .report import writer as report
 from .features.backbones import load_backbone
@@ -137,8 +140,21 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
     return out
 
 
+@contextmanager
+def _progress(enabled: bool):
+    """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
+    and ETA per stage, so nothing runs for minutes with nothing on screen."""
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not enabled, transient=False) as bar:
+        yield bar
+
+
 def run_study(cfg: StudyConfig) -> dict:
-    """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics."""
+    """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics.
+
+    metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
+    start = time.perf_counter()
     out = Path(cfg.out)
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     _seed_everything(cfg.seed)
@@ -146,35 +162,54 @@ def run_study(cfg: StudyConfig) -> dict:
                   allow_outside=cfg.allow_outside)
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size)
     splits, extract_info = extract_splits(cfg, ds, bb)
+    timings = {"extract": time.perf_counter() - start}
     if len(np.unique(splits["train"].y)) < 2:
         from .data.datasets import DatasetError
         skipped = extract_info["skipped"]
         hint = f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}{hint}")
     warn_untrained_classes(ds, splits, extract_info["skipped"])
-    results = {}
-    for name in cfg.methods:
-        _seed_everything(cfg.seed)
-        if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
-            from .finetune.tuner import fit_method as fit_finetune
-            results[name] = fit_finetune(cfg, splits, ds.classes, bb)
-            continue
-        results[name] = fit_method(name, cfg, splits, ds.classes)
     from .features.distributed import is_main
-    if not is_main():  # several processes: only global rank 0 writes the report
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    from .evaluation.analysis import analyse  # selection on validation first, then test statistics
-    _seed_everything(cfg.seed)
-    analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
-                       efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
-    from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict` and transferlab.load
-    save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"],
-                       extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
-    from .evaluation.leakage import check as check_leakage  # exact and near-duplicates across splits, from cached features
-    leakage = check_leakage(splits, threshold=cfg.dup_threshold)
-    metrics = report.write(out, cfg=asdict(cfg), dataset=ds, backbone=bb, splits=splits,
-                           extract=extract_info, results=results, analysis=analysis, leakage=leakage)
-    from .config import write as write_config
-    write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
+    results = {}
+    with _progress(cfg.progress and is_main()) as bar:
+        t0 = time.perf_counter()
+        task = bar.add_task("heads", total=len(cfg.methods))
+        for name in cfg.methods:
+            bar.update(task, description=f"heads: {name}")
+            _seed_everything(cfg.seed)
+            if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
+                from .finetune.tuner import fit_method as fit_finetune
+                results[name] = fit_finetune(cfg, splits, ds.classes, bb)
+            else:
+                results[name] = fit_method(name, cfg, splits, ds.classes)
+            bar.advance(task)
+        bar.update(task, description="heads")
+        timings["heads"] = time.perf_counter() - t0
+        if not is_main():  # several processes: only global rank 0 writes the report
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        from .evaluation.analysis import analyse  # selection on validation first, then test statistics
+        from .evaluation.leakage import check as check_leakage  # exact and near-duplicates across splits
+        t0 = time.perf_counter()
+        task = bar.add_task("analysis: selection, statistics, leakage", total=2)
+        _seed_everything(cfg.seed)
+        analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
+                           efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
+        bar.advance(task)
+        leakage = check_leakage(splits, threshold=cfg.dup_threshold)
+        bar.advance(task)
+        timings["analysis"] = time.perf_counter() - t0
+        from .config import write as write_config
+        from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict`, transferlab.load
+        t0 = time.perf_counter()
+        task = bar.add_task("report: bundles, tables, plots, report.html", total=2)
+        save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"],
+                           extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
+        bar.advance(task)
+        metrics = report.write(out, cfg=asdict(cfg), dataset=ds, backbone=bb, splits=splits, extract=extract_info,
+                               results=results, analysis=analysis, leakage=leakage, timings=timings)
+        write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
+        bar.advance(task)
+    timings.update(report=time.perf_counter() - t0, total=time.perf_counter() - start)
+    report.write_timings(out, metrics, timings)  # the last two are known only now
     return metrics

@@ -46,6 +46,11 @@ def findings(metrics: dict, classes: list[str]) -> list[str]:
     return lines
 
 
+STAGE_NOTES = {"extract": "the whole extraction stage: hashing, cache lookups, forward passes (views too)",
+               "heads": "fitting every method (tuning grids, CV folds, fine-tuning), loading cached heads",
+               "analysis": "selection, data efficiency, bootstrap intervals, McNemar, leakage check"}
+
+
 def render_markdown(metrics: dict, figures: dict) -> str:
     classes, methods = metrics["classes"], metrics["methods"]
     ex = metrics["extract"]
@@ -99,8 +104,10 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         md += [markdown_table(rows), "", "Each method's table in the seed's exact layout is in `methods/<method>/report.tsv`.", ""]
     md += sections.selection_section(metrics, figures.get("selection", []))
 
+    stages = metrics.get("timings") or {}
     md += ["## Timings", "", markdown_table([
         ["step", "time", "notes"],
+        *[[f"stage: {k}", seconds(v), STAGE_NOTES.get(k, "")] for k, v in stages.items()],
         ["feature extraction (this run)", seconds(ex["seconds"]),
          f"{ex['computed']} computed, {ex['from_cache']} from cache, {number(ex['images_per_second'], 1)} images/s"],
         ["feature extraction (cold)", seconds(ex["cold_seconds"]),
@@ -110,7 +117,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         *[[f"{n}: predict test", seconds(m["predict_seconds"]), f"{metrics['n_test']} images"] for n, m in methods.items()],
         *[[f"{n}: {m['cv']['k']}-fold CV", seconds(m["cv"]["seconds"]), "selection score: one fit per fold, on images"]
           for n, m in methods.items() if m.get("cv")],
-    ]), ""]
+    ]), "", "Writing the report (bundles, tables, plots, report.html) and the total wall time are recorded in "
+        "metrics.json (`timings`) and printed at the end of the run.", ""]
 
     bundles = {n: m["bundle"] for n, m in methods.items() if m.get("bundle")}
     if bundles:

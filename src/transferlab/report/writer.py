@@ -65,7 +65,8 @@ def method_metrics(res: dict) -> dict:
 
 
 def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, results: dict,
-          analysis: dict | None = None, leakage: dict | None = None) -> dict:
+          analysis: dict | None = None, leakage: dict | None = None, timings: dict | None = None) -> dict:
+    """Write the run folder; `timings` (seconds per stage so far) goes to metrics.json's `timings` and report.md."""
     classes = dataset.classes
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -81,6 +82,7 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         **(analysis or {}),  # selected, selection, ci, mcnemar, data_efficiency, recall_changes (analysis.py)
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
+        "timings": dict(timings or {}),
     }
     figures = {"data": [class_distribution(out, metrics)], "curves": [], "confusion": []}
     for name, res in results.items():
@@ -93,6 +95,13 @@ def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, res
     (out / "README.txt").write_text(layout.README)
     write_html(out)  # report.html: report.md's sections, self-contained, plus mistakes and examples
     return metrics
+
+
+def write_timings(out: Path, metrics: dict, timings: dict) -> None:
+    """Record the stages' final timings (report and total are known only after the report is written) in
+    metrics.json; report.md's "Timings" section already has the stages before them."""
+    metrics["timings"] = dict(timings)
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -150,4 +159,8 @@ def console_summary(metrics: dict) -> None:
                       number(m.get("valid", {}).get("macro_f1")), seconds(m["train_seconds"]), seconds(m["predict_seconds"]))
     if metrics.get("selected"):
         table.caption = f"* selected on validation {metrics['selection']['metric']}"
-    Console(stderr=False).print(table)
+    console = Console(stderr=False)
+    console.print(table)
+    stages = metrics.get("timings") or {}
+    if stages:
+        console.print("time: " + ", ".join(f"{k} {seconds(v)}" for k, v in stages.items()))
