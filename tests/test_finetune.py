@@ -145,6 +145,39 @@ def test_resume_continues_from_the_checkpoint_epoch(data, tmp_path):
     assert torch.load(est.last_checkpoint_, map_location="cpu", weights_only=True)["epoch"] == 2
 
 
+def test_resumed_fine_tune_ends_like_an_uninterrupted_one(data, tmp_path):
+    """Interrupted after epoch 1 of 3 and resumed: same weights, curves and predictions as 3 epochs in one go.
+
+    Deterministic setup (no augmentation, no loader workers, fp32, fixed seeds); the shuffle order of
+    epochs 2 and 3 comes from the global RNG, so it must be restored with the checkpoint, and so must the
+    optimizer and the per-step schedule.
+    """
+    import lightning.pytorch as pl
+
+    class Interrupt(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("interrupted")
+
+    kw = dict(epochs=3, lr=3e-3, patience=0, augment="none", precision="fp32")
+    whole, _ = _fit(data, tmp_path / "whole", **kw)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(data, tmp_path / "parts", callbacks=[Interrupt()], **kw)
+    resumed, _ = _fit(data, tmp_path / "parts", resume=True, **kw)
+
+    assert resumed.history_["epoch"] == whole.history_["epoch"] == [1, 2, 3]
+    for k in ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr"):
+        np.testing.assert_allclose(resumed.history_[k], whole.history_[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    last = [torch.load(e.last_checkpoint_, map_location="cpu", weights_only=True) for e in (whole, resumed)]
+    assert last[0]["epoch"] == last[1]["epoch"] == 2
+    assert last[0]["state_dict"].keys() == last[1]["state_dict"].keys()
+    for k, v in last[0]["state_dict"].items():
+        torch.testing.assert_close(last[1]["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed.best_epoch_ == whole.best_epoch_
+    np.testing.assert_allclose(resumed.decision_function(data.paths("test")), whole.decision_function(data.paths("test")),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- DDP: 2 CPU processes, gloo
 
 def _free_port() -> int:
