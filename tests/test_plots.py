@@ -82,3 +82,62 @@ def test_data_efficiency(tmp_path):
               "svm": [(50, 0.58), (5, 0.25), (20, 0.47), (10, 0.35)]}
     check_png(plots.plot_data_efficiency(points, tmp_path / "eff.png", title="data efficiency"))
     check_png(plots.plot_data_efficiency({}, tmp_path / "empty.png"))
+
+
+# ---------------------------------------------------------------- what is drawn, not only that a PNG exists
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save (the PNGs are still written)."""
+    figs = []
+    real = plots._save
+
+    def capture(fig, path):
+        figs.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return figs
+
+
+def test_confusion_matrix_rows_are_true_classes_columns_predicted(tmp_path, drawn):
+    classes = ["ant", "bee", "cat"]
+    # asymmetric: 6 true ants, 4 predicted bee; no true bee is ever predicted as ant; cat row empty
+    cm = np.array([[2, 4, 0],
+                   [0, 3, 1],
+                   [0, 0, 0]])
+    check_png(plots.plot_confusion_matrix(cm, classes, tmp_path / "cm.png"))
+    (fig,) = drawn
+    ax = fig.axes[0]
+    (im,) = ax.get_images()
+    shown = np.asarray(im.get_array())
+    np.testing.assert_allclose(shown, [[2 / 6, 4 / 6, 0], [0, 3 / 4, 1 / 4], [0, 0, 0]])  # row-normalised, not transposed
+    assert ax.get_ylabel() == "true class" and ax.get_xlabel() == "predicted class"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0 ant", "1 bee", "2 cat"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 ant (n=6)", "1 bee (n=4)", "2 cat (n=0)"]
+    # the count annotations sit on (x=predicted, y=true)
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(0, 0): "2", (0, 1): "4", (1, 1): "3", (1, 2): "1"}
+    # imshow's origin is the top-left: row 0 (first true class) is drawn at the top
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]
+
+    plots.plot_confusion_matrix(cm, classes, tmp_path / "raw.png", normalize=False)
+    np.testing.assert_array_equal(np.asarray(drawn[1].axes[0].get_images()[0].get_array()), cm)
+
+
+def test_class_distribution_bar_lengths_are_the_counts(tmp_path, drawn):
+    classes = ["ant", "bee", "cat"]
+    counts = {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "cat": 2}}  # no test bee
+    check_png(plots.plot_class_distribution(counts, classes, tmp_path / "dist.png"))
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert len(ax.containers) == 2
+    for split, bars in zip(counts, ax.containers):
+        assert bars.get_label() == f"{split} ({sum(counts[split].values())})"
+        widths = [r.get_width() for r in bars.patches]  # horizontal bars: the length is the width
+        assert widths == [counts[split].get(c, 0) for c in classes]
+        # each bar on its class's row: centres within that class's tick slot
+        centres = [r.get_y() + r.get_height() / 2 for r in bars.patches]
+        assert all(abs(c - i) < 0.5 for i, c in enumerate(centres))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 ant", "1 bee", "2 cat"]
+    assert [t.get_text() for t in ax.texts if t.get_text()] == ["12", "8", "5", "4", "2"]  # bar labels

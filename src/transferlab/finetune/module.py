@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import time
 import warnings
 from pathlib import Path
@@ -299,14 +300,37 @@ class FineTuneModule(pl.LightningModule):
             self._close_training_part()
             self._append_row(valid)
 
-    # -- checkpoints carry the curves and what is needed to use the model
+    # -- checkpoints carry the curves, the random state and what is needed to use the model
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["transferlab"] = {"history": self.history, **self.meta}
+        checkpoint["transferlab"] = {"history": self.history, "rng": rng_states(), **self.meta}
 
     def on_load_checkpoint(self, checkpoint):
         saved = checkpoint.get("transferlab", {})
         if "history" in saved:
             self.history = {k: list(saved["history"].get(k, [])) for k in HISTORY_KEYS}
+        if "rng" in saved:  # resume draws the same shuffles (and dropout) as an uninterrupted run
+            set_rng_states(saved["rng"])
+
+
+def rng_states() -> dict:
+    """torch, CUDA, NumPy and Python random states, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)],
+           "python": list(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ---------------------------------------------------------------- the estimator
