@@ -11,6 +11,7 @@ validation search that tunes them are in `selection.py`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -23,8 +24,15 @@ from sklearn.utils.validation import check_is_fitted
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
 
-# SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that); as in heads.py.
-warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
+
+@contextlib.contextmanager
+def svc_probability_quiet():
+    """Silence scikit-learn 1.9's FutureWarning for `SVC(probability=True)` (removed in 1.11, pinned below that)
+    inside the block only: transferlab changes no warning filters of the program that imports it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def _l2(X: np.ndarray) -> np.ndarray:
@@ -97,12 +105,13 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         self.precomputed_ = len(X) <= self.max_precomputed
         kw = dict(C=self.C, class_weight=self.class_weight, cache_size=self.cache_size, random_state=self.seed,
                   **({"probability": True} if self.probability else {}))  # the parameter warns when given
-        if self.precomputed_:
-            K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
-            self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
-            self.support_vectors_ = X[self.svc_.support_]
-        else:
-            self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
+        with svc_probability_quiet():
+            if self.precomputed_:
+                K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
+                self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
+                self.support_vectors_ = X[self.svc_.support_]
+            else:
+                self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
         self.n_fit_ = len(X)
         self.classes_ = self.svc_.classes_
         self.n_features_in_ = X.shape[1]

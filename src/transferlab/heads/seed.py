@@ -10,7 +10,6 @@ frozen backbone, which is how tests prove the two give the same head.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -20,11 +19,9 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from .probes import svc_probability_quiet
 from .registry import register
 from .views import ViewAugmented
-
-# SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that).
-warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
 
 
 def fit_linear_softmax(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, forward=None,
@@ -139,13 +136,22 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
 
+class SeedSVC(SVC):
+    """scikit-learn's `SVC`, unchanged, except that `fit` silences scikit-learn 1.9's FutureWarning for
+    `probability=True` (inside the fit only; transferlab sets no warning filters at import)."""
+
+    def fit(self, X, y, sample_weight=None):
+        with svc_probability_quiet():
+            return super().fit(X, y, sample_weight=sample_weight)
+
+
 def seed_svm(seed: int = 0):
     """The seed's Model 2: an RBF SVM with scikit-learn's defaults (probabilities via Platt scaling).
 
     Predictions are SVC's own (`predict`), exactly as with `probability=False`; the probabilities are
     only used for ranking and reports.
     """
-    return SVC(kernel="rbf", probability=True, random_state=seed)
+    return SeedSVC(kernel="rbf", probability=True, random_state=seed)
 
 
 def _maybe_views(est, flip_train: bool):

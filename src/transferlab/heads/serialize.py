@@ -56,10 +56,13 @@ def _is_plain(v) -> bool:
 
 
 def _array_state(estimator) -> tuple[dict[str, np.ndarray], dict] | None:
-    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects."""
+    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects
+    or private attributes (`_name`, e.g. a scikit-learn subclass's fitted internals), which would be lost."""
     arrays, plain = {}, {}
     for key, value in vars(estimator).items():
-        if not key.endswith("_") or key.startswith("_"):
+        if key.startswith("_") and not key.startswith("__"):
+            return None
+        if not key.endswith("_"):
             continue
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
             arrays[key] = np.ascontiguousarray(value)
