@@ -9,11 +9,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sklearn.svm import SVC
 
 import transferlab
 from transferlab.heads import make_head, registry
-from transferlab.heads.serialize import load_head, save_head
+from transferlab.heads.serialize import HeadFormatError, _trusted, load_head, save_head
 
 SRC = Path(transferlab.__file__).parent
 
@@ -71,3 +72,20 @@ def test_a_head_with_private_fitted_state_is_stored_by_skops(tmp_path):
     back = load_head(info, tmp_path)
     np.testing.assert_array_equal(back.predict(X), svm.predict(X))
     np.testing.assert_allclose(back.predict_proba(X), svm.predict_proba(X))
+
+
+# ---- bug 7: the skops allowlist checks where a class is defined, not the name it is reached by --------------
+
+@pytest.mark.parametrize("name", ["sklearn.base.defaultdict", "sklearn.pipeline.islice",
+                                  "sklearn.utils.parallel.ThreadpoolController", "sklearn.base.copy",
+                                  "sklearn.base.clone", "transferlab.heads.serialize.Path",
+                                  "sklearn.nope.Thing", "sklearnx.Thing", "os.system"])
+def test_skops_allowlist_refuses_what_is_not_a_class_defined_under_the_trusted_roots(name):
+    with pytest.raises(HeadFormatError, match="not allowed"):
+        _trusted(["sklearn.svm._classes.SVC", name])
+
+
+def test_skops_allowlist_accepts_scikit_learn_and_transferlab_classes():
+    names = ["sklearn.svm._classes.SVC", "sklearn.pipeline.Pipeline", "transferlab.heads.seed.SeedSVC",
+             "transferlab.heads.search.ValidationSearch"]
+    assert _trusted(names) == names
