@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
+from .inputs import eval_set_inputs, fit_inputs
 from .registry import register
 from .search import ValidationSearch, fixed, score
 from .tuned import TUNED, make_tuned
@@ -69,7 +70,8 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, eval_set: tuple | None = None):
         t0 = time.perf_counter()
-        X, y = np.asarray(X), np.asarray(y)
+        X, y = fit_inputs(self, X, y)
+        eval_set = eval_set_inputs(self, eval_set)
         self.classes_ = np.unique(y)
         members = self._build()
         fitted = []
@@ -82,7 +84,10 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
             if not np.array_equal(np.asarray(est.classes_), self.classes_):
                 raise ValueError(f"ensemble member {name} learned classes {list(est.classes_)}, "
                                  f"not {list(self.classes_)}")
-            p = est.predict_proba(X[:2])  # AttributeError if it has no probabilities (e.g. SVC without Platt)
+            if not hasattr(est, "predict_proba"):
+                raise AttributeError(f"ensemble member {name} has no predict_proba (e.g. an SVM with "
+                                     f"probability=False): the vote needs its probabilities")
+            p = est.predict_proba(X[:2])
             if p.shape != (min(2, len(X)), len(self.classes_)) or not np.allclose(p.sum(1), 1, atol=1e-4):
                 raise ValueError(f"ensemble member {name}: predict_proba gives shape {p.shape} / rows not summing "
                                  f"to 1, expected probabilities over {len(self.classes_)} classes")
@@ -120,7 +125,8 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
         return self._probas(X).mean(axis=0)
 
     def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        p = self.predict_proba(X)  # NotFittedError before fit
+        return self.classes_[p.argmax(axis=1)]
 
     def summary(self) -> dict:
         """What the members chose (the keys of `ValidationSearch.summary`), each member's summary under "members"."""

@@ -11,6 +11,8 @@ validation search that tunes them are in `selection.py`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
 
 import numpy as np
@@ -19,12 +21,33 @@ from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.metaestimators import available_if
+
+from .inputs import fit_inputs, predict_inputs, validate_data
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
 
-# SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that); as in heads.py.
-warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
+
+@contextlib.contextmanager
+def svc_probability_quiet():
+    """Silence scikit-learn 1.9's FutureWarning for `SVC(probability=True)` (removed in 1.11, pinned below that)
+    inside the block only: transferlab changes no warning filters of the program that imports it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def writable(estimator):
+    """`estimator`, or if some of its array attributes are read-only (a model memory-mapped from disk), a shallow
+    copy holding writable copies of them: libsvm's `predict_proba` refuses read-only buffers."""
+    frozen = {k: v for k, v in vars(estimator).items() if isinstance(v, np.ndarray) and not v.flags.writeable}
+    if not frozen:
+        return estimator
+    estimator = copy.copy(estimator)
+    for k, v in frozen.items():
+        setattr(estimator, k, v.copy())
+    return estimator
 
 
 def _l2(X: np.ndarray) -> np.ndarray:
@@ -33,7 +56,8 @@ def _l2(X: np.ndarray) -> np.ndarray:
 
 class FeatureTransform(TransformerMixin, BaseEstimator):
     """One feature option: `standard` (zero mean, unit variance), `l2` (unit length rows),
-    `pca_whiten` (PCA to at most `n_components` whitened components) or `none`."""
+    `pca_whiten` (PCA to at most `n_components` whitened components) or `none`. float32 features (the cache's)
+    stay float32 and float64 ones float64, as scikit-learn's transformers keep them; other dtypes become float32."""
 
     def __init__(self, kind: str = "standard", n_components: int = 256):
         self.kind = kind
@@ -42,8 +66,7 @@ class FeatureTransform(TransformerMixin, BaseEstimator):
     def fit(self, X, y=None):
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"feature option must be one of {', '.join(FEATURE_KINDS)}, got '{self.kind}'")
-        X = np.asarray(X, dtype=np.float32)
-        self.n_features_in_ = X.shape[1]
+        X = validate_data(self, X, dtype=(np.float32, np.float64))
         if self.kind == "standard":
             self.scaler_ = StandardScaler().fit(X)
         elif self.kind == "pca_whiten":
@@ -52,14 +75,13 @@ class FeatureTransform(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X):
-        check_is_fitted(self, "n_features_in_")
-        X = np.asarray(X, dtype=np.float32)
+        X = predict_inputs(self, X, dtype=(np.float32, np.float64))
         if self.kind == "standard":
-            return self.scaler_.transform(X).astype(np.float32)
+            return self.scaler_.transform(X).astype(X.dtype, copy=False)
         if self.kind == "l2":
             return _l2(X)
         if self.kind == "pca_whiten":
-            return self.pca_.transform(X).astype(np.float32)
+            return self.pca_.transform(X).astype(X.dtype, copy=False)
         return X
 
 
@@ -90,27 +112,25 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         self.seed = seed
 
     def fit(self, X, y):
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
+        X, y = fit_inputs(self, X, y, dtype=np.float32)
         var = float(X.var())
         self.gamma_ = self.gamma_scale / (X.shape[1] * var) if var > 0 else self.gamma_scale
         self.precomputed_ = len(X) <= self.max_precomputed
         kw = dict(C=self.C, class_weight=self.class_weight, cache_size=self.cache_size, random_state=self.seed,
                   **({"probability": True} if self.probability else {}))  # the parameter warns when given
-        if self.precomputed_:
-            K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
-            self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
-            self.support_vectors_ = X[self.svc_.support_]
-        else:
-            self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
+        with svc_probability_quiet():
+            if self.precomputed_:
+                K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
+                self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
+                self.support_vectors_ = X[self.svc_.support_]
+            else:
+                self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
         self.n_fit_ = len(X)
         self.classes_ = self.svc_.classes_
-        self.n_features_in_ = X.shape[1]
         return self
 
     def _kernel(self, X) -> np.ndarray:
-        check_is_fitted(self, "svc_")
-        X = np.asarray(X, dtype=np.float32)
+        X = predict_inputs(self, X, dtype=np.float32)
         if not self.precomputed_:
             return X
         K = np.zeros((len(X), self.n_fit_))  # libsvm reads only the support vectors' columns
@@ -118,15 +138,17 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         return K
 
     def decision_function(self, X):
-        return self.svc_.decision_function(self._kernel(X))
+        K = self._kernel(X)  # NotFittedError before fit
+        return self.svc_.decision_function(K)
 
     def predict(self, X):
-        return self.svc_.predict(self._kernel(X))
+        K = self._kernel(X)
+        return self.svc_.predict(K)
 
+    @available_if(lambda self: self.probability)  # hasattr(head, "predict_proba") is False without Platt scaling
     def predict_proba(self, X):
-        if not self.probability:
-            raise AttributeError("predict_proba needs probability=True")
-        return self.svc_.predict_proba(self._kernel(X))
+        K = self._kernel(X)
+        return writable(self.svc_).predict_proba(K)
 
 
 class LinearSVMHead(LinearSVC):
@@ -146,24 +168,33 @@ class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
     """Linear discriminant analysis (`LinearDiscriminantAnalysis`, lsqr solver) with the shared covariance
     shrunk toward a scaled identity: `shrinkage="auto"` is Ledoit-Wolf's closed form, a float in [0, 1] fixes it.
 
-    `class_weight="balanced"` gives every class the same prior (the decision then ignores how common a
-    class was in training, as balanced weights do for the other heads); `None` uses the training frequencies.
+    `class_weight` sets the class priors: "balanced" gives every class the same prior (the decision then ignores
+    how common a class was in training, as balanced weights do for the other heads); `None` uses the training
+    frequencies; a dict {label: weight} (classes it omits weigh 1) weighs them, prior proportional to weight x
+    count (so "balanced" is the dict of 1 / count).
     `predict_proba` is scikit-learn's: the softmax of the linear decision values (`coef_`, `intercept_`).
     """
 
-    def __init__(self, shrinkage="auto", class_weight: str | None = "balanced"):
+    def __init__(self, shrinkage="auto", class_weight: str | dict | None = "balanced"):
         self.shrinkage = shrinkage
         self.class_weight = class_weight
 
     def fit(self, X, y):
-        if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
-        X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
-        k = len(np.unique(y))
-        priors = np.full(k, 1.0 / k) if self.class_weight == "balanced" else None
+        if not (self.class_weight in ("balanced", None) or isinstance(self.class_weight, dict)):
+            raise ValueError(f"class_weight must be 'balanced', None or a dict of label -> weight, "
+                             f"got {self.class_weight!r}")
+        X, y = fit_inputs(self, X, y, dtype=np.float64)
+        classes, counts = np.unique(y, return_counts=True)
+        k = len(classes)
+        if k < 2:
+            raise ValueError(f"ShrinkageLDAHead needs at least two classes, got one class ({classes[0]!r})")
+        if isinstance(self.class_weight, dict):
+            w = np.array([float(self.class_weight.get(c, 1.0)) for c in classes.tolist()]) * counts
+            priors = w / w.sum()
+        else:
+            priors = np.full(k, 1.0 / k) if self.class_weight == "balanced" else None
         self.lda_ = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage, priors=priors).fit(X, y)
         self.classes_ = self.lda_.classes_
-        self.n_features_in_ = X.shape[1]
         return self
 
     @property
@@ -175,13 +206,13 @@ class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
         return self.lda_.intercept_
 
     def decision_function(self, X):
-        check_is_fitted(self, "lda_")
-        return self.lda_.decision_function(np.asarray(X, dtype=np.float64))
+        X = predict_inputs(self, X, dtype=np.float64)  # NotFittedError before fit
+        return self.lda_.decision_function(X)
 
     def predict(self, X):
-        check_is_fitted(self, "lda_")
-        return self.lda_.predict(np.asarray(X, dtype=np.float64))
+        X = predict_inputs(self, X, dtype=np.float64)
+        return self.lda_.predict(X)
 
     def predict_proba(self, X):
-        check_is_fitted(self, "lda_")
-        return self.lda_.predict_proba(np.asarray(X, dtype=np.float64))
+        X = predict_inputs(self, X, dtype=np.float64)
+        return self.lda_.predict_proba(X)

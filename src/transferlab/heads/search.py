@@ -26,10 +26,12 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import ParameterGrid
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ..data.datasets import Sample, stratified_split
+from .inputs import eval_set_inputs, fit_inputs
 
 METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 
@@ -82,11 +84,20 @@ def rank_key(scores: dict[str, float], metric: str) -> tuple:
 
 
 def holdout_split(y, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (fit, holdout): a stratified, seeded share of each class held out (the datasets' rule)."""
-    moved = stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(np.asarray(y))], fraction,
+    """Indices (fit, holdout): a stratified, seeded share of each class held out (the datasets' rule). Labels
+    may be of any sortable kind: classes are taken in sorted order, as `stratified_split` takes indices."""
+    codes = np.unique(np.asarray(y), return_inverse=True)[1].ravel()
+    moved = stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(codes)], fraction,
                               "holdout", seed)
     hold = np.array([s.split == "holdout" for s in moved])
     return np.flatnonzero(~hold), np.flatnonzero(hold)
+
+
+def _model_has(method: str):
+    """For `available_if`: the chosen model has `method` (before fit: the estimator searched over has it)."""
+    def check(self) -> bool:
+        return hasattr(getattr(self, "best_estimator_", self.estimator), method)
+    return check
 
 
 class ValidationSearch(ClassifierMixin, BaseEstimator):
@@ -127,16 +138,17 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         """(X_fit, y_fit, X_score, y_score) per fold: one for a validation split, `cv` for cross-validation."""
         has_valid = eval_set is not None and len(eval_set[1])
         if self.cv and self.cv >= 2:
-            Xp, yp = (np.concatenate([X, np.asarray(eval_set[0])]), np.concatenate([y, np.asarray(eval_set[1])])) \
-                if has_valid else (X, y)
+            Xp, yp = (np.concatenate([X, eval_set[0]]), np.concatenate([y, eval_set[1]])) if has_valid else (X, y)
             self.validation_ = f"{self.cv}-fold CV on train{' + valid' if has_valid else ''}"
             return [(Xp[a], yp[a], Xp[b], yp[b]) for a, b in cv_folds(yp, self.cv, self.seed)]
         if has_valid:
             self.validation_ = "validation split"
-            return [(X, y, np.asarray(eval_set[0]), np.asarray(eval_set[1]))]
+            return [(X, y, eval_set[0], eval_set[1])]
         fit_idx, hold_idx = holdout_split(y, self.holdout, self.seed)
         if not len(hold_idx):
-            raise ValueError("no validation data: pass eval_set or give each class at least three images")
+            smallest = np.unique(y, return_counts=True)[1].min()
+            raise ValueError(f"no validation data: pass eval_set or give each class at least three images "
+                             f"(got n_samples={len(y)}, the smallest class has {smallest})")
         self.validation_ = f"holdout {self.holdout:.0%} of train"
         return [(X[fit_idx], y[fit_idx], X[hold_idx], y[hold_idx])]
 
@@ -144,7 +156,8 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         if self.scoring not in METRICS:
             raise ValueError(f"scoring must be one of {', '.join(METRICS)}, got '{self.scoring}'")
         t0 = time.perf_counter()
-        X, y = np.asarray(X), np.asarray(y)
+        X, y = fit_inputs(self, X, y)
+        eval_set = eval_set_inputs(self, eval_set)
         folds = self._splits(X, y, eval_set)
         search = dict(self.search_params or {})
         groups: dict[tuple, list[dict]] = {}
@@ -192,18 +205,16 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "best_estimator_")
         return self.best_estimator_.classes_
 
-    @property
-    def n_features_in_(self):
-        return self.best_estimator_.n_features_in_
-
     def predict(self, X):
         check_is_fitted(self, "best_estimator_")
         return self.best_estimator_.predict(X)
 
+    @available_if(_model_has("predict_proba"))
     def predict_proba(self, X):
         check_is_fitted(self, "best_estimator_")
         return self.best_estimator_.predict_proba(X)
 
+    @available_if(_model_has("decision_function"))
     def decision_function(self, X):
         check_is_fitted(self, "best_estimator_")
         return self.best_estimator_.decision_function(X)

@@ -10,21 +10,19 @@ frozen backbone, which is how tests prove the two give the same head.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.svm import SVC
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.metaestimators import available_if
 from torch import nn
 
+from .inputs import eval_set_inputs, fit_inputs, predict_inputs
+from .probes import svc_probability_quiet, writable
 from .registry import register
 from .views import ViewAugmented
-
-# SVC(probability=True) is deprecated from scikit-learn 1.9 (removed in 1.11, pinned below that).
-warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
 
 
 def fit_linear_softmax(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, forward=None,
@@ -83,13 +81,16 @@ def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 class SoftmaxHead(ClassifierMixin, BaseEstimator):
     """A linear softmax layer trained with Adam + ReduceLROnPlateau (the seed's Model 1).
 
-    `logit_adjust` (tau) subtracts tau * log(class prior) from the logits at prediction time
-    (Menon et al., 2021), which favours rare classes. `history_` holds the per-epoch curves
-    when `fit` is given validation data through `eval_set`.
+    `class_weight`: None, "balanced" (scikit-learn's rule) or a dict {label: weight} (classes it omits weigh 1),
+    weighting the cross-entropy. `logit_adjust` (tau) subtracts tau * log(class prior) from the logits at
+    prediction time (Menon et al., 2021), which favours rare classes. `history_` holds the per-epoch curves
+    when `fit` is given validation data through `eval_set`. Labels may be any sortable values (`classes_`);
+    `decision_function` gives the (adjusted) logits, or for two classes, as scikit-learn's binary classifiers
+    do, one score per image: logit(classes_[1]) - logit(classes_[0]).
     """
 
     def __init__(self, epochs: int = 50, lr: float = 1e-4, batch_size: int = 32, weight_decay: float = 0.0,
-                 class_weight: str | None = None, logit_adjust: float = 0.0, seed: int = 0):
+                 class_weight: str | dict | None = None, logit_adjust: float = 0.0, seed: int = 0):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -98,23 +99,37 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.logit_adjust = logit_adjust
         self.seed = seed
 
-    def fit(self, X, y, eval_set: tuple | None = None):
-        X = np.asarray(X, dtype=np.float32)
-        self.classes_, y_idx = np.unique(np.asarray(y), return_inverse=True)
+    def _class_weights(self, y_idx: np.ndarray) -> torch.Tensor | None:
         k = len(self.classes_)
+        if self.class_weight is None:
+            return None
+        if isinstance(self.class_weight, str) and self.class_weight == "balanced":
+            w = balanced_weights(y_idx, k)
+        elif isinstance(self.class_weight, dict):
+            w = np.array([float(self.class_weight.get(c, 1.0)) for c in self.classes_.tolist()])
+        else:
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict of label -> weight, "
+                             f"got {self.class_weight!r}")
+        return torch.tensor(w, dtype=torch.float32)
+
+    def fit(self, X, y, eval_set: tuple | None = None):
+        X, y = fit_inputs(self, X, y, dtype=np.float32)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        k = len(self.classes_)
+        weight = self._class_weights(y_idx)
         torch.manual_seed(self.seed)
         linear = nn.Linear(X.shape[1], k)
-        weight = torch.tensor(balanced_weights(y_idx, k), dtype=torch.float32) if self.class_weight == "balanced" else None
         valid = None
+        eval_set = eval_set_inputs(self, eval_set, dtype=np.float32)
         if eval_set is not None:
             Xv, yv = eval_set
             keep = np.isin(yv, self.classes_)
-            valid = (torch.from_numpy(np.asarray(Xv, np.float32)[keep]),
-                     torch.from_numpy(np.searchsorted(self.classes_, np.asarray(yv)[keep])))
+            valid = (torch.from_numpy(Xv[keep]), torch.from_numpy(np.searchsorted(self.classes_, yv[keep])))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # mini-batches this small lose to thread overhead (~30x slower on 2 busy cores)
         try:
-            self.history_ = fit_linear_softmax(linear, torch.from_numpy(X), torch.from_numpy(y_idx),
+            inputs = torch.from_numpy(X if X.flags.writeable else X.copy())  # torch warns on read-only arrays
+            self.history_ = fit_linear_softmax(linear, inputs, torch.from_numpy(y_idx),
                                                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                                                weight_decay=self.weight_decay, class_weight=weight, seed=self.seed,
                                                valid=valid)
@@ -124,19 +139,38 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         self.intercept_ = linear.bias.detach().numpy().copy()
         prior = np.bincount(y_idx, minlength=k) / len(y_idx)
         self.log_prior_ = np.log(np.maximum(prior, 1e-12))
-        self.n_features_in_ = X.shape[1]
         return self
 
+    def _logits(self, X) -> np.ndarray:
+        # float32 features (the cache's) give float32 products, as always; float64 ones are not rounded to float32
+        X = predict_inputs(self, X, dtype=(np.float32, np.float64))
+        return X @ self.coef_.T + self.intercept_ - self.logit_adjust * self.log_prior_
+
     def decision_function(self, X):
-        check_is_fitted(self, "coef_")
-        logits = np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
-        return logits - self.logit_adjust * self.log_prior_
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict_proba(self, X):
-        return softmax(self.decision_function(X), axis=1)
+        return softmax(self._logits(X), axis=1)
 
     def predict(self, X):
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        z = self._logits(X)  # NotFittedError before fit
+        return self.classes_[z.argmax(axis=1)]
+
+
+class SeedSVC(SVC):
+    """scikit-learn's `SVC`, unchanged, except that `fit` silences scikit-learn 1.9's FutureWarning for
+    `probability=True` (inside the fit only; transferlab sets no warning filters at import) and that
+    `predict_proba` also works when the fitted arrays are read-only."""
+
+    def fit(self, X, y, sample_weight=None):
+        with svc_probability_quiet():
+            return super().fit(X, y, sample_weight=sample_weight)
+
+    @available_if(SVC._check_proba)
+    def predict_proba(self, X):
+        # libsvm's predict_proba refuses read-only fitted arrays (e.g. a memory-mapped model): use copies then
+        return super(SeedSVC, writable(self)).predict_proba(X)
 
 
 def seed_svm(seed: int = 0):
@@ -145,7 +179,7 @@ def seed_svm(seed: int = 0):
     Predictions are SVC's own (`predict`), exactly as with `probability=False`; the probabilities are
     only used for ranking and reports.
     """
-    return SVC(kernel="rbf", probability=True, random_state=seed)
+    return SeedSVC(kernel="rbf", probability=True, random_state=seed)
 
 
 def _maybe_views(est, flip_train: bool):

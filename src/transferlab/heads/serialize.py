@@ -3,8 +3,8 @@
 transferlab's own heads (their learned state is arrays and plain values) go to `head.safetensors`, with the
 plain values and the constructor's hyperparameters returned as a JSON-safe `info` dict for the caller to keep
 (a bundle's config.json, the head cache's meta.json). Any other estimator (scikit-learn's, Pipelines) goes to
-`head.skops`, read back by `skops.io` with an allowlist: classes defined under `TRUSTED_ROOTS`, never functions,
-never pickle. Used by model bundles (`model.bundle`) and the head cache (`heads.cache`).
+`head.skops`, read back by `skops.io` with an allowlist: classes defined in modules under `TRUSTED_ROOTS` (not
+merely reachable from one), never functions, never pickle. Used by model bundles (`model.bundle`) and the head cache (`heads.cache`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,13 @@ def _is_plain(v) -> bool:
 
 
 def _array_state(estimator) -> tuple[dict[str, np.ndarray], dict] | None:
-    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects."""
+    """A transferlab head's learned state as (numeric arrays, plain JSON values), or None if it holds objects
+    or private attributes (`_name`, e.g. a scikit-learn subclass's fitted internals), which would be lost."""
     arrays, plain = {}, {}
     for key, value in vars(estimator).items():
-        if not key.endswith("_") or key.startswith("_"):
+        if key.startswith("_") and not key.startswith("__"):
+            return None
+        if not key.endswith("_"):
             continue
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
             arrays[key] = np.ascontiguousarray(value)
@@ -89,21 +92,30 @@ def _head_class(module: str, name: str):
     return cls
 
 
+def _under_trusted_root(module: str) -> bool:
+    return any(module == root or module.startswith(root + ".") for root in TRUSTED_ROOTS)
+
+
 def _trusted(types: list[str]) -> list[str]:
-    """The types skops does not trust by itself that are still safe here: classes under TRUSTED_ROOTS."""
+    """The types skops does not trust by itself that are still safe here: classes *defined* under TRUSTED_ROOTS.
+
+    The name alone is not enough: `sklearn.pipeline.islice` or `sklearn.base.defaultdict` resolve, through a
+    module under `sklearn`, to classes defined elsewhere (a module's imports are its attributes), so the class
+    the name resolves to must itself be a class whose `__module__` is under a trusted root."""
     ok, bad = [], []
     for t in types:
         module, _, name = t.rpartition(".")
         cls = None
-        if module.split(".")[0] in TRUSTED_ROOTS:
+        if _under_trusted_root(module):
             try:
                 cls = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError):
                 cls = None
-        (ok if isinstance(cls, type) else bad).append(t)
+        trusted = isinstance(cls, type) and _under_trusted_root(getattr(cls, "__module__", None) or "")
+        (ok if trusted else bad).append(t)
     if bad:
         raise HeadFormatError(f"head.skops contains types that are not allowed: {', '.join(bad)} "
-                          f"(only scikit-learn and transferlab classes load); refused")
+                          f"(only classes defined in scikit-learn and transferlab load); refused")
     return ok
 
 

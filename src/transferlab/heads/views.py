@@ -6,7 +6,10 @@ import inspect
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_array, check_is_fitted
+
+from .inputs import eval_set_inputs, fit_inputs
 
 
 class ViewAugmented(ClassifierMixin, BaseEstimator):
@@ -17,7 +20,8 @@ class ViewAugmented(ClassifierMixin, BaseEstimator):
     still split by image; `predict*` use the mean of the halves (test-time augmentation), and also take
     that mean directly (d columns), as a saved model's tta features are. An `eval_set` is passed on as
     mean features. Like a Pipeline's steps, `estimator` is fitted in place (so that
-    prediction-time parameters set through `set_params` reach the fitted model).
+    prediction-time parameters set through `set_params` reach the fitted model). `n_features_in_` is the
+    2d columns of `fit`; `predict*` take 2d or d columns.
     """
 
     def __init__(self, estimator):
@@ -25,27 +29,33 @@ class ViewAugmented(ClassifierMixin, BaseEstimator):
 
     @staticmethod
     def _halves(X):
-        X = np.asarray(X, dtype=np.float32)
         if X.shape[1] % 2:
-            raise ValueError(f"expected plain and flipped features side by side, got {X.shape[1]} columns")
+            raise ValueError(f"ViewAugmented expects plain and flipped features side by side (an even number of "
+                             f"columns), got n_features={X.shape[1]}")
         d = X.shape[1] // 2
         return X[:, :d], X[:, d:]
 
     def _mean(self, X):
-        X = np.asarray(X, dtype=np.float32)
-        if getattr(self, "n_view_features_", None) == X.shape[1]:  # one view, or the mean already (bundles)
+        check_is_fitted(self, "estimator_")
+        X = check_array(X, dtype=np.float32)
+        if X.shape[1] == self.n_view_features_:  # one view, or the mean already (bundles)
             return X
+        if X.shape[1] != 2 * self.n_view_features_:
+            raise ValueError(f"X has {X.shape[1]} features, but ViewAugmented is expecting "
+                             f"{2 * self.n_view_features_} features as input (plain and flipped side by side) "
+                             f"or {self.n_view_features_} (one view, or their mean)")
         a, b = self._halves(X)
         return (a + b) / 2
 
     def fit(self, X, y, eval_set: tuple | None = None):
+        X, y = fit_inputs(self, X, y, dtype=np.float32)
         a, b = self._halves(X)
         self.n_view_features_ = a.shape[1]
-        y = np.asarray(y)
         self.estimator_ = self.estimator
         kw = {}
         if eval_set is not None and "eval_set" in inspect.signature(self.estimator_.fit).parameters:
-            kw["eval_set"] = (self._mean(eval_set[0]), eval_set[1])
+            Xv, yv = eval_set_inputs(self, eval_set, dtype=np.float32, check_features=False)
+            kw["eval_set"] = (self._mean(Xv), yv)
         self.estimator_.fit(np.concatenate([a, b]), np.concatenate([y, y]), **kw)
         self.classes_ = self.estimator_.classes_
         return self
@@ -55,13 +65,15 @@ class ViewAugmented(ClassifierMixin, BaseEstimator):
         return self.estimator_.history_
 
     def predict(self, X):
-        check_is_fitted(self, "estimator_")
-        return self.estimator_.predict(self._mean(X))
+        X = self._mean(X)  # NotFittedError before fit
+        return self.estimator_.predict(X)
 
+    @available_if(lambda self: hasattr(self.estimator, "predict_proba"))
     def predict_proba(self, X):
-        check_is_fitted(self, "estimator_")
-        return self.estimator_.predict_proba(self._mean(X))
+        X = self._mean(X)
+        return self.estimator_.predict_proba(X)
 
+    @available_if(lambda self: hasattr(self.estimator, "decision_function"))
     def decision_function(self, X):
-        check_is_fitted(self, "estimator_")
-        return self.estimator_.decision_function(self._mean(X))
+        X = self._mean(X)
+        return self.estimator_.decision_function(X)
