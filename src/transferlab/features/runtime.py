@@ -175,19 +175,20 @@ class Prepared:
         return session_for(self.path, threads)
 
 
-_FAILED: dict[str, str] = {}  # graph key -> why it failed in this process (not retried, warned once)
+_FAILED: dict[str, str] = {}  # graph path -> why it failed in this process (not retried, warned once)
 
 
 def prepare(model, input_size, folder, key: str, tolerance: float = PARITY_TOLERANCE) -> Prepared:
     """The backbone exported once into `folder/<key>.onnx` (reused after) with parity recorded in `<key>.json`;
     parity is rechecked when onnxruntime's or torch's version changed. Raises RuntimeUnavailable with the
     reason when ONNX Runtime cannot be used."""
-    if key in _FAILED:
-        raise RuntimeUnavailable(_FAILED[key])
+    where = str(Path(folder) / key)
+    if where in _FAILED:
+        raise RuntimeUnavailable(_FAILED[where])
     try:
         return _prepare(model, input_size, Path(folder), key, tolerance)
     except RuntimeUnavailable as exc:
-        _FAILED[key] = str(exc)
+        _FAILED[where] = str(exc)
         raise
 
 
