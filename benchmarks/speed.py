@@ -197,7 +197,6 @@ def runtime_rows(bb, paths, tmp: Path, repeats: int) -> dict:
         raw[f"onnxruntime {cores} lanes x 1 thread bs{bs}"] = n / timed(
             lambda lane=lane, bs=bs: list(R.ort_batches(n, lambda idx: (xn[idx.start:idx.stop], list(idx), []),
                                                         lane, bs, cores)))
-    del x, xn
     fastest = max(raw, key=raw.get)
     cold: dict[str, dict] = {}
     settings = [("torch", p) for p in precisions] + [("onnxruntime", "fp32")]
@@ -328,7 +327,7 @@ def main() -> None:
         for k, v in r7["cold_extraction"].items():
             print(f"  cold extraction {k}: {v['images_per_s']:.1f} img/s = {v['ratio_to_fastest_raw']:.2f}x fastest raw")
         best = max(r7["cold_extraction"], key=lambda k: r7["cold_extraction"][k]["images_per_s"])
-        table.append([f"7 cold extraction ({best}) vs fastest raw forward", 
+        table.append([f"7 cold extraction ({best}) vs fastest raw forward",
                       f"{r7['cold_extraction'][best]['ratio_to_fastest_raw']:.2f}x", ">= 0.9x",
                       r7["cold_extraction"][best]["ratio_to_fastest_raw"] >= 0.9])
 
