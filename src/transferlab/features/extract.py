@@ -149,6 +149,10 @@ def plan_features(backbone: Backbone, cache_dir, runtime: str, device: torch.dev
             if said not in _WARNED:
                 _WARNED.add(said)
                 print(f"transferlab: onnxruntime unavailable for {backbone.name}: {exc}; using torch", file=sys.stderr)
+    if runtime == "auto" and precision == "auto" and device.type == "cpu":
+        # auto on a CPU means fp32 features whichever runtime computes them (torch under DDP or as the fallback
+        # too), so they share a cache folder; torch fp32 also extracted faster than bf16 here (speed.py row 7)
+        precision = "fp32"
     prec = resolve_precision(precision, device)
     return Plan("torch", prec, backbone.cache_key(prec, view))
 
