@@ -143,12 +143,13 @@ def test_interrupted_extraction_resumes_from_finished_chunks(small_folder, tiny_
     monkeypatch.setattr(F, "forward_features", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0,
-                         batch_size=4, chunk_size=4)
+                         batch_size=4, chunk_size=4, runtime="torch")
     monkeypatch.setattr(F, "forward_features", real)
-    resumed = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, batch_size=4)
+    resumed = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, batch_size=4,
+                               runtime="torch")
     assert resumed.from_cache == 8 and resumed.computed == len(paths) - 8
     fresh = extract_features(paths, tiny_backbone, cache_dir=cache_dir.with_name("fresh"), progress=False,
-                             num_workers=0, batch_size=4)
+                             num_workers=0, batch_size=4, runtime="torch")
     np.testing.assert_allclose(resumed.features, fresh.features, rtol=1e-5, atol=1e-6)
 
 

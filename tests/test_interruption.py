@@ -34,6 +34,12 @@ def slow(*a, **k):
     time.sleep(delay)
     return real(*a, **k)
 F.forward_features = slow
+import transferlab.features.runtime as R
+ort_call = R.OrtBackbone.__call__
+def slow_ort(self, batch):
+    time.sleep(delay)
+    return ort_call(self, batch)
+R.OrtBackbone.__call__ = slow_ort
 go = os.environ.get("GO_FILE")
 if go:
     open(f"{go}.ready-{os.getpid()}", "w").close()

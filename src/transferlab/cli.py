@@ -13,7 +13,7 @@ from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse
 from .features.cache import default_cache_dir
 from .config import ConfigError
 from .data.datasets import DatasetError, DatasetWarning
-from .features.extract import PRECISIONS, ExtractionError
+from .features.extract import PRECISIONS, RUNTIMES, ExtractionError
 
 
 class OutputError(OSError):
@@ -74,7 +74,7 @@ def _check_numbers(cfg, source) -> None:
     """A config file's numbers pass the checks their flags have (`--epochs -3` and `epochs: -3` alike)."""
     for name, check in CONFIG_NUMBERS.items():
         value = getattr(cfg, name)
-        if value is None and name == "num_workers":
+        if value is None and name in ("num_workers", "batch_size"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 check in (_positive_int, _count, _seed, _folds) and not isinstance(value, int)):
@@ -95,9 +95,13 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How features are computed and cached (extraction and prediction alike)."""
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (auto: bf16 where native)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="precision (auto: fp32 with ONNX Runtime, else bf16/fp16 autocast where native)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="frozen backbone's runtime (auto: ONNX Runtime fp32 on CPU, torch on CUDA/MPS; "
+                        "falls back to torch where the backbone does not export)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: per runtime, 16 per ONNX Runtime lane, 64 for torch)")
     p.add_argument("--workers", type=_count, default=None, help="DataLoader decoding workers (default: by device)")
     p.add_argument("--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -260,7 +264,7 @@ def _study_config(args, **over):
     return StudyConfig(
         data=args.data, out=args.out, backbone=args.backbone, weights=args.weights,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], epochs=args.epochs, seed=args.seed,
-        input_size=parse_size(args.input_size), precision=args.precision, device=args.device,
+        input_size=parse_size(args.input_size), precision=args.precision, device=args.device, runtime=args.runtime,
         batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, strict=args.strict,
         allow_outside=args.allow_outside, progress=not args.no_progress, **_finetune_options(args),
@@ -336,11 +340,11 @@ def cmd_extract(args) -> int:
     paths = [s.path for s in ds.samples]
     ex = extract_features(paths, bb, cache_dir=args.cache_dir, precision=args.precision, device=args.device,
                           batch_size=args.batch_size, num_workers=args.workers, strict=args.strict,
-                          progress=not args.no_progress, chunk_size=args.chunk_size)
+                          progress=not args.no_progress, chunk_size=args.chunk_size, runtime=args.runtime)
     if not is_main():
         return 0
     print(f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
-          f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision})")
+          f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision}, {ex.runtime})")
     for s in ds.skipped + ex.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
@@ -356,7 +360,7 @@ def cmd_predict(args) -> int:
     from .model.bundle import load
     from .evaluation.metrics import format_report
     from .model.predict import evaluate_predictions, predict_paths, write_csv
-    model = load(args.bundle, weights=args.weights, device=args.device, precision=args.precision,
+    model = load(args.bundle, weights=args.weights, device=args.device, precision=args.precision, runtime=args.runtime,
                  cache_dir=False if args.no_cache else args.cache_dir, batch_size=args.batch_size,
                  num_workers=args.workers)
     preds = predict_paths(model, args.images, progress=not args.no_progress)

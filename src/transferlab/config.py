@@ -42,7 +42,8 @@ class StudyConfig:
     input_size: tuple[int, int] | None = None
     precision: str = "auto"
     device: str = "auto"
-    batch_size: int = 64
+    runtime: str = "auto"  # frozen backbone: auto (ONNX Runtime on CPU, torch on CUDA/MPS), torch, onnxruntime
+    batch_size: int | None = None  # None: chosen per runtime for throughput
     num_workers: int | None = None
     cache_dir: str | None = None
     valid_fraction: float = 0.1
@@ -87,6 +88,7 @@ def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
         d["weights"] = str(Path(cfg.weights).expanduser().resolve())
     d["input_size"] = [int(v) for v in backbone.input_size]
     d["precision"] = extract.get("precision", cfg.precision)
+    d["runtime"] = extract.get("runtime", cfg.runtime)
     d["methods"] = {n: head_params(results[n]["estimator"]) if registry.get(n).build is not None and n in results else {}
                     for n in cfg.methods}
     return {**{k: d[k] for k in FIRST if k in d}, **{k: v for k, v in d.items() if k not in FIRST}}

@@ -54,6 +54,7 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
     """
     all_paths = [s.path for s in ds.samples]
     kw = dict(cache_dir=cfg.cache_dir, precision=cfg.precision, device=cfg.device, batch_size=cfg.batch_size,
+              runtime=cfg.runtime,
               num_workers=cfg.num_workers, strict=cfg.strict)
     first = extract_features(all_paths, bb, progress=cfg.progress, **kw)
     warm = first if first.computed == 0 else extract_features(all_paths, bb, progress=False, **kw)
@@ -75,6 +76,7 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
     info = {"seconds": first.seconds, "images": len(all_paths), "computed": first.computed,
             "from_cache": first.from_cache, "cached_seconds": warm.seconds, "cold_seconds": first.cold_seconds,
             "images_per_second": first.images_per_second, "precision": first.precision, "device": first.device,
+            "runtime": first.runtime,
             "skipped": first.skipped}
     return splits, info
 

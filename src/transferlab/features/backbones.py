@@ -41,9 +41,9 @@ EMBEDDED = {
 
 
 # transferlab's code that features depend on: decoding (data/images.py), resizing and normalising
-# (Backbone.transform, here) and the batched forward pass (features/extract.py). Whole files, so a helper
+# (Backbone.transform, here) and the batched forward pass (features/extract.py, features/runtime.py). Whole files, so a helper
 # added to one of them is covered too; editing any other module (reports, heads) keeps cached features.
-FEATURE_CODE = ("data/images.py", "features/backbones.py", "features/extract.py")
+FEATURE_CODE = ("data/images.py", "features/backbones.py", "features/extract.py", "features/runtime.py")
 
 
 @lru_cache(maxsize=None)
@@ -95,15 +95,20 @@ class Backbone:
         return {"name": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
                 "num_features": self.num_features, **self.preprocessing()}
 
-    def cache_inputs(self, precision: str, view: str = "plain") -> dict:
-        """Features depend on exactly these; nothing else about the model is assumed."""
-        return {"arch": self.name.split(".")[0], "weights_digest": self.weights_digest, "view": view,
-                "precision": precision, "features": "global-pool", **self.preprocessing(),
-                "versions": feature_library_versions(), "code": feature_code_digest()}
+    def cache_inputs(self, precision: str, view: str = "plain", runtime: str = "torch") -> dict:
+        """Features depend on exactly these; nothing else about the model is assumed. `runtime` is part of
+        them only when it is not "torch": ONNX Runtime features whose parity with torch fp32 was outside the
+        tolerance (features/runtime.py); within it they are torch's features and share its key."""
+        inputs = {"arch": self.name.split(".")[0], "weights_digest": self.weights_digest, "view": view,
+                  "precision": precision, "features": "global-pool", **self.preprocessing(),
+                  "versions": feature_library_versions(), "code": feature_code_digest()}
+        if runtime != "torch":
+            inputs["runtime"] = runtime
+        return inputs
 
-    def cache_key(self, precision: str, view: str = "plain") -> str:
+    def cache_key(self, precision: str, view: str = "plain", runtime: str = "torch") -> str:
         """SHA-256 (first 20 hex digits) of `cache_inputs`; the folder's backbone.json spells them out."""
-        blob = json.dumps(self.cache_inputs(precision, view), sort_keys=True).encode()
+        blob = json.dumps(self.cache_inputs(precision, view, runtime), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
 

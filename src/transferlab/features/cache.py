@@ -110,6 +110,21 @@ class FeatureCache:
         self._held: dict[bytes, np.ndarray] = {}  # features this cache returned or wrote: what was asked for
         self.refresh()
 
+    def note_runtime(self, runtime: str, detail: dict | None = None) -> None:
+        """Record in backbone.json that `runtime` wrote features here (`written_by`, with e.g. its parity)."""
+        path = self.dir / "backbone.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        by = meta.get("written_by") or {}
+        entry = {"runtime": runtime, **(detail or {})}
+        if by.get(runtime) == entry:
+            return
+        by[runtime] = entry
+        meta["written_by"] = by
+        self._atomic_write(path, json.dumps(meta, indent=2).encode())
+
     def refresh(self) -> None:
         """Index chunks not indexed yet (also ones another process wrote since); forget chunks gone."""
         names = {p.name for p in self.dir.glob("chunk-*.safetensors")}

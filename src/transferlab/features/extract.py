@@ -1,8 +1,10 @@
 """Features: the frozen backbone's pooled penultimate activations ("CNN codes"), extracted once.
 
-Images are hashed, looked up in the cache, and only the missing ones are decoded (DataLoader workers)
-and passed through the backbone in batches (channels_last, bf16/fp16 autocast where the device does it
-natively). New features are written to the cache in chunks as they come, so memory stays flat and an
+Images are hashed, looked up in the cache, and only the missing ones are decoded and passed through the
+backbone in batches: on a CPU (single process) through ONNX Runtime in lanes that decode and run a batch
+each (features/runtime.py), else through torch with DataLoader workers (channels_last, bf16/fp16 autocast
+where the device does it natively). `resolve_runtime` says which; a backbone ONNX Runtime cannot run falls
+back to torch with one line saying why. New features are written to the cache in chunks as they come, so memory stays flat and an
 interrupted run resumes. Unreadable images are skipped and returned with their reason. The decoding
 dataset `ImageFiles` and its batcher `collate` are shared with fine-tuning, which predicts the same way.
 """
@@ -10,8 +12,10 @@ dataset `ImageFiles` and its batcher `collate` are shared with fine-tuning, whic
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
+from . import runtime as ort_runtime
 from .backbones import Backbone
 from ..data.hashing import content_hash
 from .cache import FeatureCache, default_cache_dir
@@ -26,6 +31,8 @@ from ..data.images import ImageError, load_rgb
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEWS = ("plain", "hflip")
+RUNTIMES = ("auto", "torch", "onnxruntime")
+TORCH_BATCH_SIZE = 64
 
 
 class ExtractionError(RuntimeError):
@@ -43,6 +50,7 @@ class Extraction:
     precision: str = "fp32"
     device: str = "cpu"
     cold_seconds: float = float("nan")
+    runtime: str = "torch"
 
     @property
     def images_per_second(self) -> float:
@@ -79,6 +87,74 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu" and _cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
+    """'auto' picks ONNX Runtime (fp32) on a CPU in a single process unless bf16/fp16 is asked for by name, and
+    torch on CUDA/MPS (autocast) or under torch.distributed. With --precision auto on a bf16-capable CPU it
+    still picks ONNX Runtime fp32: measured faster than torch bf16 autocast there (benchmarks/speed.py row 7)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if runtime == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if runtime == "onnxruntime":
+            raise ValueError(f"--runtime onnxruntime runs on the CPU, not {device.type}; use --device cpu or --runtime auto")
+        return "torch"
+    if precision in ("bf16", "fp16"):
+        if runtime == "onnxruntime":
+            raise ValueError(f"ONNX Runtime runs fp32 graphs, not {precision}; use --precision fp32 or auto")
+        return "torch"
+    if distributed.is_distributed():
+        return "torch"
+    return "onnxruntime"
+
+
+@dataclass
+class Plan:
+    """How features are computed: runtime, precision, the feature cache key, and the exported graph (ORT)."""
+    runtime: str
+    precision: str
+    key: str
+    prepared: object = None
+
+    def describe(self) -> dict:
+        if self.prepared is None:
+            return {}
+        meta = self.prepared.meta
+        return {"parity_max_abs": meta["parity"], "tolerance": meta["tolerance"], "versions": meta["versions"],
+                "shares_torch_fp32_key": self.prepared.shares_key}
+
+
+_WARNED: set[str] = set()
+
+
+def plan_features(backbone: Backbone, cache_dir, runtime: str, device: torch.device, precision: str,
+                  view: str = "plain") -> Plan:
+    """Resolve runtime and precision and the cache key. ONNX Runtime features share torch fp32's key when
+    their parity (max abs difference on a fixed probe batch, checked when the graph is built) is within the
+    tolerance; otherwise the runtime is part of the key. Any ONNX Runtime failure -> torch, said once."""
+    rt = resolve_runtime(runtime, device, precision)
+    if rt == "onnxruntime":
+        folder = Path(cache_dir or default_cache_dir()) / "onnx"
+        graph_key = backbone.cache_key("fp32", "plain")  # the graph does not depend on the view
+        try:
+            prepared = ort_runtime.prepare(backbone.model, backbone.input_size, folder, graph_key)
+            return Plan("onnxruntime", "fp32", backbone.cache_key("fp32", view, "torch" if prepared.shares_key
+                                                                  else "onnxruntime"), prepared)
+        except ort_runtime.RuntimeUnavailable as exc:
+            said = str(folder / graph_key)
+            if said not in _WARNED:
+                _WARNED.add(said)
+                print(f"transferlab: onnxruntime unavailable for {backbone.name}: {exc}; using torch", file=sys.stderr)
+    if runtime == "auto" and precision == "auto" and device.type == "cpu":
+        # auto on a CPU means fp32 features whichever runtime computes them (torch under DDP or as the fallback
+        # too), so they share a cache folder; torch fp32 also extracted faster than bf16 here (speed.py row 7)
+        precision = "fp32"
+    prec = resolve_precision(precision, device)
+    return Plan("torch", prec, backbone.cache_key(prec, view))
 
 
 class ImageFiles(Dataset):
@@ -124,17 +200,24 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
 
 
 def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, precision: str = "auto",
-                     device: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+                     device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                      chunk_size: int = 512, view: str = "plain", progress: bool = True,
-                     strict: bool = False, description: str = "features") -> Extraction:
-    """Features for `paths` (in order, unreadable ones skipped), computing only what the cache lacks."""
+                     strict: bool = False, description: str = "features", runtime: str = "auto") -> Extraction:
+    """Features for `paths` (in order, unreadable ones skipped), computing only what the cache lacks.
+
+    `batch_size` None: per runtime (ONNX Runtime lanes ORT_BATCH_SIZE each, torch TORCH_BATCH_SIZE)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got '{view}'")
     start = time.perf_counter()
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.cache_key(prec, view),
-                         meta={**backbone.describe(), **backbone.cache_inputs(prec, view)})
+    cache_dir = cache_dir or default_cache_dir()
+    plan = plan_features(backbone, cache_dir, runtime, dev, precision, view)
+    prec = plan.precision
+    runtime_key = "torch" if plan.runtime == "torch" or plan.prepared.shares_key else "onnxruntime"
+    cache = FeatureCache(cache_dir, plan.key,
+                         meta={**backbone.describe(), **backbone.cache_inputs(prec, view, runtime_key)})
+    if batch_size is None:
+        batch_size = ort_runtime.ORT_BATCH_SIZE if plan.runtime == "onnxruntime" else TORCH_BATCH_SIZE
 
     skipped: dict[str, str] = {}
     keys: dict[str, bytes] = {}
@@ -156,7 +239,8 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     if mine:
         _compute(cache, mine, backbone, dev, prec, batch_size,
                  default_workers(dev) if num_workers is None else num_workers, chunk_size, view,
-                 progress and distributed.is_main(), strict, skipped, description)
+                 progress and distributed.is_main(), strict, skipped, description, plan)
+        cache.note_runtime(plan.runtime, {"precision": prec, **plan.describe()})
     distributed.gather_cache(cache, [k for k, p in mine if p not in skipped], skipped)
     failed = {keys[p]: r for p, r in skipped.items() if p in keys}  # e.g. several zero-byte files: one hash
     skipped.update({p: failed[k] for p, k in keys.items() if k in failed and p not in skipped})
@@ -172,17 +256,39 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     return Extraction(features=feats, paths=kept,
                       skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
                       seconds=time.perf_counter() - start, computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
-                      from_cache=from_cache, precision=prec, device=str(dev), cold_seconds=cold)
+                      from_cache=from_cache, precision=prec, device=str(dev), cold_seconds=cold, runtime=plan.runtime)
+
+
+def _torch_batches(paths, backbone, dev, prec, batch_size, num_workers, view):
+    """(features as numpy or None, ok indices, failed) per batch: DataLoader workers decode, torch runs."""
+    model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
+    loader = DataLoader(ImageFiles(paths, backbone.transform(), view), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    for x, idx, failed in loader:
+        yield (forward_features(model, x, dev, prec).numpy() if x is not None else None), idx, failed
+
+
+def _ort_batches(paths, backbone, prepared, batch_size, view):
+    """The same per batch through ONNX Runtime: one lane per core, each decoding a batch and running it with a
+    single-threaded session while torch (the transform) and BLAS are held at one thread, so the busy threads
+    never exceed the cores."""
+    lanes = ort_runtime.cores()
+    session = prepared.session(threads=1)
+    files = ImageFiles(paths, backbone.transform(), view)
+    with ort_runtime.cpu_threads(1):
+        yield from ort_runtime.ort_batches(len(paths), lambda idx: collate([files[i] for i in idx]), session,
+                                           batch_size, lanes)
 
 
 def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_size, view, progress, strict,
-             skipped, description):
+             skipped, description, plan=None):
     todo_keys = [k for k, _ in todo]
     todo_paths = [p for _, p in todo]
-    model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
-    loader = DataLoader(ImageFiles(todo_paths, backbone.transform(), view), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    if plan is not None and plan.runtime == "onnxruntime":
+        batches = _ort_batches(todo_paths, backbone, plan.prepared, batch_size, view)
+    else:
+        batches = _torch_batches(todo_paths, backbone, dev, prec, batch_size, num_workers, view)
     pending_keys: list[bytes] = []
     pending: list[np.ndarray] = []
 
@@ -203,17 +309,20 @@ def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_si
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(description, total=len(todo_paths), rate="-")
         try:
-            for x, idx, failed in loader:
+            for feats, idx, failed in batches:
                 for i, reason in failed:
                     if strict:
                         raise ExtractionError(f"{todo_paths[i]}: {reason} (--strict)")
                     skipped[todo_paths[i]] = reason
-                if x is not None:
-                    pending.append(forward_features(model, x, dev, prec).numpy())
+                if feats is not None:
+                    pending.append(np.asarray(feats, dtype=np.float32))
                     pending_keys.extend(todo_keys[i] for i in idx)
                 if len(pending_keys) >= chunk_size:
                     flush()
                 done += len(idx) + len(failed)
                 bar.update(task, advance=len(idx) + len(failed), rate=f"{done / (time.perf_counter() - t0):.1f}")
         finally:
-            flush()  # keep every finished batch, also on Ctrl-C or an error
+            try:
+                batches.close()  # stop the lanes / DataLoader workers before the last chunk is written
+            finally:
+                flush()  # keep every finished batch, also on Ctrl-C or an error

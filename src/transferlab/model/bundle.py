@@ -240,7 +240,7 @@ def _rebuild_backbone(config: dict, directory: Path, weights=None) -> Backbone:
 
 
 def load(directory, *, weights=None, device: str = "auto", precision: str = "auto", cache_dir=None,
-         batch_size: int = 64, num_workers: int | None = None) -> "Model":
+         batch_size: int | None = None, num_workers: int | None = None, runtime: str = "auto") -> "Model":
     """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights."""
     directory = Path(directory)
     config = read_config(directory)
@@ -250,7 +250,8 @@ def load(directory, *, weights=None, device: str = "auto", precision: str = "aut
         raise BundleError(str(exc)) from None
     backbone = _rebuild_backbone(config, directory, weights)
     return Model(config=config, estimator=estimator, backbone=backbone, path=directory, device=device,
-                 precision=precision, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers)
+                 precision=precision, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+                 runtime=runtime)
 
 
 class Model:
@@ -262,12 +263,12 @@ class Model:
     """
 
     def __init__(self, *, config: dict, estimator, backbone: Backbone, path: Path | None = None,
-                 device: str = "auto", precision: str = "auto", cache_dir=None, batch_size: int = 64,
-                 num_workers: int | None = None):
+                 device: str = "auto", precision: str = "auto", cache_dir=None, batch_size: int | None = None,
+                 num_workers: int | None = None, runtime: str = "auto"):
         self.config, self.estimator, self.backbone, self.path = config, estimator, backbone, path
         self.classes: list[str] = list(config["classes"])
         self.device, self.precision, self.cache_dir = device, precision, cache_dir
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.runtime = batch_size, num_workers, runtime
         self.tta = bool(config.get("tta", False))
         self._columns = class_columns(estimator, self.classes)
 
@@ -290,7 +291,7 @@ class Model:
         paths = [str(x) for x in images if not isinstance(x, Image.Image)]
         pil_rows = [i for i, x in enumerate(images) if isinstance(x, Image.Image)]
         kw = dict(precision=self.precision, device=self.device, batch_size=self.batch_size,
-                  num_workers=self.num_workers, progress=progress, strict=strict)
+                  num_workers=self.num_workers, progress=progress, strict=strict, runtime=self.runtime)
         ex = None
         if paths:
             nocache = tempfile.TemporaryDirectory(prefix="transferlab-nocache-") if self.cache_dir is False else None
@@ -321,21 +322,34 @@ class Model:
         return ex
 
     def _pil_features(self, images) -> np.ndarray:
+        """Features of in-memory images, through the same runtime as files (ONNX Runtime on CPU where it runs,
+        one call at a time with all cores as its threads, torch's and BLAS's held at one meanwhile)."""
+        import contextlib
+
         import torch
 
-        from ..features.extract import forward_features, resolve_device, resolve_precision
         from ..data.images import to_rgb
+        from ..features import runtime as ort_runtime
+        from ..features.extract import TORCH_BATCH_SIZE, forward_features, plan_features, resolve_device
         dev = resolve_device(self.device)
-        prec = resolve_precision(self.precision, dev)
+        graphs = None if self.cache_dir is False else self.cache_dir  # the exported graph: the usual cache
+        plan = plan_features(self.backbone, graphs, self.runtime, dev, self.precision)
         transform = self.backbone.transform()
-        model = self.backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
+        if plan.runtime == "onnxruntime":
+            session = plan.prepared.session(threads=ort_runtime.cores())
+            run = session
+        else:
+            model = self.backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
+            run = lambda x: forward_features(model, x, dev, plan.precision).numpy()  # noqa: E731
+        size = self.batch_size or (ort_runtime.ORT_BATCH_SIZE if plan.runtime == "onnxruntime" else TORCH_BATCH_SIZE)
         out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([transform(to_rgb(im)) for im in images[start:start + self.batch_size]])
-            feats = forward_features(model, batch, dev, prec).numpy()
-            if self.tta:
-                feats = (feats + forward_features(model, torch.flip(batch, dims=[-1]), dev, prec).numpy()) / 2
-            out.append(feats)
+        for start in range(0, len(images), size):
+            batch = torch.stack([transform(to_rgb(im)) for im in images[start:start + size]])
+            with ort_runtime.cpu_threads(1) if plan.runtime == "onnxruntime" else contextlib.nullcontext():
+                feats = run(batch)
+                if self.tta:
+                    feats = (feats + run(torch.flip(batch, dims=[-1]))) / 2
+            out.append(np.asarray(feats, dtype=np.float32))
         return np.concatenate(out)
 
     def features(self, images) -> np.ndarray:
