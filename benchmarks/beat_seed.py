@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferlab.features.backbones import parse_size
 from transferlab.evaluation.metrics import bootstrap_ci
+from transferlab.features.backbones import parse_size
 from transferlab.report.format import markdown_table
 from transferlab.study import StudyConfig, run_study
 
@@ -51,8 +51,14 @@ def target_checks(sel: dict, seed_methods: dict) -> dict[str, bool]:
 def _row(label: str, m: dict, ci: dict) -> list[str]:
     def cell(k):
         return f"{m[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
-    return [label, cell("accuracy"), cell("macro_f1"), cell("balanced_accuracy"),
-            f"{m['valid']['macro_f1']:.3f}" if m.get("valid") else "–"]
+
+    return [
+        label,
+        cell("accuracy"),
+        cell("macro_f1"),
+        cell("balanced_accuracy"),
+        f"{m['valid']['macro_f1']:.3f}" if m.get("valid") else "–",
+    ]
 
 
 def main() -> None:
@@ -80,8 +86,13 @@ def main() -> None:
         seed_m, seed_s = _run(args.data, root / "seed", size, args.seed)
         opts = dict(tta=args.tta, flip_train=args.flip_train, cv=args.cv, select_metric=args.select_metric)
         if args.finetune:
-            opts["finetune"] = {"unfreeze": args.unfreeze, "epochs": args.ft_epochs, "warmup_epochs": args.warmup_epochs,
-                                "label_smoothing": args.label_smoothing, "patience": 0}
+            opts["finetune"] = {
+                "unfreeze": args.unfreeze,
+                "epochs": args.ft_epochs,
+                "warmup_epochs": args.warmup_epochs,
+                "label_smoothing": args.label_smoothing,
+                "patience": 0,
+            }
         methods = ["all", "finetune"] if args.finetune else ["all"]
         all_m, all_s = _run(args.data, root / "all", size, args.seed, methods=methods, **opts)
 
@@ -97,14 +108,17 @@ def main() -> None:
     checks = target_checks(sel, seed_m["methods"])
 
     rows = [["method", "test accuracy [95% CI]", "test macro-F1 [95% CI]", "test bal. acc. [95% CI]", "valid macro-F1"]]
-    rows += [_row(f"seed {s} (plain features, as the seed)", seed_m["methods"][s], seed_ci[s])
-             for s in ("softmax", "svm")]
+    rows += [
+        _row(f"seed {s} (plain features, as the seed)", seed_m["methods"][s], seed_ci[s]) for s in ("softmax", "svm")
+    ]
     rows += [_row(f"{s} (this run's features)", all_m["methods"][s], all_m["ci"][s]) for s in ("softmax", "svm")]
     rows += [_row(f"**{chosen}** (selected)", sel, all_m["ci"][chosen])]
     print(markdown_table(rows))
     sc = all_m["selection"]
-    print(f"\nselected {chosen} by {sc.get('protocol')} {sc['metric']}: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in sc["valid"].items()))
+    print(
+        f"\nselected {chosen} by {sc.get('protocol')} {sc['metric']}: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in sc["valid"].items())
+    )
     print("ranking: " + ", ".join(f"{n_} {v:.3f}" for n_, v in sc["ranking"]))
     if sel.get("tuning"):
         print(f"chosen hyperparameters: {sel['tuning']['best_params']}")
@@ -113,23 +127,58 @@ def main() -> None:
     rc = all_m.get("recall_changes")
     if rc:
         print(f"\nper-class recall, {rc['method']} vs {rc['baseline']} (this run), largest changes:")
-        print(markdown_table([["class", "support", rc["baseline"], rc["method"], "change"]] + [
-            [r["class"], str(r["support"]), f"{r['baseline_recall']:.3f}", f"{r['recall']:.3f}", f"{r['change']:+.3f}"]
-            for r in rc["classes"][:8]]))
+        print(
+            markdown_table(
+                [["class", "support", rc["baseline"], rc["method"], "change"]]
+                + [
+                    [
+                        r["class"],
+                        str(r["support"]),
+                        f"{r['baseline_recall']:.3f}",
+                        f"{r['recall']:.3f}",
+                        f"{r['change']:+.3f}",
+                    ]
+                    for r in rc["classes"][:8]
+                ]
+            )
+        )
     print("\ntarget: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()))
 
     RESULTS.mkdir(exist_ok=True)
-    keep = ("accuracy", "macro_f1", "balanced_accuracy", "valid", "per_class", "tuning", "train_seconds",
-            "predict_seconds", "details")
+    keep = (
+        "accuracy",
+        "macro_f1",
+        "balanced_accuracy",
+        "valid",
+        "per_class",
+        "tuning",
+        "train_seconds",
+        "predict_seconds",
+        "details",
+    )
     result = {
-        "data": args.data, "input_size": args.input_size, "seed": args.seed, "options": opts,
-        "seed_study": {"seconds": seed_s, "methods": {s: {k: seed_m["methods"][s].get(k) for k in keep}
-                                                      for s in ("softmax", "svm")}, "ci": seed_ci},
-        "study": {"seconds": all_s, "selected": chosen, "selection": sc, "ci": all_m["ci"],
-                  "mcnemar": all_m.get("mcnemar"), "recall_changes": rc,
-                  "data_efficiency": all_m.get("data_efficiency"),
-                  "methods": {k: {f: v.get(f) for f in keep} for k, v in all_m["methods"].items()}},
-        "target": TARGET, "checks": checks, "met": all(checks.values()),
+        "data": args.data,
+        "input_size": args.input_size,
+        "seed": args.seed,
+        "options": opts,
+        "seed_study": {
+            "seconds": seed_s,
+            "methods": {s: {k: seed_m["methods"][s].get(k) for k in keep} for s in ("softmax", "svm")},
+            "ci": seed_ci,
+        },
+        "study": {
+            "seconds": all_s,
+            "selected": chosen,
+            "selection": sc,
+            "ci": all_m["ci"],
+            "mcnemar": all_m.get("mcnemar"),
+            "recall_changes": rc,
+            "data_efficiency": all_m.get("data_efficiency"),
+            "methods": {k: {f: v.get(f) for f in keep} for k, v in all_m["methods"].items()},
+        },
+        "target": TARGET,
+        "checks": checks,
+        "met": all(checks.values()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]},
     }
     name = f"beat_seed{'_' + args.tag if args.tag else ''}.json"

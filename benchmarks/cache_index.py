@@ -45,6 +45,7 @@ def _keys(chunk: int, rows: int) -> list[bytes]:
 
 def fill(folder: Path, chunks: int, rows: int, dim: int) -> None:
     from transferlab.features.cache import FeatureCache
+
     rng = np.random.default_rng(0)
     cache = FeatureCache(folder, KEY)
     for c in range(chunks):
@@ -89,8 +90,22 @@ def child(impl: str, folder: Path, chunks: int, rows: int, lookups: int, seed: i
 def measure(impl: str, folder: Path, args) -> dict:
     runs = []
     for r in range(args.repeats):
-        cmd = [sys.executable, __file__, "--child", impl, "--dir", str(folder), "--chunks", str(args.chunks),
-               "--rows", str(args.rows), "--lookups", str(args.lookups), "--seed", str(r)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            impl,
+            "--dir",
+            str(folder),
+            "--chunks",
+            str(args.chunks),
+            "--rows",
+            str(args.rows),
+            "--lookups",
+            str(args.lookups),
+            "--seed",
+            str(r),
+        ]
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     return {k: statistics.median(run[k] for run in runs) for k in runs[0]} | {"runs": runs}
 
@@ -117,29 +132,43 @@ def main() -> None:
         t = time.perf_counter()
         fill(folder, args.chunks, args.rows, args.dim)
         size = sum(p.stat().st_size for p in folder.rglob("chunk-*"))
-        print(f"filled {args.chunks} chunks x {args.rows} keys x {args.dim} floats ({size / 2**20:.0f} MiB) "
-              f"in {time.perf_counter() - t:.1f} s")
+        print(
+            f"filled {args.chunks} chunks x {args.rows} keys x {args.dim} floats ({size / 2**20:.0f} MiB) "
+            f"in {time.perf_counter() - t:.1f} s"
+        )
         for p in folder.rglob("chunk-*"):  # warm page cache for both versions alike
             p.read_bytes()
         results = {"new": measure("new", folder, args)}
         if args.old:
             results = {"old": measure(args.old, folder, args), **results}
 
-    rows = [("open the cache", "open_s"), (f"look up {args.lookups} random keys", "lookup_random_s"),
-            (f"look up {args.lookups} keys of one chunk", "lookup_one_chunk_s"),
-            ("open again in the same process", "reopen_s"),
-            (f"look up {args.lookups} other random keys there", "reopen_lookup_random_s"),
-            ("peak RSS (MiB)", "peak_rss_mib")]
+    rows = [
+        ("open the cache", "open_s"),
+        (f"look up {args.lookups} random keys", "lookup_random_s"),
+        (f"look up {args.lookups} keys of one chunk", "lookup_one_chunk_s"),
+        ("open again in the same process", "reopen_s"),
+        (f"look up {args.lookups} other random keys there", "reopen_lookup_random_s"),
+        ("peak RSS (MiB)", "peak_rss_mib"),
+    ]
     print(f"\n{'':44}" + "".join(f"{name:>12}" for name in results))
     for label, key in rows:
         print(f"{label:44}" + "".join(f"{r[key]:12.3f}" if key in r else f"{'-':>12}" for r in results.values()))
     for name, r in results.items():
         print(f"{name}: open + {args.lookups} random lookups = {r['open_s'] + r['lookup_random_s']:.3f} s")
 
-    out = {"config": {"chunks": args.chunks, "rows": args.rows, "dim": args.dim, "lookups": args.lookups,
-                      "repeats": args.repeats, "cache_mib": round(size / 2**20, 1), "old": args.old},
-           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-           "results": results}
+    out = {
+        "config": {
+            "chunks": args.chunks,
+            "rows": args.rows,
+            "dim": args.dim,
+            "lookups": args.lookups,
+            "repeats": args.repeats,
+            "cache_mib": round(size / 2**20, 1),
+            "old": args.old,
+        },
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cache_index.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {RESULTS / 'cache_index.json'}")

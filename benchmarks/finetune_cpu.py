@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import subset_manifest  # noqa: E402  (stratified CSV manifest of a boats16 share)
 
-from transferlab.features.backbones import load_backbone  # noqa: E402
 from transferlab.data.datasets import discover  # noqa: E402
+from transferlab.features.backbones import load_backbone  # noqa: E402
 from transferlab.finetune.tuner import FineTuner  # noqa: E402
 from transferlab.study import StudyConfig, run_study  # noqa: E402
 
@@ -55,22 +55,36 @@ def main() -> None:
     full = discover(args.data, seed=0)
     n_train = int(round(args.fraction * (len(full.split("train")) + len(full.split("valid")))))
     manifest, _ = subset_manifest(args.data, n_train, 0, out)
-    common = dict(backbone="tf_efficientnet_lite0", input_size=(120, 400), seed=0, device=args.device, progress=False,
-                  allow_outside=True)
+    common = dict(
+        backbone="tf_efficientnet_lite0",
+        input_size=(120, 400),
+        seed=0,
+        device=args.device,
+        progress=False,
+        allow_outside=True,
+    )
 
     ft = {"epochs": args.ft_epochs, "unfreeze": args.unfreeze, "warmup_epochs": 0.5, "patience": 0}
-    cfg = StudyConfig(data=str(manifest), out=str(out / "subset"), methods=["softmax", "svm", "finetune"],
-                      finetune=ft, **common)
+    cfg = StudyConfig(
+        data=str(manifest), out=str(out / "subset"), methods=["softmax", "svm", "finetune"], finetune=ft, **common
+    )
     t0 = time.perf_counter()
     sub = run_study(cfg)
     study_seconds = time.perf_counter() - t0
 
     # whole-backbone training throughput (no validation, one epoch)
     ds = discover(manifest, seed=0, allow_outside=True)
-    paths, y = ds.paths("train")[:args.throughput_images], ds.labels("train")[:args.throughput_images]
+    paths, y = ds.paths("train")[: args.throughput_images], ds.labels("train")[: args.throughput_images]
     bb = load_backbone("tf_efficientnet_lite0", input_size=(120, 400))
-    est = FineTuner(epochs=1, unfreeze="all", out_dir=str(out / "throughput"), progress=False, head_epochs=5,
-                    patience=0, device=args.device)
+    est = FineTuner(
+        epochs=1,
+        unfreeze="all",
+        out_dir=str(out / "throughput"),
+        progress=False,
+        head_epochs=5,
+        patience=0,
+        device=args.device,
+    )
     est.fit(paths, y, backbone=bb)
     all_ips = est.images_per_second_
 
@@ -78,19 +92,41 @@ def main() -> None:
 
     m = sub["methods"]
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads(),
-                    "device": sub["extract"]["device"], "precision": sub["extract"]["precision"],
-                    "torch": torch.__version__},
-        "setup": {"data": args.data, "backbone": "tf_efficientnet_lite0 (embedded)", "input_size": [120, 400],
-                  "train_fraction": args.fraction, "n_train": sub["n_train"], "n_valid": sub["n_valid"],
-                  "n_test": sub["n_test"], "finetune": {**ft, "lr": 5e-4, "layer_decay": 0.75, "batch_size": 32,
-                                                        "augment": "crop,flip,color", "schedule": "cosine"}},
-        "subset_study": {n: {k: m[n][k] for k in KEYS} | ({"valid_macro_f1": m[n]["valid"]["macro_f1"]} if "valid" in m[n] else {})
-                         for n in m},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "device": sub["extract"]["device"],
+            "precision": sub["extract"]["precision"],
+            "torch": torch.__version__,
+        },
+        "setup": {
+            "data": args.data,
+            "backbone": "tf_efficientnet_lite0 (embedded)",
+            "input_size": [120, 400],
+            "train_fraction": args.fraction,
+            "n_train": sub["n_train"],
+            "n_valid": sub["n_valid"],
+            "n_test": sub["n_test"],
+            "finetune": {
+                **ft,
+                "lr": 5e-4,
+                "layer_decay": 0.75,
+                "batch_size": 32,
+                "augment": "crop,flip,color",
+                "schedule": "cosine",
+            },
+        },
+        "subset_study": {
+            n: {k: m[n][k] for k in KEYS} | ({"valid_macro_f1": m[n]["valid"]["macro_f1"]} if "valid" in m[n] else {})
+            for n in m
+        },
         "finetune_details": m["finetune"]["details"],
-        "train_images_per_second": {f"unfreeze {args.unfreeze}": m["finetune"]["details"]["train_images_per_second"],
-                                    "unfreeze all": all_ips},
+        "train_images_per_second": {
+            f"unfreeze {args.unfreeze}": m["finetune"]["details"]["train_images_per_second"],
+            "unfreeze all": all_ips,
+        },
         "full_train_frozen_heads": {n: {k: ref["methods"][n][k] for k in KEYS} for n in ref["methods"]},
         "seconds": {"subset_study": study_seconds, "total": time.perf_counter() - t_all},
         "report": str(out / "subset" / "report.md"),
@@ -100,8 +136,10 @@ def main() -> None:
     print(f"{'method':<22}{'acc':>7}{'macroF1':>9}{'bal.acc':>9}{'train':>10}{'predict':>10}")
     for label, block in (("", result["subset_study"]), (" (full train)", result["full_train_frozen_heads"])):
         for n, r in block.items():
-            print(f"{n + label:<22}{r['accuracy']:>7.3f}{r['macro_f1']:>9.3f}{r['balanced_accuracy']:>9.3f}"
-                  f"{r['train_seconds']:>9.1f}s{r['predict_seconds']:>9.1f}s")
+            print(
+                f"{n + label:<22}{r['accuracy']:>7.3f}{r['macro_f1']:>9.3f}{r['balanced_accuracy']:>9.3f}"
+                f"{r['train_seconds']:>9.1f}s{r['predict_seconds']:>9.1f}s"
+            )
     print("training images/s:", {k: round(v, 2) for k, v in result["train_images_per_second"].items()})
     print(f"total {result['seconds']['total']:.0f} s; report {result['report']}")
 

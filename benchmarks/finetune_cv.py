@@ -29,10 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from beat_seed import target_checks  # noqa: E402  (issue 4's target, as beat_seed.py checks it)
 
-from transferlab.features.backbones import load_backbone, parse_size  # noqa: E402
 from transferlab.data.datasets import discover  # noqa: E402
-from transferlab.finetune.tuner import cross_val_predict  # noqa: E402
 from transferlab.evaluation.selection import select_method  # noqa: E402
+from transferlab.features.backbones import load_backbone, parse_size  # noqa: E402
+from transferlab.finetune.tuner import cross_val_predict  # noqa: E402
 from transferlab.heads.search import score  # noqa: E402
 from transferlab.study import StudyConfig, extract_splits  # noqa: E402
 
@@ -56,10 +56,22 @@ def main() -> None:
     heads = json.loads(Path(args.heads).read_text())
     assert heads["options"]["cv"] == args.cv and heads["seed"] == args.seed, "--heads must use the same folds"
 
-    ft = {"unfreeze": args.unfreeze, "epochs": args.ft_epochs, "warmup_epochs": args.warmup_epochs,
-          "label_smoothing": args.label_smoothing, "patience": 0}
-    cfg = StudyConfig(data=args.data, out=args.out, input_size=parse_size(args.input_size), seed=args.seed,
-                      cv=args.cv, finetune=ft, progress=False)
+    ft = {
+        "unfreeze": args.unfreeze,
+        "epochs": args.ft_epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "label_smoothing": args.label_smoothing,
+        "patience": 0,
+    }
+    cfg = StudyConfig(
+        data=args.data,
+        out=args.out,
+        input_size=parse_size(args.input_size),
+        seed=args.seed,
+        cv=args.cv,
+        finetune=ft,
+        progress=False,
+    )
     ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction)
     bb = load_backbone(cfg.backbone, input_size=cfg.input_size)
     splits, _ = extract_splits(cfg, ds, bb)
@@ -108,12 +120,24 @@ def main() -> None:
         print(f"test {k}: {sel[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]")
     print("target: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()))
 
-    result = {"data": args.data, "input_size": args.input_size, "seed": args.seed, "cv": args.cv, "finetune": ft,
-              "finetune_cv": cv_scores, "fold_seconds": state["folds"], "heads_from": args.heads,
-              "ranking": ranking, "selected": chosen, "test_from": args.final if source is final else args.heads,
-              "test": {k: sel[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}, "ci": ci,
-              "checks": checks, "met": all(checks.values()),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    result = {
+        "data": args.data,
+        "input_size": args.input_size,
+        "seed": args.seed,
+        "cv": args.cv,
+        "finetune": ft,
+        "finetune_cv": cv_scores,
+        "fold_seconds": state["folds"],
+        "heads_from": args.heads,
+        "ranking": ranking,
+        "selected": chosen,
+        "test_from": args.final if source is final else args.heads,
+        "test": {k: sel[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")},
+        "ci": ci,
+        "checks": checks,
+        "met": all(checks.values()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "finetune_cv.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {RESULTS / 'finetune_cv.json'}")

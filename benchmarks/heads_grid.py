@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.features.backbones import DEFAULT_BACKBONE, load_backbone, parse_size
 from transferlab.data.datasets import discover
-from transferlab.report.format import markdown_table
+from transferlab.features.backbones import DEFAULT_BACKBONE, load_backbone, parse_size
 from transferlab.features.extract import extract_features
 from transferlab.heads import make_head, names
+from transferlab.report.format import markdown_table
 
 TUNED_HEADS = tuple(names("tuned"))
 
@@ -62,23 +62,63 @@ def main() -> None:
         est.fit(Xtr, ytr, eval_set=(Xva, yva))
         seconds = time.perf_counter() - t0
         s = est.summary()
-        out[name] = {"seconds": seconds, "grid_points": s["grid_points"], "failed": s["failed"],
-                     "best_params": s["best_params"], "valid": s["valid"]}
-        rows.append([name, str(s["grid_points"]), f"{seconds:.1f}", f"{s['valid']['macro_f1']:.3f}",
-                     f"{s['valid']['accuracy']:.3f}", f"{s['valid']['balanced_accuracy']:.3f}",
-                     ", ".join(f"{k.split('__')[-1]}={v}" for k, v in s["best_params"].items())])
+        out[name] = {
+            "seconds": seconds,
+            "grid_points": s["grid_points"],
+            "failed": s["failed"],
+            "best_params": s["best_params"],
+            "valid": s["valid"],
+        }
+        rows.append(
+            [
+                name,
+                str(s["grid_points"]),
+                f"{seconds:.1f}",
+                f"{s['valid']['macro_f1']:.3f}",
+                f"{s['valid']['accuracy']:.3f}",
+                f"{s['valid']['balanced_accuracy']:.3f}",
+                ", ".join(f"{k.split('__')[-1]}={v}" for k, v in s["best_params"].items()),
+            ]
+        )
         print(f"{name}: {seconds:.1f} s", flush=True)
     total = time.perf_counter() - total0
-    rows.append(["all heads", str(sum(v["grid_points"] for v in out.values())), f"{total:.1f}", "", "", "",
-                 f"goal <= 60 s: {'met' if total <= 60 else 'missed'}"])
-    print(markdown_table([["head", "grid points", "seconds", "valid macro-F1", "valid acc", "valid bal. acc",
-                           "chosen"], *rows]))
+    rows.append(
+        [
+            "all heads",
+            str(sum(v["grid_points"] for v in out.values())),
+            f"{total:.1f}",
+            "",
+            "",
+            "",
+            f"goal <= 60 s: {'met' if total <= 60 else 'missed'}",
+        ]
+    )
+    print(
+        markdown_table(
+            [["head", "grid points", "seconds", "valid macro-F1", "valid acc", "valid bal. acc", "chosen"], *rows]
+        )
+    )
     RESULTS.mkdir(exist_ok=True)
-    result = {"data": args.data, "input_size": args.input_size, "seed": args.seed, "tta": args.tta, "jobs": args.jobs,
-              "n_train": len(ytr), "n_valid": len(yva), "dims": int(Xtr.shape[1]), "total_seconds": total,
-              "goal_seconds": 60, "met": total <= 60, "heads": out,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}}
+    result = {
+        "data": args.data,
+        "input_size": args.input_size,
+        "seed": args.seed,
+        "tta": args.tta,
+        "jobs": args.jobs,
+        "n_train": len(ytr),
+        "n_valid": len(yva),
+        "dims": int(Xtr.shape[1]),
+        "total_seconds": total,
+        "goal_seconds": 60,
+        "met": total <= 60,
+        "heads": out,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1min": os.getloadavg()[0],
+        },
+    }
     name = f"heads_grid{'_tta' if args.tta else ''}{f'_jobs{args.jobs}' if args.jobs != 1 else ''}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS / name}")

@@ -41,8 +41,18 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
-    rows = [["input size", "head", "CV macro-F1", "CV accuracy", "CV bal. acc.", "chosen hyperparameters",
-             "extract s", "tune s"]]
+    rows = [
+        [
+            "input size",
+            "head",
+            "CV macro-F1",
+            "CV accuracy",
+            "CV bal. acc.",
+            "chosen hyperparameters",
+            "extract s",
+            "tune s",
+        ]
+    ]
     out: dict[str, dict] = {}
     for text in args.sizes.split(","):
         size = parse_size(text)
@@ -54,21 +64,39 @@ def main() -> None:
             t0 = time.perf_counter()
             est = make_head(name, seed=args.seed, cv=args.cv).fit(Xtr, ytr, eval_set=(Xva, yva))
             v = est.best_valid_
-            out[text]["heads"][name] = {"cv": v, "best_params": est.best_params_,
-                                        "seconds": time.perf_counter() - t0}
-            rows.append([text, name, f"{v['macro_f1']:.3f}", f"{v['accuracy']:.3f}", f"{v['balanced_accuracy']:.3f}",
-                         str(est.best_params_), f"{extract_s:.0f}", f"{time.perf_counter() - t0:.0f}"])
+            out[text]["heads"][name] = {"cv": v, "best_params": est.best_params_, "seconds": time.perf_counter() - t0}
+            rows.append(
+                [
+                    text,
+                    name,
+                    f"{v['macro_f1']:.3f}",
+                    f"{v['accuracy']:.3f}",
+                    f"{v['balanced_accuracy']:.3f}",
+                    str(est.best_params_),
+                    f"{extract_s:.0f}",
+                    f"{time.perf_counter() - t0:.0f}",
+                ]
+            )
             print(" | ".join(rows[-1]), flush=True)
     best = {s: max(h["cv"]["macro_f1"] for h in r["heads"].values()) for s, r in out.items()}
     chosen = max(best, key=best.get)
     print(markdown_table(rows))
-    print("\nbest CV macro-F1 per size: " + ", ".join(f"{s} {v:.3f}" for s, v in best.items())
-          + f"\nchosen input size: {chosen} ({args.cv}-fold CV on train + valid; test not read)")
+    print(
+        "\nbest CV macro-F1 per size: "
+        + ", ".join(f"{s} {v:.3f}" for s, v in best.items())
+        + f"\nchosen input size: {chosen} ({args.cv}-fold CV on train + valid; test not read)"
+    )
     RESULTS.mkdir(exist_ok=True)
-    result = {"data": args.data, "tta": args.tta, "cv": args.cv, "seed": args.seed, "sizes": out,
-              "best_cv_macro_f1": best, "chosen": chosen,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "load_avg_1min": os.getloadavg()[0]}}
+    result = {
+        "data": args.data,
+        "tta": args.tta,
+        "cv": args.cv,
+        "seed": args.seed,
+        "sizes": out,
+        "best_cv_macro_f1": best,
+        "chosen": chosen,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]},
+    }
     path = RESULTS / f"input_size_cv{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2, default=float))
     print(f"wrote {path}")

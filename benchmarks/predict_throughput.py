@@ -45,14 +45,33 @@ def measure(bundle: Path, test_dir: Path, onnx: bool) -> dict:
         rows["load_seconds"] = time.perf_counter() - t0
         for phase in ("cold", "cached"):
             p = predict_paths(model, [test_dir], progress=False)
-            rows[phase] = {"images": len(p.paths), "seconds": p.seconds, "images_per_second": p.images_per_second,
-                           "through_backbone": p.computed, "from_cache": p.from_cache}
+            rows[phase] = {
+                "images": len(p.paths),
+                "seconds": p.seconds,
+                "images_per_second": p.images_per_second,
+                "through_backbone": p.computed,
+                "from_cache": p.from_cache,
+            }
         rows["precision"] = model.config.get("precision")
         csv_out = Path(tmp) / "preds.csv"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "transferlab.cli", "predict", str(bundle), str(test_dir), "--out",
-                        str(csv_out), "--cache-dir", str(Path(tmp) / "cache"), "--no-progress"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "transferlab.cli",
+                "predict",
+                str(bundle),
+                str(test_dir),
+                "--out",
+                str(csv_out),
+                "--cache-dir",
+                str(Path(tmp) / "cache"),
+                "--no-progress",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t0
         rows["cli_cached"] = {"images": p.paths.__len__(), "seconds": wall, "images_per_second": len(p.paths) / wall}
         if onnx:
@@ -62,12 +81,13 @@ def measure(bundle: Path, test_dir: Path, onnx: bool) -> dict:
                 rows["onnxruntime"] = {"skipped": str(exc)[:120]}
             else:
                 import onnxruntime as ort
+
                 sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 meta = sess.get_modelmeta().custom_metadata_map
                 paths = [str(q) for q in list_images(test_dir)]
                 t0 = time.perf_counter()
                 for i in range(0, len(paths), 64):
-                    sess.run(None, {"image": preprocess(paths[i:i + 64], meta)})
+                    sess.run(None, {"image": preprocess(paths[i : i + 64], meta)})
                 s = time.perf_counter() - t0
                 rows["onnxruntime"] = {"images": len(paths), "seconds": s, "images_per_second": len(paths) / s}
     return rows
@@ -85,11 +105,20 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else list(dict.fromkeys(["softmax", metrics.get("selected")]))
     methods = [m for m in methods if m and (run / "models" / m).is_dir()]
     test_dir = Path(args.data) / "test"
-    results = {"data": str(test_dir), "run": str(run), "backbone": metrics["backbone"],
-               "input_size": metrics["input_size"], "selected": metrics.get("selected"),
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)},
-               "methods": {}}
+    results = {
+        "data": str(test_dir),
+        "run": str(run),
+        "backbone": metrics["backbone"],
+        "input_size": metrics["input_size"],
+        "selected": metrics.get("selected"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        },
+        "methods": {},
+    }
     for m in methods:
         print(f"measuring {m} ...", flush=True)
         results["methods"][m] = measure(run / "models" / m, test_dir, onnx=not args.no_onnx)
@@ -102,7 +131,9 @@ def main() -> None:
         for phase in ("cold", "cached", "cli_cached", "onnxruntime"):
             row = r.get(phase)
             if row and "seconds" in row:
-                print(f"{m:<14} {phase:<14} {row['images']:>7} {row['seconds']:>9.2f} {row['images_per_second']:>10.1f}")
+                print(
+                    f"{m:<14} {phase:<14} {row['images']:>7} {row['seconds']:>9.2f} {row['images_per_second']:>10.1f}"
+                )
     print(f"wrote {RESULTS / 'predict_throughput.json'}")
 
 

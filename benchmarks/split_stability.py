@@ -76,14 +76,27 @@ def main() -> None:
             rows.append(trial(Path(tmp), t, args.add, args.grow))
     keys = list(rows[0])
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "max": int(max(r[k] for r in rows))} for k in keys}
-    print(f"{args.trials} trials, {sum(CLASSES.values())} images in {len(CLASSES)} classes, "
-          f"{args.add} added to class {args.grow!r}: existing images that changed split (mean / max per trial)")
+    print(
+        f"{args.trials} trials, {sum(CLASSES.values())} images in {len(CLASSES)} classes, "
+        f"{args.add} added to class {args.grow!r}: existing images that changed split (mean / max per trial)"
+    )
     for k in keys:
         print(f"  {k:18s} {summary[k]['mean']:6.2f} / {summary[k]['max']}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "split_stability.json").write_text(json.dumps(
-        {"trials": args.trials, "classes": CLASSES, "added": args.add, "grown": args.grow, "summary": summary,
-         "per_trial": rows}, indent=2) + "\n")
+    (RESULTS / "split_stability.json").write_text(
+        json.dumps(
+            {
+                "trials": args.trials,
+                "classes": CLASSES,
+                "added": args.add,
+                "grown": args.grow,
+                "summary": summary,
+                "per_trial": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

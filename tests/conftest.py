@@ -36,15 +36,19 @@ def make_imagefolder(root: Path, counts: dict[str, dict[str, int]], seed: int = 
 @pytest.fixture
 def small_folder(tmp_path) -> Path:
     """3 imbalanced classes with train and test splits (no valid)."""
-    return make_imagefolder(tmp_path / "data", {
-        "train": {"ant": 12, "bee": 8, "cat": 5},
-        "test": {"ant": 4, "bee": 3, "cat": 2},
-    })
+    return make_imagefolder(
+        tmp_path / "data",
+        {
+            "train": {"ant": 12, "bee": 8, "cat": 5},
+            "test": {"ant": 4, "bee": 3, "cat": 2},
+        },
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from transferlab.features.backbones import load_backbone
+
     return load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
 
 
@@ -58,6 +62,7 @@ def _hermetic_default_cache(tmp_path_factory):
     """Code under test that falls back to the default cache writes to a session folder, never ~/.cache:
     a head or features cached by an earlier run must not let a test pass without doing the work."""
     import os
+
     old = os.environ.get("TRANSFERLAB_CACHE")
     os.environ["TRANSFERLAB_CACHE"] = str(tmp_path_factory.mktemp("default-cache"))
     yield

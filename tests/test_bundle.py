@@ -14,12 +14,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import transferlab
-from transferlab.model.bundle import BundleError, save_bundle
 from transferlab.cli import main
 from transferlab.data.datasets import discover
 from transferlab.features.extract import extract_features
 from transferlab.heads import make_head
 from transferlab.heads.seed import SoftmaxHead, seed_svm
+from transferlab.model.bundle import BundleError, save_bundle
 
 from .conftest import make_imagefolder
 
@@ -27,15 +27,25 @@ from .conftest import make_imagefolder
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone):
     """Features of a small labelled folder and the data to fit heads on."""
-    root = make_imagefolder(tmp_path_factory.mktemp("bundle") / "data", {
-        "train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}})
+    root = make_imagefolder(
+        tmp_path_factory.mktemp("bundle") / "data",
+        {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}},
+    )
     cache = root.parent / "cache"
     ds = discover(root)
     X = extract_features(ds.paths("train"), tiny_backbone, cache_dir=cache, progress=False).features
     Xv = extract_features(ds.paths("valid"), tiny_backbone, cache_dir=cache, progress=False).features
     Xt = extract_features(ds.paths("test"), tiny_backbone, cache_dir=cache, progress=False).features
-    return {"root": root, "cache": cache, "ds": ds, "X": X, "y": ds.labels("train"), "Xv": Xv,
-            "yv": ds.labels("valid"), "Xt": Xt}
+    return {
+        "root": root,
+        "cache": cache,
+        "ds": ds,
+        "X": X,
+        "y": ds.labels("train"),
+        "Xv": Xv,
+        "yv": ds.labels("valid"),
+        "Xt": Xt,
+    }
 
 
 def _fit(name, t):
@@ -73,6 +83,7 @@ def test_roundtrip_identical_predictions(trained, tiny_backbone, tmp_path, name)
 
 def test_softmax_state_is_arrays_and_config(trained, tiny_backbone, tmp_path):
     from safetensors.numpy import load_file
+
     est = _fit("softmax", trained)
     bundle = save_bundle(tmp_path / "sm", est, tiny_backbone, trained["ds"].classes)
     arrays = load_file(str(bundle / "head.safetensors"))
@@ -85,6 +96,7 @@ def test_file_weights_recorded_and_required(trained, tiny_backbone, tmp_path):
     from safetensors.torch import save_file
 
     from transferlab.features.backbones import load_backbone
+
     wfile = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(wfile))
     bb = load_backbone("test_efficientnet", weights=wfile, input_size=(32, 40))
@@ -142,6 +154,7 @@ def test_skops_head_with_untrusted_type_refused(trained, tiny_backbone, tmp_path
     import skops.io as sio
 
     from transferlab.model import bundle as bundle_mod
+
     est = _fit("svm", trained)
     path = save_bundle(tmp_path / "b", est, tiny_backbone, trained["ds"].classes)
     monkeypatch.setattr(sio, "get_untrusted_types", lambda **kw: ["os.system", "sklearn.svm.SVC"])
@@ -155,6 +168,7 @@ def test_fine_tuned_model_saved_with_its_backbone(trained, tiny_backbone, tmp_pa
 
     import torch
     from torch import nn
+
     body = copy.deepcopy(tiny_backbone.model)
     with torch.no_grad():
         for p in body.parameters():
@@ -186,14 +200,36 @@ def test_predict_cli_folder_csv_topk_and_evaluate(trained, tiny_backbone, tmp_pa
     bundle = save_bundle(tmp_path / "b", est, tiny_backbone, trained["ds"].classes)
     test_dir = trained["root"] / "test"
     out = tmp_path / "preds.csv"
-    args = ["predict", str(bundle), str(test_dir), "--out", str(out), "--top-k", "3", "--cache-dir", str(tmp_path / "c"),
-            "--no-progress", "--workers", "0"]
+    args = [
+        "predict",
+        str(bundle),
+        str(test_dir),
+        "--out",
+        str(out),
+        "--top-k",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--workers",
+        "0",
+    ]
     assert main(args + ["--evaluate"]) == 0
     printed = capsys.readouterr().out
     assert "9 through the backbone" in printed and "macro avg" in printed and "accuracy" in printed
     rows = _rows(out)
-    assert list(rows[0]) == ["path", "predicted", "probability", "top1", "top1_probability", "top2",
-                             "top2_probability", "top3", "top3_probability", "label"]
+    assert list(rows[0]) == [
+        "path",
+        "predicted",
+        "probability",
+        "top1",
+        "top1_probability",
+        "top2",
+        "top2_probability",
+        "top3",
+        "top3_probability",
+        "label",
+    ]
     assert len(rows) == 9 and {r["label"] for r in rows} == {"ant", "bee", "cat"}
     model = transferlab.load(bundle, cache_dir=False)
     proba = model.predict_proba([r["path"] for r in rows])
@@ -227,9 +263,18 @@ def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):
 
 def test_study_saves_bundles(tmp_path, small_folder):
     from transferlab.study import StudyConfig, run_study
-    cfg = StudyConfig(data=str(small_folder), out=str(tmp_path / "run"), backbone="test_efficientnet",
-                      weights="random", input_size=(32, 40), epochs=3, cache_dir=str(tmp_path / "cache"),
-                      progress=False, data_efficiency=False)
+
+    cfg = StudyConfig(
+        data=str(small_folder),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=3,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        data_efficiency=False,
+    )
     metrics = run_study(cfg)
     run = Path(cfg.out)
     assert sorted(p.name for p in (run / "models").iterdir()) == ["softmax", "svm"]

@@ -18,12 +18,23 @@ from .conftest import make_imagefolder
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("compare")
-    data = make_imagefolder(tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}})
+    data = make_imagefolder(
+        tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}}
+    )
     runs = []
     for size in ((32, 40), (40, 48)):  # the same data at two input sizes
-        cfg = StudyConfig(data=str(data), out=str(tmp / f"run{size[0]}"), backbone="test_efficientnet",
-                          weights="random", input_size=size, epochs=3, cache_dir=str(tmp / "cache"), progress=False,
-                          num_workers=0, valid_fraction=0.25)
+        cfg = StudyConfig(
+            data=str(data),
+            out=str(tmp / f"run{size[0]}"),
+            backbone="test_efficientnet",
+            weights="random",
+            input_size=size,
+            epochs=3,
+            cache_dir=str(tmp / "cache"),
+            progress=False,
+            num_workers=0,
+            valid_fraction=0.25,
+        )
         run_study(cfg)
         runs.append(Path(cfg.out))
     return runs
@@ -35,8 +46,12 @@ def test_compare_table_and_best_on_validation(two_runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Best on validation" in printed
     table = rows(two_runs)
-    assert [(r["run"], r["method"]) for r in table] == [("run32", "softmax"), ("run32", "svm"),
-                                                         ("run40", "softmax"), ("run40", "svm")]
+    assert [(r["run"], r["method"]) for r in table] == [
+        ("run32", "softmax"),
+        ("run32", "svm"),
+        ("run40", "softmax"),
+        ("run40", "svm"),
+    ]
     for r, run in zip(table, [two_runs[0]] * 2 + [two_runs[1]] * 2):
         m = json.loads((run / "metrics.json").read_text())["methods"][r["method"]]
         assert r["accuracy"] == m["accuracy"] and r["macro_f1"] == m["macro_f1"]
@@ -50,21 +65,33 @@ def test_compare_table_and_best_on_validation(two_runs, tmp_path, capsys):
     assert md.count("★") == 2 and f"{top['run']} / {top['method']}" in md
     assert "not directly comparable" not in md  # same data, same test set
     html = (out / "compare.html").read_text()
-    assert "<table class=\"sortable\">" in html and "32x40" in html and "40x48" in html
+    assert '<table class="sortable">' in html and "32x40" in html and "40x48" in html
     assert "http://" not in html and "https://" not in html
 
 
 def test_best_ignores_test_numbers():
-    table = [{"run": "a", "method": "x", "valid_macro_f1": 0.5, "macro_f1": 0.9},
-             {"run": "b", "method": "y", "valid_macro_f1": 0.6, "macro_f1": 0.1}]
+    table = [
+        {"run": "a", "method": "x", "valid_macro_f1": 0.5, "macro_f1": 0.9},
+        {"run": "b", "method": "y", "valid_macro_f1": 0.6, "macro_f1": 0.1},
+    ]
     assert best(table)["run"] == "b"
     assert best([{**r, "valid_macro_f1": None} for r in table]) is None
 
 
 def test_compare_chooses_on_what_each_run_selected_on(two_runs, tmp_path, capsys):
-    cfg = StudyConfig(data=str(two_runs[0].parent / "data"), out=str(tmp_path / "cv3"), backbone="test_efficientnet",
-                      weights="random", input_size=(32, 40), epochs=3, cache_dir=str(two_runs[0].parent / "cache"),
-                      progress=False, num_workers=0, valid_fraction=0.25, cv=3)
+    cfg = StudyConfig(
+        data=str(two_runs[0].parent / "data"),
+        out=str(tmp_path / "cv3"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=3,
+        cache_dir=str(two_runs[0].parent / "cache"),
+        progress=False,
+        num_workers=0,
+        valid_fraction=0.25,
+        cv=3,
+    )
     run_study(cfg)
     m = json.loads((tmp_path / "cv3" / "metrics.json").read_text())
     assert m["selection"]["protocol"] == "3-fold CV on train + valid"
@@ -75,7 +102,9 @@ def test_compare_chooses_on_what_each_run_selected_on(two_runs, tmp_path, capsys
             assert r["valid_macro_f1"] == m["selection"]["scores"][r["method"]]["macro_f1"]
         else:
             assert r["valid_protocol"] == "validation split"
-    assert any(r["valid_macro_f1"] != m["methods"][r["method"]]["valid"]["macro_f1"] for r in table if r["run"] == "cv3")
+    assert any(
+        r["valid_macro_f1"] != m["methods"][r["method"]]["valid"]["macro_f1"] for r in table if r["run"] == "cv3"
+    )
     assert main(["compare", str(two_runs[0]), str(tmp_path / "cv3")]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "comes from different protocols (3-fold CV on train + valid; validation split)" in printed
@@ -92,8 +121,9 @@ def test_compare_different_data_warns_and_missing_run_is_an_error(two_runs, tmp_
     m["config"]["data"] = "/elsewhere"
     (other / "metrics.json").write_text(json.dumps(m))
     assert main(["compare", str(two_runs[0]), str(other)]) == 0
-    assert "differ in data folder, test set: their test numbers are not directly comparable" in \
-        " ".join(capsys.readouterr().out.split())
+    assert "differ in data folder, test set: their test numbers are not directly comparable" in " ".join(
+        capsys.readouterr().out.split()
+    )
     assert main(["compare", str(tmp_path / "nothing")]) == 2
     assert re.search(r"not a transferlab run folder", capsys.readouterr().err)
 
@@ -101,11 +131,30 @@ def test_compare_different_data_warns_and_missing_run_is_an_error(two_runs, tmp_
 def test_best_ranks_by_the_metric_each_run_selected_on():
     """Issue 18, bug 2: compare ranked by macro-F1 whatever --select-metric the runs used."""
     from transferlab.report.compare import caveats
-    table = [{"run": "a", "method": "x", "valid_macro_f1": 0.9, "select_metric": "accuracy", "select_score": 0.70,
-              "macro_f1": 0.5, "valid_protocol": "validation split"},
-             {"run": "a", "method": "y", "valid_macro_f1": 0.6, "select_metric": "accuracy", "select_score": 0.95,
-              "macro_f1": 0.5, "valid_protocol": "validation split"}]
+
+    table = [
+        {
+            "run": "a",
+            "method": "x",
+            "valid_macro_f1": 0.9,
+            "select_metric": "accuracy",
+            "select_score": 0.70,
+            "macro_f1": 0.5,
+            "valid_protocol": "validation split",
+        },
+        {
+            "run": "a",
+            "method": "y",
+            "valid_macro_f1": 0.6,
+            "select_metric": "accuracy",
+            "select_score": 0.95,
+            "macro_f1": 0.5,
+            "valid_protocol": "validation split",
+        },
+    ]
     assert best(table)["method"] == "y"
     mixed = table + [{**table[0], "run": "b", "select_metric": "macro_f1", "select_score": 0.9}]
-    assert any("selected on different metrics" in c for c in caveats(
-        [{**r, "data": "d", "test_counts": {}, "classes": []} for r in mixed]))
+    assert any(
+        "selected on different metrics" in c
+        for c in caveats([{**r, "data": "d", "test_counts": {}, "classes": []} for r in mixed])
+    )

@@ -13,17 +13,46 @@ from transferlab.config import ConfigError, given_dests, load
 
 from .conftest import make_imagefolder
 
-TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
-        "--workers", "0"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "random",
+    "--input-size",
+    "32x40",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("config")
-    data = make_imagefolder(tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}})
+    data = make_imagefolder(
+        tmp / "data", {"train": {"ant": 12, "bee": 8, "cat": 5}, "test": {"ant": 4, "bee": 3, "cat": 2}}
+    )
     out = tmp / "run1"
-    assert main(["run", str(data), "--out", str(out), *TINY, "--cache-dir", str(tmp / "cache"), "--epochs", "3",
-                 "--valid-fraction", "0.25", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(data),
+                "--out",
+                str(out),
+                *TINY,
+                "--cache-dir",
+                str(tmp / "cache"),
+                "--epochs",
+                "3",
+                "--valid-fraction",
+                "0.25",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     return tmp, out
 
 
@@ -32,7 +61,16 @@ def _metrics(out: Path) -> dict:
 
 
 def _scores(m: dict) -> dict:
-    keys = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "per_class", "confusion_matrix", "valid", "params")
+    keys = (
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "balanced_accuracy",
+        "per_class",
+        "confusion_matrix",
+        "valid",
+        "params",
+    )
     return {n: {k: r.get(k) for k in keys} for n, r in m["methods"].items()}
 
 
@@ -57,7 +95,9 @@ def test_rerun_from_config_gives_identical_metrics(first_run):
     assert _scores(a) == _scores(b)
     for key in ("classes", "n_train", "n_valid", "n_test", "seed", "input_size", "backbone", "weights_digest"):
         assert a[key] == b[key], key
-    assert (out / "methods/softmax/predictions.csv").read_text() == (again / "methods/softmax/predictions.csv").read_text()
+    assert (out / "methods/softmax/predictions.csv").read_text() == (
+        again / "methods/softmax/predictions.csv"
+    ).read_text()
     assert (out / "config.yaml").read_text() == (again / "config.yaml").read_text()
 
 
@@ -79,8 +119,11 @@ def test_flags_override_the_file_and_file_hyperparameters_apply(first_run):
 
 
 def test_given_dests_sees_explicit_defaults():
-    assert given_dests(build_parser(), ["run", "--config", "c.yaml", "--seed", "0", "--no-progress"]) >= \
-        {"config", "seed", "no_progress"}
+    assert given_dests(build_parser(), ["run", "--config", "c.yaml", "--seed", "0", "--no-progress"]) >= {
+        "config",
+        "seed",
+        "no_progress",
+    }
     assert "epochs" not in given_dests(build_parser(), ["run", "--config", "c.yaml"])
     assert "data" not in given_dests(build_parser(), ["run", "--config", "c.yaml"])
 

@@ -100,8 +100,7 @@ def test_summary_of_a_non_demo_folder(tmp_path):
         demo_summary(tmp_path)
 
 
-@pytest.mark.parametrize("bad", [dict(size=4), dict(imbalance=0.5), dict(test_fraction=1.0),
-                                 dict(max_per_class=1)])
+@pytest.mark.parametrize("bad", [dict(size=4), dict(imbalance=0.5), dict(test_fraction=1.0), dict(max_per_class=1)])
 def test_bad_parameters(tmp_path, bad):
     with pytest.raises(ValueError):
         build_demo_dataset(tmp_path / "demo", **bad)

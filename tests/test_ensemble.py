@@ -11,22 +11,21 @@ from sklearn.base import clone
 
 import transferlab
 from transferlab import study as study_module
-from transferlab.evaluation.analysis import selection_scores
 from transferlab.cli import main
-from transferlab.model.export import ExportError, export_onnx
-from transferlab.heads import make_head, resolve_methods
-from transferlab.heads.probes import KernelSVMHead
+from transferlab.evaluation.analysis import selection_scores
 from transferlab.evaluation.selection import data_efficiency
+from transferlab.heads import make_head, resolve_methods
 from transferlab.heads.ensemble import ENSEMBLE_MEMBERS, SoftVoteEnsemble
+from transferlab.heads.probes import KernelSVMHead
 from transferlab.heads.search import ValidationSearch, cv_folds, score
 from transferlab.heads.search import fixed as _fixed
 from transferlab.heads.tuned import make_tuned
-
-HEADS = resolve_methods(["all"])
+from transferlab.model.export import ExportError, export_onnx
 from transferlab.study import SplitFeatures
 
 from .test_selection import TINY, _blobs, _split
 
+HEADS = resolve_methods(["all"])
 EPOCHS = 10
 
 
@@ -57,7 +56,10 @@ def test_soft_vote_is_the_mean_of_members_tuned_exactly_as_alone(data):
     # its validation score is its vote on the validation split the members tuned on
     assert est.best_valid_ == score(yv, est.predict(Xv))
     s = est.summary()
-    assert s["validation"] == "validation split" and s["best_params"]["svm_tuned.C"] == est.members_[0].best_params_["clf__C"]
+    assert (
+        s["validation"] == "validation split"
+        and s["best_params"]["svm_tuned.C"] == est.members_[0].best_params_["clf__C"]
+    )
     assert set(s["members"]) == set(ENSEMBLE_MEMBERS)
 
 
@@ -116,8 +118,9 @@ def test_fixed_ensemble_refits_the_same_members_for_data_efficiency(data, cv):
     assert [p["k"] for p in curve["points"]] == [1, 5, 15] and curve["points"][-1]["score"] is not None
 
 
-def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(tmp_path, small_folder, cache_dir,
-                                                                                monkeypatch):
+def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(
+    tmp_path, small_folder, cache_dir, monkeypatch
+):
     fitted = {}
 
     def spy(name, cfg, splits, classes):
@@ -128,8 +131,24 @@ def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(
     fit_method = study_module.fit_method
     monkeypatch.setattr(study_module, "fit_method", spy)
     out = tmp_path / "run"
-    assert main(["run", str(small_folder), "--out", str(out), "--methods", "svm,ensemble", "--cache-dir",
-                 str(cache_dir), "--valid-fraction", "0.3", *TINY]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(small_folder),
+                "--out",
+                str(out),
+                "--methods",
+                "svm,ensemble",
+                "--cache-dir",
+                str(cache_dir),
+                "--valid-fraction",
+                "0.3",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["methods"]) == ["svm", "ensemble"] and m["methods"]["ensemble"]["bundle"] == "models/ensemble"
     assert m["methods"]["ensemble"]["tuning"]["best_params"] and "ensemble" in dict(m["selection"]["ranking"])

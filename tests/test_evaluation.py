@@ -132,6 +132,7 @@ def test_bootstrap_ci_contains_point_and_is_seeded(case):
 def test_bootstrap_ci_matches_sklearn_on_a_resample():
     """The count-matrix metrics equal sklearn's on one resample (present classes only)."""
     from transferlab.evaluation.metrics import count_metrics as _count_metrics
+
     y_true, y_pred = imbalanced_case(n=300, seed=5)
     idx = np.random.default_rng(0).integers(0, 300, 300)
     counts = confusion_matrix(y_true[idx], y_pred[idx], labels=range(8))[None]
@@ -167,10 +168,10 @@ def _pairs(b, c, both_right, both_wrong):
     y = np.zeros(n, dtype=int)
     a = np.zeros(n, dtype=int)
     bb = np.zeros(n, dtype=int)
-    a[b:b + c] = 1                      # a wrong, b right
-    bb[:b] = 1                          # a right, b wrong
-    a[b + c + both_right:] = 1          # both wrong
-    bb[b + c + both_right:] = 2
+    a[b : b + c] = 1  # a wrong, b right
+    bb[:b] = 1  # a right, b wrong
+    a[b + c + both_right :] = 1  # both wrong
+    bb[b + c + both_right :] = 2
     return y, a, bb
 
 

@@ -10,28 +10,42 @@ import onnxruntime as ort
 import pytest
 
 import transferlab
-from transferlab.model.bundle import save_bundle
 from transferlab.cli import main
 from transferlab.data.datasets import discover
-from transferlab.model.export import ExportError, export_onnx, preprocess
 from transferlab.features.extract import extract_features
 from transferlab.heads import make_head
 from transferlab.heads.seed import SoftmaxHead, seed_svm
 from transferlab.heads.tuned import TUNED
+from transferlab.model.bundle import save_bundle
+from transferlab.model.export import ExportError, export_onnx, preprocess
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_backbone):
     from .conftest import make_imagefolder
-    root = make_imagefolder(tmp_path_factory.mktemp("export") / "data", {
-        "train": {"ant": 10, "bee": 8, "cat": 6}, "valid": {"ant": 3, "bee": 3, "cat": 3},
-        "test": {"ant": 3, "bee": 3, "cat": 2}})
+
+    root = make_imagefolder(
+        tmp_path_factory.mktemp("export") / "data",
+        {
+            "train": {"ant": 10, "bee": 8, "cat": 6},
+            "valid": {"ant": 3, "bee": 3, "cat": 3},
+            "test": {"ant": 3, "bee": 3, "cat": 2},
+        },
+    )
     ds = discover(root)
     cache = root.parent / "cache"
-    feats = {s: extract_features(ds.paths(s), tiny_backbone, cache_dir=cache, progress=False, precision="fp32").features
-             for s in ("train", "valid")}
-    return {"ds": ds, "cache": cache, "X": feats["train"], "y": ds.labels("train"), "Xv": feats["valid"],
-            "yv": ds.labels("valid")}
+    feats = {
+        s: extract_features(ds.paths(s), tiny_backbone, cache_dir=cache, progress=False, precision="fp32").features
+        for s in ("train", "valid")
+    }
+    return {
+        "ds": ds,
+        "cache": cache,
+        "X": feats["train"],
+        "y": ds.labels("train"),
+        "Xv": feats["valid"],
+        "yv": ds.labels("valid"),
+    }
 
 
 def _session(path):
@@ -43,8 +57,12 @@ def test_onnx_matches_transferlab_probabilities(data, tiny_backbone, tmp_path, h
     if head == "softmax":
         est = SoftmaxHead(epochs=5, logit_adjust=1.0).fit(data["X"], data["y"])  # adjustment folded into the bias
     elif head == "logreg":  # a tuned head's pipeline: FeatureTransform(pca_whiten) + LogisticRegression
-        est = TUNED["logreg"].build(0, 5).set_params(features__kind="pca_whiten", features__n_components=8,
-                                                     clf__C=0.1).fit(data["X"], data["y"])
+        est = (
+            TUNED["logreg"]
+            .build(0, 5)
+            .set_params(features__kind="pca_whiten", features__n_components=8, clf__C=0.1)
+            .fit(data["X"], data["y"])
+        )
     else:  # a validation search, saved as the model it chose
         est = make_head(head).fit(data["X"], data["y"], eval_set=(data["Xv"], data["yv"]))
     bundle = save_bundle(tmp_path / head, est, tiny_backbone, data["ds"].classes, method=head)
@@ -78,7 +96,9 @@ def test_export_cli(data, tiny_backbone, tmp_path, capsys):
     assert main(["export", str(bundle), "--onnx", str(tmp_path / "m.onnx")]) == 0
     assert "ONNX:" in capsys.readouterr().out
     sess = _session(tmp_path / "m.onnx")
-    assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["probabilities"]
+    assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == [
+        "probabilities"
+    ]
     x = np.zeros((5, 3, 32, 40), np.float32)  # the batch axis is dynamic
     assert sess.run(None, {"image": x})[0].shape == (5, 3)
 
@@ -94,14 +114,32 @@ def test_study_bundle_and_onnx_agree_under_flip_features(tmp_path, flag):
     from transferlab.study import StudyConfig, run_study
 
     from .conftest import make_imagefolder
-    root = make_imagefolder(tmp_path / "data", {"train": {"ant": 10, "bee": 8, "cat": 6},
-                                                "valid": {"ant": 3, "bee": 3, "cat": 3},
-                                                "test": {"ant": 3, "bee": 3, "cat": 2}})
+
+    root = make_imagefolder(
+        tmp_path / "data",
+        {
+            "train": {"ant": 10, "bee": 8, "cat": 6},
+            "valid": {"ant": 3, "bee": 3, "cat": 3},
+            "test": {"ant": 3, "bee": 3, "cat": 2},
+        },
+    )
     cache = tmp_path / "cache"
-    cfg = StudyConfig(data=str(root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
-                      input_size=(32, 40), methods=["softmax", "lda", "finetune"], epochs=5, precision="fp32",
-                      num_workers=0, progress=False, data_efficiency=False, cache_dir=str(cache), **{flag: True},
-                      finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0})
+    cfg = StudyConfig(
+        data=str(root),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        methods=["softmax", "lda", "finetune"],
+        epochs=5,
+        precision="fp32",
+        num_workers=0,
+        progress=False,
+        data_efficiency=False,
+        cache_dir=str(cache),
+        **{flag: True},
+        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
+    )
     metrics = run_study(cfg)
     run = tmp_path / "run"
     for method in ("softmax", "lda", "finetune"):

@@ -17,20 +17,26 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import make_imagefolder
-from transferlab.features.backbones import load_backbone
 from transferlab.data.datasets import discover
+from transferlab.features.backbones import load_backbone
 from transferlab.finetune.module import AspectRandomResizedCrop, FineTuneModule, stage_groups, train_transform
 from transferlab.finetune.tuner import FineTuner
+
+from .conftest import make_imagefolder
 
 FAST = dict(batch_size=8, num_workers=0, progress=False, head_epochs=5, warmup_epochs=0.5)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_imagefolder(tmp_path_factory.mktemp("ft") / "data", {
-        "train": {"ant": 14, "bee": 12, "cat": 10}, "valid": {"ant": 3, "bee": 3, "cat": 3},
-        "test": {"ant": 3, "bee": 2, "cat": 2}})
+    root = make_imagefolder(
+        tmp_path_factory.mktemp("ft") / "data",
+        {
+            "train": {"ant": 14, "bee": 12, "cat": 10},
+            "valid": {"ant": 3, "bee": 3, "cat": 3},
+            "test": {"ant": 3, "bee": 2, "cat": 2},
+        },
+    )
     return discover(root, seed=0)
 
 
@@ -38,8 +44,13 @@ def _fit(ds, out, arch="test_efficientnet", callbacks=(), **kw):
     torch.manual_seed(0)
     bb = load_backbone(arch, weights="random", input_size=(32, 40))
     est = FineTuner(out_dir=str(out), **{**FAST, **kw})
-    est.fit(ds.paths("train"), ds.labels("train"), valid=(ds.paths("valid"), ds.labels("valid")), backbone=bb,
-            callbacks=list(callbacks))
+    est.fit(
+        ds.paths("train"),
+        ds.labels("train"),
+        valid=(ds.paths("valid"), ds.labels("valid")),
+        backbone=bb,
+        callbacks=list(callbacks),
+    )
     return est, bb
 
 
@@ -63,8 +74,12 @@ def test_stage1_head_initialises_stage2(data, tmp_path):
     # fp32: the direct forward below is fp32 (on a CPU with AMX, precision="auto" would pick bf16)
     est, bb = _fit(data, tmp_path, epochs=1, lr=0.0, unfreeze=0, augment="none", patience=0, precision="fp32")
     feats = bb.model.eval()(torch.stack([bb.transform()(Image.open(p).convert("RGB")) for p in data.paths("test")]))
-    np.testing.assert_allclose(est.decision_function(data.paths("test")),
-                               est.head_.decision_function(feats.detach().numpy()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        est.decision_function(data.paths("test")),
+        est.head_.decision_function(feats.detach().numpy()),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_frozen_stages_keep_their_batchnorm_statistics(data, tmp_path):
@@ -87,8 +102,13 @@ def test_frozen_stages_keep_their_batchnorm_statistics(data, tmp_path):
 def test_unfreeze_and_layerwise_learning_rates(tiny_backbone):
     model = tiny_backbone.model
     n = max(stage_groups(model).values()) + 1
-    module = FineTuneModule(load_backbone("test_efficientnet", weights="random").model, torch.nn.Linear(model.num_features, 3),
-                            unfreeze=2, lr=1e-3, layer_decay=0.5)
+    module = FineTuneModule(
+        load_backbone("test_efficientnet", weights="random").model,
+        torch.nn.Linear(model.num_features, 3),
+        unfreeze=2,
+        lr=1e-3,
+        layer_decay=0.5,
+    )
     groups = module.param_groups()
     assert {g["name"].split("_")[0] for g in groups} == {f"stage{n - 2}", f"stage{n - 1}", "head"}
     lr = {g["name"]: g["lr"] for g in groups}
@@ -106,8 +126,11 @@ def test_augmentation_keeps_wide_images_wide_and_is_training_only(monkeypatch, t
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 400, 3), dtype=np.uint8))
     boxes = []
     real = AspectRandomResizedCrop.get_params
-    monkeypatch.setattr(AspectRandomResizedCrop, "get_params",
-                        staticmethod(lambda im, scale, ratio: boxes.append(real(im, scale, ratio)) or boxes[-1]))
+    monkeypatch.setattr(
+        AspectRandomResizedCrop,
+        "get_params",
+        staticmethod(lambda im, scale, ratio: boxes.append(real(im, scale, ratio)) or boxes[-1]),
+    )
     t = train_transform(tiny_backbone, "crop,flip,color", crop_scale=0.3)
     outs = [t(img) for _ in range(40)]
     assert all(o.shape == (3, 32, 40) for o in outs)
@@ -174,11 +197,13 @@ def test_resumed_fine_tune_ends_like_an_uninterrupted_one(data, tmp_path):
     for k, v in last[0]["state_dict"].items():
         torch.testing.assert_close(last[1]["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert resumed.best_epoch_ == whole.best_epoch_
-    np.testing.assert_allclose(resumed.decision_function(data.paths("test")), whole.decision_function(data.paths("test")),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        resumed.decision_function(data.paths("test")), whole.decision_function(data.paths("test")), rtol=1e-5, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- DDP: 2 CPU processes, gloo
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -188,16 +213,26 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, port: int, argv: list[str], local_base: str, paths: list[str]):
     """One process as torchrun starts it: environment, then the real CLI."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      GROUP_RANK="0", ROLE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      TORCHELASTIC_RUN_ID="transferlab-test")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        ROLE_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID="transferlab-test",
+    )
     torch.set_num_threads(1)
-    from transferlab.features import distributed
     from transferlab.cli import main
+    from transferlab.features import distributed
     from transferlab.features.extract import extract_features
+
     assert distributed.launch(devices=str(world), strategy="ddp") == world
     # a node-local cache folder per process: the processes exchange what the others computed
     from lightning.pytorch import seed_everything
+
     seed_everything(0, verbose=False)
     bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
     ex = extract_features(paths, bb, cache_dir=f"{local_base}/rank{rank}", progress=False, num_workers=0)
@@ -207,6 +242,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], local_base: s
 
 def _read_cache(cache: Path) -> dict[str, dict[bytes, np.ndarray]]:
     from safetensors.numpy import load_file
+
     out = {}
     for key_dir in (cache / "features").iterdir():
         feats = {}
@@ -223,15 +259,46 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
     from lightning.pytorch import seed_everything
 
     from transferlab.features.extract import extract_features
+
     root = str(Path(data.root))
     paths = [s.path for s in data.samples]
     shared = tmp_path / "cache-ddp"
-    argv = ["run", root, "--methods", "softmax,finetune", "--backbone", "test_efficientnet", "--weights", "random",
-            "--input-size", "32x40", "--epochs", "5", "--ft-epochs", "2", "--ft-batch-size", "6", "--workers", "0",
-            "--cache-dir", str(shared), "--out", str(tmp_path / "report"), "--devices", "2", "--strategy", "ddp",
-            "--no-progress"]
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path / "local"), paths),
-                             nprocs=2, join=False, start_method="fork")
+    argv = [
+        "run",
+        root,
+        "--methods",
+        "softmax,finetune",
+        "--backbone",
+        "test_efficientnet",
+        "--weights",
+        "random",
+        "--input-size",
+        "32x40",
+        "--epochs",
+        "5",
+        "--ft-epochs",
+        "2",
+        "--ft-batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(shared),
+        "--out",
+        str(tmp_path / "report"),
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--no-progress",
+    ]
+    ctx = mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), argv, str(tmp_path / "local"), paths),
+        nprocs=2,
+        join=False,
+        start_method="fork",
+    )
     deadline = time.time() + 900  # a guard against a hung process group, not a speed limit (a loaded CPU is slow)
     try:
         while not ctx.join(timeout=1):
@@ -265,6 +332,7 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
 def test_loss_flags_reach_the_fine_tuner():
     from transferlab.cli import _study_config, build_parser
     from transferlab.finetune.tuner import make_finetuner
+
     argv = ["run", "data", "--methods", "finetune", "--ft-class-weight", "balanced", "--label-smoothing", "0.1"]
     est = make_finetuner(_study_config(build_parser().parse_args(argv)))
     assert est.class_weight == "balanced" and est.label_smoothing == pytest.approx(0.1)
@@ -276,10 +344,21 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
     from transferlab.finetune.tuner import cross_val_predict
     from transferlab.heads.search import cv_folds
     from transferlab.study import StudyConfig, run_study
-    cfg = StudyConfig(data=str(data.root), out=str(tmp_path / "run"), backbone="test_efficientnet", weights="random",
-                      input_size=(32, 40), methods=["softmax", "finetune"], epochs=5, cv=2, num_workers=0,
-                      progress=False, data_efficiency=False,
-                      finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0})
+
+    cfg = StudyConfig(
+        data=str(data.root),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        methods=["softmax", "finetune"],
+        epochs=5,
+        cv=2,
+        num_workers=0,
+        progress=False,
+        data_efficiency=False,
+        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
+    )
     m = run_study(cfg)
     sel = m["selection"]
     assert sel["protocol"] == "2-fold CV on train + valid" and sel["left_out"] == []
@@ -296,8 +375,15 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
     paths = data.paths("train") + data.paths("valid")
     bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
     seen = []
-    pred = cross_val_predict(cfg, paths, y, np.zeros((len(y), bb.num_features), np.float32), bb, folds=[1],
-                             on_fold=lambda i, p: seen.append((i, (p >= 0).sum())))
+    pred = cross_val_predict(
+        cfg,
+        paths,
+        y,
+        np.zeros((len(y), bb.num_features), np.float32),
+        bb,
+        folds=[1],
+        on_fold=lambda i, p: seen.append((i, (p >= 0).sum())),
+    )
     held_out = cv_folds(y, 2, 0)[1][1]
     assert seen == [(1, len(held_out))]
     assert (pred[held_out] >= 0).all() and (np.delete(pred, held_out) == -1).all()
@@ -306,17 +392,33 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
 
 def _ddp_fit_worker(rank: int, world: int, port: int, root: str, out: str, kw: dict):
     """One torchrun-like process fitting a FineTuner under DDP; saves what it ended with to out/rank<r>.pt."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      GROUP_RANK="0", ROLE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      TORCHELASTIC_RUN_ID="transferlab-test")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        ROLE_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID="transferlab-test",
+    )
     torch.set_num_threads(1)
     from transferlab.features import distributed
+
     assert distributed.launch(devices=str(world), strategy="ddp") == world
     ds = discover(root, seed=0)
     est, _ = _fit(ds, Path(out) / "ft", devices=str(world), strategy="ddp", **kw)
-    torch.save({"state": est.model_.state_dict(), "history": est.history_, "best_epoch": est.best_epoch_,
-                "valid_logits": est.decision_function(ds.paths("valid")),
-                "test_logits": est.decision_function(ds.paths("test"))}, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {
+            "state": est.model_.state_dict(),
+            "history": est.history_,
+            "best_epoch": est.best_epoch_,
+            "valid_logits": est.decision_function(ds.paths("valid")),
+            "test_logits": est.decision_function(ds.paths("test")),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
 
 
 @pytest.mark.slow
@@ -337,11 +439,23 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(data, tmp
     import torch.nn.functional as F
 
     assert len(data.paths("train")) == 36 and len(data.paths("valid")) == 9
-    kw = dict(epochs=2, lr=1e-3, patience=0, augment="none", bn="frozen", precision="fp32", warmup_epochs=0,
-              monitor="val_loss")
-    ctx = mp.start_processes(_ddp_fit_worker, args=(2, _free_port(), str(data.root), str(tmp_path / "ddp"),
-                                                    {**kw, "batch_size": 18}),
-                             nprocs=2, join=False, start_method="fork")
+    kw = dict(
+        epochs=2,
+        lr=1e-3,
+        patience=0,
+        augment="none",
+        bn="frozen",
+        precision="fp32",
+        warmup_epochs=0,
+        monitor="val_loss",
+    )
+    ctx = mp.start_processes(
+        _ddp_fit_worker,
+        args=(2, _free_port(), str(data.root), str(tmp_path / "ddp"), {**kw, "batch_size": 18}),
+        nprocs=2,
+        join=False,
+        start_method="fork",
+    )
     deadline = time.time() + 900  # a guard against a hung process group, not a speed limit
     try:
         while not ctx.join(timeout=1):

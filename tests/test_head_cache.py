@@ -12,9 +12,19 @@ from transferlab.study import StudyConfig, run_study
 
 
 def _cfg(data, out, cache_dir, **kw):
-    return StudyConfig(data=str(data), out=str(out), backbone="test_efficientnet", weights="random",
-                       input_size=(32, 40), epochs=kw.pop("epochs", 5), cache_dir=str(cache_dir), progress=False,
-                       num_workers=0, valid_fraction=0.25, **kw)
+    return StudyConfig(
+        data=str(data),
+        out=str(out),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=kw.pop("epochs", 5),
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        valid_fraction=0.25,
+        **kw,
+    )
 
 
 def _same_results(a: dict, b: dict, methods=("softmax", "svm")) -> None:
@@ -83,6 +93,7 @@ def test_cv_selection_scores_are_cached_beside_the_heads(small_folder, tmp_path,
 def test_edited_code_changes_the_key_and_refits(first, small_folder, tmp_path, cache_dir, monkeypatch):
     import transferlab
     from transferlab.heads import cache as head_cache
+
     pkg = tmp_path / "pkg"
     shutil.copytree(Path(transferlab.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     before = head_cache.code_fingerprint(str(pkg))

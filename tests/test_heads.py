@@ -32,8 +32,9 @@ def test_cached_features_training_equals_training_through_frozen_backbone(tiny_b
     torch.manual_seed(1)
     head_b = torch.nn.Linear(tiny_backbone.num_features, 3)
     hist_a = fit_linear_softmax(head_a, feats, targets, epochs=4, lr=1e-2, batch_size=8, seed=5)
-    hist_b = fit_linear_softmax(head_b, images, targets, forward=lambda x: head_b(backbone(x)),
-                                epochs=4, lr=1e-2, batch_size=8, seed=5)
+    hist_b = fit_linear_softmax(
+        head_b, images, targets, forward=lambda x: head_b(backbone(x)), epochs=4, lr=1e-2, batch_size=8, seed=5
+    )
     torch.testing.assert_close(head_a.weight, head_b.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head_a.bias, head_b.bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(hist_a["train_loss"], hist_b["train_loss"], rtol=1e-5)

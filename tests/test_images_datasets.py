@@ -13,8 +13,8 @@ from transferlab.data.images import ImageError, load_rgb
 
 from .conftest import make_image, make_imagefolder
 
-
 # --- images -------------------------------------------------------------------------------------
+
 
 def _save(img: Image.Image, path: Path, fmt=None, **kw) -> Path:
     img.save(path, format=fmt, **kw)
@@ -67,10 +67,13 @@ def test_gif_first_frame_and_webp_tiff_bmp(tmp_path):
         assert load_rgb(tmp_path / f"a.{ext}").size == (5, 5)
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b"", "empty file"),
-    (b"this is text, not an image", "cannot decode"),
-])
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "empty file"),
+        (b"this is text, not an image", "cannot decode"),
+    ],
+)
 def test_unreadable_files_name_path_and_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
@@ -93,6 +96,7 @@ def test_png_named_jpg_still_loads(tmp_path):
 
 
 # --- datasets -----------------------------------------------------------------------------------
+
 
 def test_imagefolder_classes_from_train_sorted_and_valid_carved(small_folder):
     ds = discover(small_folder, seed=0, valid_fraction=0.25)
@@ -143,8 +147,11 @@ def test_csv_manifest_with_splits_and_escape_refused(tmp_path):
     make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
     lines = ["path,label,split"]
     for cls in ("a", "b"):
-        lines += [f"imgs/all/{cls}/000.png,{cls},train", f"imgs/all/{cls}/001.png,{cls},train",
-                  f"imgs/all/{cls}/002.png,{cls},test"]
+        lines += [
+            f"imgs/all/{cls}/000.png,{cls},train",
+            f"imgs/all/{cls}/001.png,{cls},train",
+            f"imgs/all/{cls}/002.png,{cls},test",
+        ]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     ds = discover(tmp_path / "m.csv")
     assert ds.classes == ["a", "b"] and ds.counts()["test"] == {"a": 1, "b": 1}

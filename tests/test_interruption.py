@@ -53,8 +53,15 @@ def _start(tmp: Path, args, *, slow: float = 0.0, go: Path | None = None, **kw) 
     script = tmp / "wrapper.py"
     script.write_text(WRAPPER)
     env = {**os.environ, "SLOW_BATCH": str(slow), **({"GO_FILE": str(go)} if go else {})}
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=tmp, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=tmp,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def _chunks(cache: Path) -> list[Path]:
@@ -93,8 +100,18 @@ def forty(tmp_path) -> Path:
 
 
 def _extract_args(data: Path, cache: Path, *extra):
-    return ["extract", data, "--cache-dir", cache, "--batch-size", 2, "--chunk-size", 2,
-            *[a if a != "1" else "0" for a in TINY], *extra]
+    return [
+        "extract",
+        data,
+        "--cache-dir",
+        cache,
+        "--batch-size",
+        2,
+        "--chunk-size",
+        2,
+        *[a if a != "1" else "0" for a in TINY],
+        *extra,
+    ]
 
 
 def test_sigkill_mid_extraction_resumes_from_intact_chunks(tmp_path, forty):
@@ -136,8 +153,10 @@ def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path, forty):
 
 def test_two_runs_share_one_cache_at_the_same_time(tmp_path, forty):
     cache, go = tmp_path / "cache", tmp_path / "go"
-    procs = [_start(tmp_path, _extract_args(forty, cache, "--save", tmp_path / f"run{i}.npz"), slow=0.1, go=go)
-             for i in range(2)]
+    procs = [
+        _start(tmp_path, _extract_args(forty, cache, "--save", tmp_path / f"run{i}.npz"), slow=0.1, go=go)
+        for i in range(2)
+    ]
     end = time.monotonic() + 120
     while len(list(tmp_path.glob("go.ready-*"))) < 2:  # both imported and waiting: start them together
         assert time.monotonic() < end and all(p.poll() is None for p in procs)
@@ -159,9 +178,15 @@ def test_two_runs_share_one_cache_at_the_same_time(tmp_path, forty):
 
 def test_hard_error_in_a_real_process_is_one_line_and_exit_2(tmp_path):
     data = make_imagefolder(tmp_path / "one", {"train": {"only": 3}})
-    proc = subprocess.run([sys.executable, "-m", "transferlab.cli", "extract", str(data),
-                           "--cache-dir", str(tmp_path / "c"), *TINY], capture_output=True, text=True, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferlab.cli", "extract", str(data), "--cache-dir", str(tmp_path / "c"), *TINY],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"transferlab: error: {data} has a single class (only): a classifier needs at least two"]
+        f"transferlab: error: {data} has a single class (only): a classifier needs at least two"
+    ]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -53,11 +53,12 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         stack.append(u)
         for v in sorted(edges.get(u, ())):
             if state.get(v) == 1:
-                found.append(stack[stack.index(v):] + [v])
+                found.append(stack[stack.index(v) :] + [v])
             elif not state.get(v):
                 visit(v)
         stack.pop()
         state[u] = 2
+
     for u in sorted(edges):
         if not state.get(u):
             visit(u)
@@ -75,8 +76,7 @@ def test_no_import_cycles_between_modules():
 
 def test_no_module_imports_another_modules_private_names():
     mods = _modules()
-    private = [f"{a} imports {b}.{n}" for a, b, n in _imports(mods)
-               if n and n.startswith("_") and n != "__version__"]
+    private = [f"{a} imports {b}.{n}" for a, b, n in _imports(mods) if n and n.startswith("_") and n != "__version__"]
     assert private == []
 
 
@@ -86,8 +86,8 @@ def test_cycle_finder_finds_a_cycle():  # the check above cannot pass vacuously
 
 def _readme_methods() -> dict[str, list[str]]:
     text = README.read_text()
-    section = text[text.index("### Heads"):]
-    section = section[:section.index("\n### ", 5)]
+    section = text[text.index("### Heads") :]
+    section = section[: section.index("\n### ", 5)]
     rows = [line for line in section.splitlines() if re.match(r"\| `\w+` \|", line)]
     return {re.match(r"\| `(\w+)` \|", r).group(1): [c.strip() for c in r.strip("|").split("|")] for r in rows}
 
@@ -119,6 +119,7 @@ def test_stage_packages_depend_on_earlier_stages_only():
 
     def stage(name: str) -> str:
         return name.split(".")[1] if name.count(".") else "transferlab"
+
     edges: dict[str, set[str]] = {}
     for a, b, _ in _imports(mods):
         if b in mods and stage(a) != stage(b) and "transferlab" not in (stage(a), stage(b)):
@@ -130,6 +131,7 @@ def test_stage_packages_depend_on_earlier_stages_only():
 def test_readme_python_imports_resolve():
     """Every `from transferlab... import name` in the README's Python blocks names something that exists."""
     import importlib
+
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     lines = [m for b in blocks for m in re.findall(r"^from (transferlab[\w.]*) import ([\w, ]+)", b, re.M)]
     assert lines

@@ -10,9 +10,24 @@ from PIL import Image
 
 from transferlab.report import plots
 
-BOATS = ["Alilaguna", "Ambulanza", "Barchino", "Cacciapesca", "Caorlina", "Gondola", "Lanciafino10m",
-         "Lanciafino10mBianca", "Lanciafino10mMarrone", "Lanciamaggioredi10mBianca", "Motobarca", "Motopontonerettangolare",
-         "MotoscafoACTV", "Mototopo", "Patanella", "Polizia"]
+BOATS = [
+    "Alilaguna",
+    "Ambulanza",
+    "Barchino",
+    "Cacciapesca",
+    "Caorlina",
+    "Gondola",
+    "Lanciafino10m",
+    "Lanciafino10mBianca",
+    "Lanciafino10mMarrone",
+    "Lanciamaggioredi10mBianca",
+    "Motobarca",
+    "Motopontonerettangolare",
+    "MotoscafoACTV",
+    "Mototopo",
+    "Patanella",
+    "Polizia",
+]
 
 
 def check_png(path, min_size=(300, 200)):
@@ -25,9 +40,12 @@ def check_png(path, min_size=(300, 200)):
 
 
 def history(n=12, valid=True):
-    h = {"epoch": list(range(1, n + 1)),
-         "train_loss": [2.0 / (e + 1) for e in range(n)], "train_acc": [1 - 0.5 / (e + 1) for e in range(n)],
-         "lr": [1e-3 * 0.5 ** (e // 4) for e in range(n)]}
+    h = {
+        "epoch": list(range(1, n + 1)),
+        "train_loss": [2.0 / (e + 1) for e in range(n)],
+        "train_acc": [1 - 0.5 / (e + 1) for e in range(n)],
+        "lr": [1e-3 * 0.5 ** (e // 4) for e in range(n)],
+    }
     if valid:
         h["valid_loss"] = [2.2 / (e + 1) + 0.05 for e in range(n)]
         h["valid_acc"] = [0.9 - 0.5 / (e + 1) for e in range(n)]
@@ -59,8 +77,9 @@ def test_confusion_matrix_16_classes_with_zero_row(tmp_path):
     rng = np.random.default_rng(0)
     cm = rng.integers(0, 30, (16, 16)) + np.diag(rng.integers(20, 400, 16))
     cm[3] = 0  # a class absent from the test set
-    w, h = check_png(plots.plot_confusion_matrix(cm, BOATS, tmp_path / "cm.png", title="svm: confusion (test)"),
-                     min_size=(800, 800))
+    w, h = check_png(
+        plots.plot_confusion_matrix(cm, BOATS, tmp_path / "cm.png", title="svm: confusion (test)"), min_size=(800, 800)
+    )
     check_png(plots.plot_confusion_matrix(cm, BOATS, tmp_path / "cm_raw.png", normalize=False))
 
 
@@ -71,20 +90,25 @@ def test_confusion_matrix_large_unannotated(tmp_path):
 
 def test_class_distribution(tmp_path):
     rng = np.random.default_rng(1)
-    counts = {split: {c: int(rng.integers(0, 500) * f) for c in BOATS} for split, f in
-              (("train", 1.0), ("valid", 0.1), ("test", 0.3))}
+    counts = {
+        split: {c: int(rng.integers(0, 500) * f) for c in BOATS}
+        for split, f in (("train", 1.0), ("valid", 0.1), ("test", 0.3))
+    }
     counts["test"][BOATS[2]] = 0
     check_png(plots.plot_class_distribution(counts, BOATS, tmp_path / "dist.png", title="Images per class"))
 
 
 def test_data_efficiency(tmp_path):
-    points = {"softmax": [(5, 0.2), (10, 0.3), (20, 0.41), (50, 0.5)],
-              "svm": [(50, 0.58), (5, 0.25), (20, 0.47), (10, 0.35)]}
+    points = {
+        "softmax": [(5, 0.2), (10, 0.3), (20, 0.41), (50, 0.5)],
+        "svm": [(50, 0.58), (5, 0.25), (20, 0.47), (10, 0.35)],
+    }
     check_png(plots.plot_data_efficiency(points, tmp_path / "eff.png", title="data efficiency"))
     check_png(plots.plot_data_efficiency({}, tmp_path / "empty.png"))
 
 
 # ---------------------------------------------------------------- what is drawn, not only that a PNG exists
+
 
 @pytest.fixture
 def drawn(monkeypatch):
@@ -103,15 +127,15 @@ def drawn(monkeypatch):
 def test_confusion_matrix_rows_are_true_classes_columns_predicted(tmp_path, drawn):
     classes = ["ant", "bee", "cat"]
     # asymmetric: 6 true ants, 4 predicted bee; no true bee is ever predicted as ant; cat row empty
-    cm = np.array([[2, 4, 0],
-                   [0, 3, 1],
-                   [0, 0, 0]])
+    cm = np.array([[2, 4, 0], [0, 3, 1], [0, 0, 0]])
     check_png(plots.plot_confusion_matrix(cm, classes, tmp_path / "cm.png"))
     (fig,) = drawn
     ax = fig.axes[0]
     (im,) = ax.get_images()
     shown = np.asarray(im.get_array())
-    np.testing.assert_allclose(shown, [[2 / 6, 4 / 6, 0], [0, 3 / 4, 1 / 4], [0, 0, 0]])  # row-normalised, not transposed
+    np.testing.assert_allclose(
+        shown, [[2 / 6, 4 / 6, 0], [0, 3 / 4, 1 / 4], [0, 0, 0]]
+    )  # row-normalised, not transposed
     assert ax.get_ylabel() == "true class" and ax.get_xlabel() == "predicted class"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0 ant", "1 bee", "2 cat"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0 ant (n=6)", "1 bee (n=4)", "2 cat (n=0)"]

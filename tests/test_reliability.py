@@ -25,8 +25,19 @@ from transferlab.evaluation.leakage import check, compare, nearest
 
 from .conftest import make_image, make_imagefolder
 
-TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x32", "--no-progress",
-        "--workers", "1", "--precision", "fp32"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "random",
+    "--input-size",
+    "32x32",
+    "--no-progress",
+    "--workers",
+    "1",
+    "--precision",
+    "fp32",
+]
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -39,15 +50,22 @@ def cli(*args) -> tuple[int, str, str]:
 
 # --- generated bad inputs -------------------------------------------------------------------------
 
+
 def _png_bomb(path: Path, side: int = 20000) -> Path:
     """A real decompression bomb: a valid 1-bit PNG of side x side pixels (4e8 > 2x Pillow's limit), ~50 KB on disk."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     z = zlib.compressobj(9)
     row = b"\x00" * (1 + side // 8)
     idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -87,9 +105,14 @@ def _case_files(data: Path, outside: Path, rng) -> dict[str, list[tuple]]:
     pal = Image.new("P", (12, 12), 0)
     pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     pal.paste(1, (3, 3, 9, 9))
-    big = Image.merge("RGB", [Image.linear_gradient("L").resize((6000, 4000)),
-                              Image.linear_gradient("L").rotate(90).resize((6000, 4000)),
-                              Image.new("L", (6000, 4000), 90)])
+    big = Image.merge(
+        "RGB",
+        [
+            Image.linear_gradient("L").resize((6000, 4000)),
+            Image.linear_gradient("L").rotate(90).resize((6000, 4000)),
+            Image.new("L", (6000, 4000), 90),
+        ],
+    )
     make_image(outside / "target.png", 1, rng)
     make_image(outside / "extra_ant" / "x.png", 0, rng)
     shutil.copy(A / "000.png", T / "dup_of_train_000.png")
@@ -100,16 +123,20 @@ def _case_files(data: Path, outside: Path, rng) -> dict[str, list[tuple]]:
     (data / "test" / "ghost").mkdir()
     return {
         "zero_byte": [("skipped", _write(A / "zero.jpg", b""), "empty file")],
-        "truncated_jpeg": [("skipped", _write(A / "truncated.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 2]),
-                            "cannot decode")],
+        "truncated_jpeg": [
+            ("skipped", _write(A / "truncated.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 2]), "cannot decode")
+        ],
         "text_named_jpg": [("skipped", _write(A / "text.jpg", b"this is text, not an image\n"), "cannot decode")],
         "png_named_jpg": [("used", _save(_rgb(rng), A / "really_png.jpg", "PNG"))],
-        "png_16bit": [("used", _save(Image.fromarray(rng.integers(0, 65535, (40, 48), dtype=np.uint16)),
-                                     A / "sixteen.png"))],
+        "png_16bit": [
+            ("used", _save(Image.fromarray(rng.integers(0, 65535, (40, 48), dtype=np.uint16)), A / "sixteen.png"))
+        ],
         "cmyk_jpeg": [("used", _save(_rgb(rng).convert("CMYK"), B / "cmyk.jpg", "JPEG"))],
         "palette_transparency": [("used", _save(pal, B / "palette.png", transparency=0))],
-        "la_rgba": [("used", _save(_rgb(rng).convert("LA"), A / "la.png")),
-                    ("used", _save(_rgb(rng).convert("RGBA"), B / "rgba.png"))],
+        "la_rgba": [
+            ("used", _save(_rgb(rng).convert("LA"), A / "la.png")),
+            ("used", _save(_rgb(rng).convert("RGBA"), B / "rgba.png")),
+        ],
         "exif_rotated": [("used", _save(_rgb(rng, 60, 30), B / "rotated.jpg", "JPEG", exif=exif.tobytes()))],
         "one_pixel": [("used", _save(Image.new("RGB", (1, 1), (200, 10, 10)), A / "one_pixel.png"))],
         "decompression_bomb": [("skipped", str(_png_bomb(B / "bomb.png")), "too large to decode safely")],
@@ -120,19 +147,31 @@ def _case_files(data: Path, outside: Path, rng) -> dict[str, list[tuple]]:
         "symlinked_folder": [("used", str(Path(_link(A / "linked", outside / "extra_ant")) / "x.png"))],
         "dangling_symlink": [("skipped", _link(B / "dangling.png", outside / "missing.png"), "cannot read")],
         "symlink_loop_file": [("skipped", _link(B / "selfloop.jpg", "selfloop.jpg"), "cannot read")],
-        "symlink_loop_dirs": [("absent", "/self/"), ("absent", "/up/"), ("absent", "zz_loop"),
-                              ("note", "zz_loop is a symlink back")],
-        "hidden_files": [("ignored", _save(_rgb(rng), A / ".hidden.png")),
-                         ("ignored", _write(A / ".DS_Store", b"\x00\x00\x00\x01Bud1")),
-                         ("ignored", _write(A / "._000.png", b"\x00\x05\x16\x07 AppleDouble")),
-                         ("ignored", _save(_rgb(rng), A / ".thumbs" / "t.png"))],
-        "macosx_folder": [("ignored", _save(_rgb(rng), data / "train" / "__MACOSX" / "ant" / "m.png")),
-                          ("ignored", _save(_rgb(rng), A / "__MACOSX" / "n.png"))],
-        "not_an_image_extension": [("absent", _write(A / "notes.txt", b"labels by hand\n")),  # not read, but
-                                   ("note", "notes.txt")],  # listed with its reason (issue 18), not dropped silently
+        "symlink_loop_dirs": [
+            ("absent", "/self/"),
+            ("absent", "/up/"),
+            ("absent", "zz_loop"),
+            ("note", "zz_loop is a symlink back"),
+        ],
+        "hidden_files": [
+            ("ignored", _save(_rgb(rng), A / ".hidden.png")),
+            ("ignored", _write(A / ".DS_Store", b"\x00\x00\x00\x01Bud1")),
+            ("ignored", _write(A / "._000.png", b"\x00\x05\x16\x07 AppleDouble")),
+            ("ignored", _save(_rgb(rng), A / ".thumbs" / "t.png")),
+        ],
+        "macosx_folder": [
+            ("ignored", _save(_rgb(rng), data / "train" / "__MACOSX" / "ant" / "m.png")),
+            ("ignored", _save(_rgb(rng), A / "__MACOSX" / "n.png")),
+        ],
+        "not_an_image_extension": [
+            ("absent", _write(A / "notes.txt", b"labels by hand\n")),  # not read, but
+            ("note", "notes.txt"),
+        ],  # listed with its reason (issue 18), not dropped silently
         "empty_class_folder": [("note", "empty_class"), ("note", "ghost")],
-        "same_image_train_and_test": [("used", str(T / "dup_of_train_000.png")),
-                                      ("leak", str(T / "dup_of_train_000.png"))],
+        "same_image_train_and_test": [
+            ("used", str(T / "dup_of_train_000.png")),
+            ("leak", str(T / "dup_of_train_000.png")),
+        ],
     }
 
 
@@ -149,9 +188,14 @@ def matrix(tmp_path_factory):
     assert rc2 == 0, err2
     assert "(0 computed, 36 from cache" in out2, out2  # extract --seed 0 builds run's network: all cached
     npz = np.load(root / "f.npz")
-    return {"cases": cases, "metrics": json.loads((root / "out" / "metrics.json").read_text()),
-            "report": (root / "out" / "report.md").read_text(), "stderr": err,
-            "used": set(npz["paths"].tolist()), "extract_out": out2}
+    return {
+        "cases": cases,
+        "metrics": json.loads((root / "out" / "metrics.json").read_text()),
+        "report": (root / "out" / "report.md").read_text(),
+        "stderr": err,
+        "used": set(npz["paths"].tolist()),
+        "extract_out": out2,
+    }
 
 
 def test_matrix_run_is_clean(matrix):
@@ -164,11 +208,32 @@ def test_matrix_run_is_clean(matrix):
     assert len(m["skipped"]) == sum(o[0] == "skipped" for outs in matrix["cases"].values() for o in outs)
 
 
-CASES = ["zero_byte", "truncated_jpeg", "text_named_jpg", "png_named_jpg", "png_16bit", "cmyk_jpeg",
-         "palette_transparency", "la_rgba", "exif_rotated", "one_pixel", "decompression_bomb", "very_large_valid",
-         "uppercase_extension", "unicode_and_spaces", "symlinked_file", "symlinked_folder", "dangling_symlink",
-         "symlink_loop_file", "symlink_loop_dirs", "hidden_files", "macosx_folder", "not_an_image_extension",
-         "empty_class_folder", "same_image_train_and_test"]
+CASES = [
+    "zero_byte",
+    "truncated_jpeg",
+    "text_named_jpg",
+    "png_named_jpg",
+    "png_16bit",
+    "cmyk_jpeg",
+    "palette_transparency",
+    "la_rgba",
+    "exif_rotated",
+    "one_pixel",
+    "decompression_bomb",
+    "very_large_valid",
+    "uppercase_extension",
+    "unicode_and_spaces",
+    "symlinked_file",
+    "symlinked_folder",
+    "dangling_symlink",
+    "symlink_loop_file",
+    "symlink_loop_dirs",
+    "hidden_files",
+    "macosx_folder",
+    "not_an_image_extension",
+    "empty_class_folder",
+    "same_image_train_and_test",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -198,6 +263,7 @@ def test_bad_input_matrix(matrix, case):
 
 
 # --- hard errors: one line, exit code 2, nothing half-done ------------------------------------------
+
 
 class _Payload:
     def __init__(self, marker):
@@ -246,8 +312,16 @@ def _hard_case(case: str, tmp: Path) -> tuple[list, str]:
     raise AssertionError(case)
 
 
-HARD = ["missing_dataset", "no_images", "single_class", "test_class_not_in_train",
-        "all_images_of_a_class_unreadable", "csv_path_outside", "out_not_writable", "malicious_pickle_weights"]
+HARD = [
+    "missing_dataset",
+    "no_images",
+    "single_class",
+    "test_class_not_in_train",
+    "all_images_of_a_class_unreadable",
+    "csv_path_outside",
+    "out_not_writable",
+    "malicious_pickle_weights",
+]
 
 
 @pytest.mark.parametrize("case", HARD)
@@ -270,6 +344,7 @@ def test_corrupt_chunk_moved_aside_by_another_run_meanwhile(tmp_path, monkeypatc
     import warnings
 
     from transferlab.features import cache as C
+
     chunk = C.FeatureCache(tmp_path / "writer", "k").put([b"\x01" * 16], np.ones((1, 4), np.float32))
     os.replace(chunk, tmp_path / chunk.name)  # written by another process: not in this one's index yet
     chunk = C.FeatureCache(tmp_path, "k").dir / chunk.name
@@ -292,6 +367,7 @@ def test_corrupt_chunk_moved_aside_by_another_run_meanwhile(tmp_path, monkeypatc
 
 # --- leakage --------------------------------------------------------------------------------------
 
+
 class _Split:
     def __init__(self, X, paths):
         self.X, self.paths = np.asarray(X, np.float32), list(paths)
@@ -312,17 +388,29 @@ def test_leakage_counts_exact_and_near_duplicates(tmp_path):
     files = [make_image(tmp_path / f"{i}.png", i, rng) for i in range(6)]
     shutil.copy(files[0], tmp_path / "copy.png")  # exact: same bytes, another name
     train_X = np.eye(4, 16)[[0, 1, 2, 3]]
-    test_X = np.stack([train_X[0],                          # copy.png (exact)
-                       train_X[1] + 0.2 * np.eye(16)[8],    # cosine 0.98: near at 0.95
-                       np.eye(16)[9] + 0.1 * train_X[2]])   # cosine 0.1: not a duplicate
-    splits = {"train": _Split(train_X, map(str, files[:4])),
-              "test": _Split(test_X, [str(tmp_path / "copy.png"), str(files[4]), str(files[5])])}
+    test_X = np.stack(
+        [
+            train_X[0],  # copy.png (exact)
+            train_X[1] + 0.2 * np.eye(16)[8],  # cosine 0.98: near at 0.95
+            np.eye(16)[9] + 0.1 * train_X[2],
+        ]
+    )  # cosine 0.1: not a duplicate
+    splits = {
+        "train": _Split(train_X, map(str, files[:4])),
+        "test": _Split(test_X, [str(tmp_path / "copy.png"), str(files[4]), str(files[5])]),
+    }
     leak = check(splits, threshold=0.95)
     c = leak["comparisons"]["test-train"]
     assert (c["exact"], c["near"]) == (1, 1) and leak["warning"] and "1 exact and 1 near" in leak["warning"]
-    assert c["pairs"][0] == {"query": str(tmp_path / "copy.png"), "reference": str(files[0]),
-                             "similarity": pytest.approx(1.0), "kind": "exact"}
-    assert c["pairs"][1]["reference"] == str(files[1]) and c["pairs"][1]["similarity"] == pytest.approx(0.9806, abs=1e-3)
+    assert c["pairs"][0] == {
+        "query": str(tmp_path / "copy.png"),
+        "reference": str(files[0]),
+        "similarity": pytest.approx(1.0),
+        "kind": "exact",
+    }
+    assert c["pairs"][1]["reference"] == str(files[1]) and c["pairs"][1]["similarity"] == pytest.approx(
+        0.9806, abs=1e-3
+    )
     assert c["near_at"] == {"0.9": 1, "0.95": 1, "0.98": 1}
     assert check(splits, threshold=0.99)["comparisons"]["test-train"]["near"] == 0
     clean = compare([str(files[5])], test_X[2:], list(map(str, files[:4])), train_X, threshold=0.95)
@@ -332,6 +420,7 @@ def test_leakage_counts_exact_and_near_duplicates(tmp_path):
 
 # --- read-only dataset ----------------------------------------------------------------------------
 
+
 def _snapshot(root: Path) -> dict:
     """Every entry under root: type, mode, size, mtime and content hash (links by target)."""
     snap = {}
@@ -339,8 +428,13 @@ def _snapshot(root: Path) -> dict:
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st = p.lstat()
-            digest = (os.readlink(p) if p.is_symlink() else
-                      hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            digest = (
+                os.readlink(p)
+                if p.is_symlink()
+                else hashlib.sha256(p.read_bytes()).hexdigest()
+                if p.is_file()
+                else "dir"
+            )
             snap[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_size, st.st_mtime_ns, digest)
     st = root.stat()
     snap["."] = (st.st_mode, st.st_mtime_ns)
@@ -361,14 +455,33 @@ def test_read_only_dataset_is_never_written(tmp_path, small_folder):
             mode, flags = args[1], args[2]
             if (mode and any(c in mode for c in "wax+")) or (flags and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
                 writes.append((event, args))
-        elif event in ("os.rename", "os.remove", "os.mkdir", "os.chmod", "os.utime", "os.symlink", "os.truncate",
-                       "shutil.rmtree") and any(str(a).startswith(str(data)) for a in args if isinstance(a, (str, Path))):
+        elif event in (
+            "os.rename",
+            "os.remove",
+            "os.mkdir",
+            "os.chmod",
+            "os.utime",
+            "os.symlink",
+            "os.truncate",
+            "shutil.rmtree",
+        ) and any(str(a).startswith(str(data)) for a in args if isinstance(a, (str, Path))):
             writes.append((event, args))
 
     _AUDIT.append(audit)
     try:
-        rc, _, err = cli("run", data, "--out", tmp_path / "out", "--epochs", 2, "--cache-dir", tmp_path / "cache",
-                           "--methods", "svm", *[a if a != "1" else "0" for a in TINY])
+        rc, _, err = cli(
+            "run",
+            data,
+            "--out",
+            tmp_path / "out",
+            "--epochs",
+            2,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--methods",
+            "svm",
+            *[a if a != "1" else "0" for a in TINY],
+        )
         after = _snapshot(data)
     finally:
         _AUDIT.remove(audit)
@@ -395,6 +508,7 @@ sys.addaudithook(_dispatch)  # audit hooks cannot be removed: one dispatcher, ho
 
 # --- no pickle on load ----------------------------------------------------------------------------
 
+
 def _calls(text: str, name: str) -> list[str]:
     """The argument text of every `name(...)` call in `text` (parentheses balanced)."""
     found, start = [], text.find(name + "(")
@@ -403,7 +517,7 @@ def _calls(text: str, name: str) -> list[str]:
         while depth and i < len(text):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        found.append(text[start + len(name) + 1:i - 1])
+        found.append(text[start + len(name) + 1 : i - 1])
         start = text.find(name + "(", i)
     return found
 
@@ -411,11 +525,24 @@ def _calls(text: str, name: str) -> list[str]:
 def test_package_never_unpickles():
     """Weights via safetensors or torch.load(weights_only=True); configs JSON/YAML (safe); no pickle, joblib or dill."""
     import transferlab
+
     offences = []
     for f in sorted(Path(transferlab.__file__).parent.rglob("*.py")):
         text = f.read_text()
         offences += [f"{f.name}: torch.load({a})" for a in _calls(text, "torch.load") if "weights_only=True" not in a]
-        offences += [f"{f.name}: {w}" for w in ("pickle.load", "joblib.load", "allow_pickle=True", "yaml.load(",
-                                                 "yaml.unsafe_load", "import dill", "cloudpickle", "trusted=True",
-                                                 "weights_only=False") if w in text]
+        offences += [
+            f"{f.name}: {w}"
+            for w in (
+                "pickle.load",
+                "joblib.load",
+                "allow_pickle=True",
+                "yaml.load(",
+                "yaml.unsafe_load",
+                "import dill",
+                "cloudpickle",
+                "trusted=True",
+                "weights_only=False",
+            )
+            if w in text
+        ]
     assert offences == []

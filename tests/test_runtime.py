@@ -21,8 +21,9 @@ def _paths(folder, n=8):
 
 def _both(paths, bb, tmp_path):
     ort = extract_features(paths, bb, cache_dir=tmp_path / "ort", progress=False, runtime="onnxruntime")
-    pt = extract_features(paths, bb, cache_dir=tmp_path / "torch", progress=False, runtime="torch",
-                          precision="fp32", num_workers=0)
+    pt = extract_features(
+        paths, bb, cache_dir=tmp_path / "torch", progress=False, runtime="torch", precision="fp32", num_workers=0
+    )
     return ort, pt
 
 
@@ -53,11 +54,15 @@ def test_export_failure_falls_back_to_torch_with_one_line(small_folder, tiny_bac
     paths = _paths(small_folder, 4)
     ex = extract_features(paths, tiny_backbone, cache_dir=tmp_path / "c", progress=False, num_workers=0)
     assert ex.runtime == "torch" and len(ex.paths) == 4
-    again = extract_features(paths, tiny_backbone, cache_dir=tmp_path / "c", progress=False, num_workers=0, view="hflip")
+    again = extract_features(
+        paths, tiny_backbone, cache_dir=tmp_path / "c", progress=False, num_workers=0, view="hflip"
+    )
     assert again.runtime == "torch"
     lines = [line for line in capsys.readouterr().err.splitlines() if "onnxruntime" in line]
-    assert lines == [f"transferlab: onnxruntime unavailable for {tiny_backbone.name}: ONNX export failed "
-                     f"(RuntimeError: unsupported op); using torch"]
+    assert lines == [
+        f"transferlab: onnxruntime unavailable for {tiny_backbone.name}: ONNX export failed "
+        f"(RuntimeError: unsupported op); using torch"
+    ]
 
 
 def test_real_export_error_is_caught(small_folder, tiny_backbone, tmp_path, monkeypatch, capsys):
@@ -65,7 +70,9 @@ def test_real_export_error_is_caught(small_folder, tiny_backbone, tmp_path, monk
         raise RuntimeError("Exporting the operator 'aten::weird' to ONNX opset version 17 is not supported")
 
     monkeypatch.setattr(torch.onnx, "export", boom)
-    ex = extract_features(_paths(small_folder, 3), tiny_backbone, cache_dir=tmp_path / "c", progress=False, num_workers=0)
+    ex = extract_features(
+        _paths(small_folder, 3), tiny_backbone, cache_dir=tmp_path / "c", progress=False, num_workers=0
+    )
     assert ex.runtime == "torch"
     err = capsys.readouterr().err
     assert "onnxruntime unavailable" in err and "aten::weird" in err and "using torch" in err
@@ -81,13 +88,16 @@ def test_cache_written_by_one_runtime_is_read_by_the_other_when_parity_holds(sma
     np.testing.assert_array_equal(ort.features, pt.features)
     # and the other way round: torch fp32 first, ONNX Runtime reads it
     cache2 = tmp_path / "c2"
-    extract_features(paths, tiny_backbone, cache_dir=cache2, progress=False, runtime="torch", precision="fp32",
-                     num_workers=0)
-    assert extract_features(paths, tiny_backbone, cache_dir=cache2, progress=False,
-                            runtime="onnxruntime").from_cache == len(paths)
+    extract_features(
+        paths, tiny_backbone, cache_dir=cache2, progress=False, runtime="torch", precision="fp32", num_workers=0
+    )
+    assert extract_features(
+        paths, tiny_backbone, cache_dir=cache2, progress=False, runtime="onnxruntime"
+    ).from_cache == len(paths)
     # a bf16 torch feature is another feature (precision is in the key)
-    bf16 = extract_features(paths[:2], tiny_backbone, cache_dir=cache, progress=False, runtime="torch",
-                            precision="bf16", num_workers=0)
+    bf16 = extract_features(
+        paths[:2], tiny_backbone, cache_dir=cache, progress=False, runtime="torch", precision="bf16", num_workers=0
+    )
     assert bf16.computed == 2
     meta = json.loads(next(cache.glob(f"features/{tiny_backbone.cache_key('fp32')}/backbone.json")).read_text())
     assert "runtime" not in meta and meta["written_by"]["onnxruntime"]["shares_torch_fp32_key"] is True
@@ -98,8 +108,9 @@ def test_runtime_gets_its_own_key_when_parity_fails(small_folder, tiny_backbone,
     paths = _paths(small_folder, 4)
     cache = tmp_path / "c"
     ort = extract_features(paths, tiny_backbone, cache_dir=cache, progress=False, runtime="onnxruntime")
-    pt = extract_features(paths, tiny_backbone, cache_dir=cache, progress=False, runtime="torch", precision="fp32",
-                          num_workers=0)
+    pt = extract_features(
+        paths, tiny_backbone, cache_dir=cache, progress=False, runtime="torch", precision="fp32", num_workers=0
+    )
     assert ort.runtime == "onnxruntime" and ort.computed == 4 and pt.computed == 4 and pt.from_cache == 0
     key = tiny_backbone.cache_key("fp32", runtime="onnxruntime")
     assert key != tiny_backbone.cache_key("fp32")

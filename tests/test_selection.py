@@ -12,8 +12,8 @@ import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.svm import SVC
 
-from transferlab.evaluation.analysis import analyse
 from transferlab.cli import main
+from transferlab.evaluation.analysis import analyse
 from transferlab.evaluation.selection import data_efficiency, select_method
 from transferlab.heads import make_head, names, resolve_methods
 from transferlab.heads.probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead
@@ -26,8 +26,19 @@ from .conftest import make_imagefolder
 HEADS = resolve_methods(["all"])
 TUNED_HEADS = names("tuned")
 
-TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
-        "--workers", "0", "--epochs", "3"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "random",
+    "--input-size",
+    "32x40",
+    "--no-progress",
+    "--workers",
+    "0",
+    "--epochs",
+    "3",
+]
 
 
 def _blobs(n_per=(40, 20, 8), d=12, seed=0, spread=1.0):
@@ -112,8 +123,9 @@ def test_shrinkage_lda_head_priors_and_shrinkage():
     assert emp.predict_proba(Xv)[:, 0].mean() > bal.predict_proba(Xv)[:, 0].mean()  # the common class's prior
     p = bal.predict_proba(Xv)
     np.testing.assert_array_equal(p.argmax(1), bal.predict(Xv))
-    np.testing.assert_allclose(p, np.exp(bal.decision_function(Xv)) / np.exp(bal.decision_function(Xv)).sum(1, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        p, np.exp(bal.decision_function(Xv)) / np.exp(bal.decision_function(Xv)).sum(1, keepdims=True), rtol=1e-6
+    )
     auto = score(yv, bal.predict(Xv))["macro_f1"]
     barely = score(yv, clone(bal).set_params(shrinkage=1e-6).fit(Xt, yt).predict(Xv))["macro_f1"]
     assert auto > barely + 0.1, (auto, barely)
@@ -135,6 +147,7 @@ def test_view_augmented_trains_on_both_views_and_predicts_on_their_mean():
 
 class CountingHead(ClassifierMixin, BaseEstimator):
     """Predicts class `shift` for everything at prediction time; counts its fits."""
+
     fits = 0
 
     def __init__(self, a: int = 0, shift: int = 0):
@@ -155,8 +168,9 @@ def test_validation_search_picks_on_eval_set_and_scores_posthoc_without_refits()
     X, y = _blobs(n_per=(10, 30, 10))
     (Xt, yt), (Xv, yv) = _split(X, y)
     CountingHead.fits = 0
-    search = ValidationSearch(CountingHead(), {"a": [0, 2], "shift": [0, 1, 2]}, posthoc=("shift",),
-                              scoring="accuracy").fit(Xt, yt, eval_set=(Xv, yv))
+    search = ValidationSearch(
+        CountingHead(), {"a": [0, 2], "shift": [0, 1, 2]}, posthoc=("shift",), scoring="accuracy"
+    ).fit(Xt, yt, eval_set=(Xv, yv))
     assert CountingHead.fits == 2  # one fit per non-posthoc setting, none after (the search's model is kept)
     assert (search.best_params_["a"] + search.best_params_["shift"]) % 3 == 1  # the majority class of valid
     assert search.best_valid_["accuracy"] == pytest.approx((yv == 1).mean())
@@ -173,8 +187,13 @@ def test_cv_protocol_pools_train_and_valid_then_fits_on_train():
     assert search.best_estimator_[-1].n_samples_fit_ == len(yt)
     k = search.best_params_["clf__n_neighbors"]
     kind = search.best_params_["features__kind"]
-    ref = cross_val_scores(clone(search.estimator).set_params(clf__n_neighbors=k, features__kind=kind),
-                           np.concatenate([Xt, Xv]), np.concatenate([yt, yv]), 3, seed=0)
+    ref = cross_val_scores(
+        clone(search.estimator).set_params(clf__n_neighbors=k, features__kind=kind),
+        np.concatenate([Xt, Xv]),
+        np.concatenate([yt, yv]),
+        3,
+        seed=0,
+    )
     assert ref == search.best_valid_
     holdout = make_head("knn").fit(Xt, yt)  # no validation data given: a stratified holdout of train
     assert holdout.validation_.startswith("holdout") and holdout.best_estimator_[-1].n_samples_fit_ == len(yt)
@@ -190,9 +209,11 @@ def test_a_failing_grid_point_is_recorded_not_fatal():
 
 
 def test_select_method_metric_ties_and_all():
-    valid = {"a": {"macro_f1": 0.7, "accuracy": 0.9, "balanced_accuracy": 0.6},
-             "b": {"macro_f1": 0.8, "accuracy": 0.8, "balanced_accuracy": 0.6},
-             "c": {"macro_f1": 0.8, "accuracy": 0.8, "balanced_accuracy": 0.6}}
+    valid = {
+        "a": {"macro_f1": 0.7, "accuracy": 0.9, "balanced_accuracy": 0.6},
+        "b": {"macro_f1": 0.8, "accuracy": 0.8, "balanced_accuracy": 0.6},
+        "c": {"macro_f1": 0.8, "accuracy": 0.8, "balanced_accuracy": 0.6},
+    }
     assert select_method(valid)["method"] == "b"
     assert select_method(valid, "accuracy")["method"] == "a"
     assert [n for n, _ in select_method(valid)["ranking"]] == ["b", "c", "a"]
@@ -226,8 +247,10 @@ def test_selection_never_reads_test_labels():
     classes = ["a", "b", "c", "d"]
 
     def study(test_labels):
-        splits = {name: SplitFeatures(X=X[i], y=y[i] if name != "test" else test_labels, paths=[""] * len(i))
-                  for name, i in zip(("train", "valid", "test"), parts)}
+        splits = {
+            name: SplitFeatures(X=X[i], y=y[i] if name != "test" else test_labels, paths=[""] * len(i))
+            for name, i in zip(("train", "valid", "test"), parts)
+        }
         cfg = StudyConfig(data="", epochs=10)
         results = {m: fit_method(m, cfg, splits, classes) for m in ("softmax", "svm", "logreg", "knn")}
         return results, analyse(results, splits, classes, efficiency=False)
@@ -238,8 +261,10 @@ def test_selection_never_reads_test_labels():
     assert a1["selected"] == a2["selected"] and a1["selection"] == a2["selection"]
     for m in ("logreg", "knn"):
         assert r1[m]["estimator"].best_params_ == r2[m]["estimator"].best_params_
-        strip = [[{k: v for k, v in r.items() if k != "fit_seconds"} for r in res[m]["estimator"].results_]
-                 for res in (r1, r2)]
+        strip = [
+            [{k: v for k, v in r.items() if k != "fit_seconds"} for r in res[m]["estimator"].results_]
+            for res in (r1, r2)
+        ]
         assert strip[0] == strip[1]
     assert a1["ci"] != a2["ci"] and r1["logreg"]["test"]["accuracy"] != r2["logreg"]["test"]["accuracy"]
 
@@ -256,11 +281,29 @@ def _shuffle_test_folders(root: Path, out: Path) -> Path:
 
 
 def test_methods_all_end_to_end_and_test_labels_do_not_move_the_selection(tmp_path, cache_dir):
-    data = make_imagefolder(tmp_path / "data", {"train": {"ant": 14, "bee": 10, "cat": 8, "dog": 6},
-                                                "test": {"ant": 5, "bee": 4, "cat": 3, "dog": 3}})
+    data = make_imagefolder(
+        tmp_path / "data",
+        {"train": {"ant": 14, "bee": 10, "cat": 8, "dog": 6}, "test": {"ant": 5, "bee": 4, "cat": 3, "dog": 3}},
+    )
     out = tmp_path / "run"
-    assert main(["run", str(data), "--out", str(out), "--methods", "all", "--cache-dir", str(cache_dir),
-                 "--valid-fraction", "0.25", *TINY]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(data),
+                "--out",
+                str(out),
+                "--methods",
+                "all",
+                "--cache-dir",
+                str(cache_dir),
+                "--valid-fraction",
+                "0.25",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["methods"]) == list(HEADS) and m["config"]["methods"] == list(HEADS)
     assert m["selected"] in HEADS and m["selection"]["metric"] == "macro_f1"
@@ -275,16 +318,31 @@ def test_methods_all_end_to_end_and_test_labels_do_not_move_the_selection(tmp_pa
     for name in TUNED_HEADS:
         assert m["methods"][name]["tuning"]["best_params"]
     report = (out / "report.md").read_text()
-    for text in ("## Selection and statistics", "### McNemar's test", "### Data efficiency",
-                 "](plots/data_efficiency.png)", f"{m['selected']} (selected)"):
+    for text in (
+        "## Selection and statistics",
+        "### McNemar's test",
+        "### Data efficiency",
+        "](plots/data_efficiency.png)",
+        f"{m['selected']} (selected)",
+    ):
         assert text in report
     assert (out / "plots" / "data_efficiency.png").stat().st_size > 0
 
     # the same study with every test image in a wrong class folder
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")
-    cfg = StudyConfig(data=str(wrong), out=str(tmp_path / "run2"), backbone="test_efficientnet", weights="random",
-                      input_size=(32, 40), epochs=3, cache_dir=str(cache_dir), progress=False, num_workers=0,
-                      methods=["all"], valid_fraction=0.25)
+    cfg = StudyConfig(
+        data=str(wrong),
+        out=str(tmp_path / "run2"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=3,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        methods=["all"],
+        valid_fraction=0.25,
+    )
     m2 = run_study(cfg)
     assert m2["extract"]["computed"] == 0  # same pictures, same cached features
     assert m2["selected"] == m["selected"] and m2["selection"]["ranking"] == m["selection"]["ranking"]
@@ -304,19 +362,48 @@ def test_cli_select_metric_accuracy_end_to_end(tmp_path, cv):
     selecting or crowning on macro-F1 anywhere would fail it.
     """
     from .conftest import make_image
+
     rng = np.random.default_rng(0)
     look = {"ant": 0, "bee": 1, "cat": 1}
-    for split, per in {"train": {"ant": 6, "bee": 12, "cat": 6}, "valid": {"ant": 3, "bee": 8, "cat": 4},
-                       "test": {"ant": 2, "bee": 2, "cat": 2}}.items():
+    for split, per in {
+        "train": {"ant": 6, "bee": 12, "cat": 6},
+        "valid": {"ant": 3, "bee": 8, "cat": 4},
+        "test": {"ant": 2, "bee": 2, "cat": 2},
+    }.items():
         for c, n in per.items():
             for i in range(n):
                 make_image(tmp_path / "data" / split / c / f"{i:03d}.png", look[c], rng)
     out = tmp_path / "run"
     order = ["softmax", "svm", "lda"]
-    rc = main(["run", str(tmp_path / "data"), "--methods", ",".join(order), "--select-metric", "accuracy",
-               *(["--cv", str(cv)] if cv else []), "--backbone", "test_efficientnet", "--weights", "random",
-               "--input-size", "32x32", "--epochs", "5", "--workers", "0", "--precision", "fp32", "--no-progress",
-               "--no-data-efficiency", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    rc = main(
+        [
+            "run",
+            str(tmp_path / "data"),
+            "--methods",
+            ",".join(order),
+            "--select-metric",
+            "accuracy",
+            *(["--cv", str(cv)] if cv else []),
+            "--backbone",
+            "test_efficientnet",
+            "--weights",
+            "random",
+            "--input-size",
+            "32x32",
+            "--epochs",
+            "5",
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+            "--no-progress",
+            "--no-data-efficiency",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     sel, scores = m["selection"], m["selection"]["scores"]

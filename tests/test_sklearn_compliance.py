@@ -27,6 +27,7 @@ SRC = Path(transferlab.__file__).parent
 
 # ---- bug 7: no warning filters at import time --------------------------------------------------------------
 
+
 def test_importing_the_heads_sets_no_warning_filter(monkeypatch):
     """Each module of transferlab.heads, executed afresh (as on a first import), leaves warnings.filters as it was."""
     monkeypatch.setattr(registry, "METHODS", {})  # a second copy of a module registers its methods again
@@ -82,18 +83,33 @@ def test_a_head_with_private_fitted_state_is_stored_by_skops(tmp_path):
 
 # ---- bug 7: the skops allowlist checks where a class is defined, not the name it is reached by --------------
 
-@pytest.mark.parametrize("name", ["sklearn.base.defaultdict", "sklearn.pipeline.islice",
-                                  "sklearn.utils.parallel.ThreadpoolController", "sklearn.base.copy",
-                                  "sklearn.base.clone", "transferlab.heads.serialize.Path",
-                                  "sklearn.nope.Thing", "sklearnx.Thing", "os.system"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sklearn.base.defaultdict",
+        "sklearn.pipeline.islice",
+        "sklearn.utils.parallel.ThreadpoolController",
+        "sklearn.base.copy",
+        "sklearn.base.clone",
+        "transferlab.heads.serialize.Path",
+        "sklearn.nope.Thing",
+        "sklearnx.Thing",
+        "os.system",
+    ],
+)
 def test_skops_allowlist_refuses_what_is_not_a_class_defined_under_the_trusted_roots(name):
     with pytest.raises(HeadFormatError, match="not allowed"):
         _trusted(["sklearn.svm._classes.SVC", name])
 
 
 def test_skops_allowlist_accepts_scikit_learn_and_transferlab_classes():
-    names = ["sklearn.svm._classes.SVC", "sklearn.pipeline.Pipeline", "transferlab.heads.seed.SeedSVC",
-             "transferlab.heads.search.ValidationSearch"]
+    names = [
+        "sklearn.svm._classes.SVC",
+        "sklearn.pipeline.Pipeline",
+        "transferlab.heads.seed.SeedSVC",
+        "transferlab.heads.search.ValidationSearch",
+    ]
     assert _trusted(names) == names
 
 
@@ -107,8 +123,9 @@ SMALL_GRIDS = {
     "linear_svm": [{"clf__C": [1e-2]}],
     "lda": None,
     "knn": [{"features__kind": ["l2"], "clf__n_neighbors": [5]}],
-    "softmax_tuned": [{"clf__lr": [0.1], "clf__weight_decay": [0.0], "clf__class_weight": [None],
-                       "clf__logit_adjust": [0.0, 1.0]}],
+    "softmax_tuned": [
+        {"clf__lr": [0.1], "clf__weight_decay": [0.0], "clf__class_weight": [None], "clf__logit_adjust": [0.0, 1.0]}
+    ],
 }
 EPOCHS = 5
 
@@ -128,29 +145,32 @@ def _small(name: str):
 METHODS = [n for n in registry.names() if registry.get(n).build is not None]
 HEADS = {n: _small(n) for n in METHODS}
 # ... and the estimators the tuned heads are built from, on their own
-HEADS.update({"FeatureTransform": FeatureTransform(), "FeatureTransform(l2)": FeatureTransform("l2"),
-              "FeatureTransform(pca_whiten)": FeatureTransform("pca_whiten", n_components=2),
-              "FeatureTransform(none)": FeatureTransform("none"), "KernelSVMHead": KernelSVMHead(),
-              "KernelSVMHead(rbf)": KernelSVMHead(max_precomputed=0), "LinearSVMHead": LinearSVMHead(),
-              "ShrinkageLDAHead": ShrinkageLDAHead()})
+HEADS.update(
+    {
+        "FeatureTransform": FeatureTransform(),
+        "FeatureTransform(l2)": FeatureTransform("l2"),
+        "FeatureTransform(pca_whiten)": FeatureTransform("pca_whiten", n_components=2),
+        "FeatureTransform(none)": FeatureTransform("none"),
+        "KernelSVMHead": KernelSVMHead(),
+        "KernelSVMHead(rbf)": KernelSVMHead(max_precomputed=0),
+        "LinearSVMHead": LinearSVMHead(),
+        "ShrinkageLDAHead": ShrinkageLDAHead(),
+    }
+)
 
 # check name -> why it may fail, per head (one line each); everything else must pass. (Not listed, as it passes on
 # the checks' data: an SVM's `predict` is SVC's own vote and its `predict_proba` the Platt scaling libsvm fits by
 # internal CV, so on other data their argmax may differ on a few images, by design, as in the seed's SVM.)
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
     "svm": {
-        "check_sample_weight_equivalence_on_dense_data":
-            "scikit-learn's SVC: Platt scaling's internal CV makes sample_weight differ from repeating samples "
-            "(listed in scikit-learn's own checks of SVC)",
-        "check_sample_weight_equivalence_on_sparse_data":
-            "scikit-learn's SVC on sparse input (which it accepts): the same Platt scaling CV, the same difference",
+        "check_sample_weight_equivalence_on_dense_data": "scikit-learn's SVC: Platt scaling's internal CV makes sample_weight differ from repeating samples "
+        "(listed in scikit-learn's own checks of SVC)",
+        "check_sample_weight_equivalence_on_sparse_data": "scikit-learn's SVC on sparse input (which it accepts): the same Platt scaling CV, the same difference",
     },
     "LinearSVMHead": {
-        "check_sample_weight_equivalence_on_dense_data":
-            "scikit-learn's LinearSVC (liblinear): sample_weight is not equivalent to repeating samples (listed in "
-            "scikit-learn's own checks of LinearSVC)",
-        "check_sample_weight_equivalence_on_sparse_data":
-            "scikit-learn's LinearSVC on sparse input (which it accepts): the same liblinear difference",
+        "check_sample_weight_equivalence_on_dense_data": "scikit-learn's LinearSVC (liblinear): sample_weight is not equivalent to repeating samples (listed in "
+        "scikit-learn's own checks of LinearSVC)",
+        "check_sample_weight_equivalence_on_sparse_data": "scikit-learn's LinearSVC on sparse input (which it accepts): the same liblinear difference",
     },
 }
 _NAME_OF = {id(est): name for name, est in HEADS.items()}
@@ -174,6 +194,7 @@ def test_sklearn_estimator_checks(estimator, check):
 
 # ---- what the checks found, pinned with transferlab's own data shapes -----------------------------------------
 
+
 def _blobs(n_per=(24, 16, 10), d=6, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 2.5, (len(n_per), d))
@@ -192,8 +213,13 @@ def test_string_labels_give_the_model_their_integer_codes_give(name):
     if name.endswith("+flip"):
         X, Xv = np.hstack([X, X[:, ::-1]]), np.hstack([Xv, Xv[:, ::-1]])
         est = make_head(name.split("+")[0], epochs=EPOCHS, flip_train=True)
-        est.set_params(**({"estimator__lr": 0.1} if name == "softmax+flip" else {"param_grid": [
-            {f"estimator__{k}": v for k, v in SMALL_GRIDS["logreg"][0].items()}]}))
+        est.set_params(
+            **(
+                {"estimator__lr": 0.1}
+                if name == "softmax+flip"
+                else {"param_grid": [{f"estimator__{k}": v for k, v in SMALL_GRIDS["logreg"][0].items()}]}
+            )
+        )
     else:
         est = HEADS[name]
     takes_eval_set = "eval_set" in inspect.signature(est.fit).parameters
@@ -246,7 +272,10 @@ def test_class_weight_dict_weighs_classes_in_softmax_and_sets_priors_in_lda():
     base = make_head("softmax", epochs=20).set_params(lr=0.1, seed=0)
     np.testing.assert_allclose(  # a dict of the balanced weights is "balanced"
         clone(base).set_params(class_weight=dict(zip(range(3), len(y) / (3 * np.bincount(y))))).fit(X, y).coef_,
-        clone(base).set_params(class_weight="balanced").fit(X, y).coef_, rtol=1e-5, atol=1e-6)
+        clone(base).set_params(class_weight="balanced").fit(X, y).coef_,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="class_weight"):
         clone(base).set_params(class_weight="sometimes").fit(X, y)
     lda = ShrinkageLDAHead(class_weight={"ant": 1.0, "bee": 2.0}).fit(X, NAMES[y])  # cat weighs 1

@@ -11,14 +11,32 @@ from sklearn.metrics import classification_report
 from transferlab.cli import main
 from transferlab.study import StudyConfig, run_study
 
-TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32x40", "--no-progress",
-        "--workers", "0"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "random",
+    "--input-size",
+    "32x40",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 
 
 def _cfg(data, out, cache_dir, **kw):
-    return StudyConfig(data=str(data), out=str(out), backbone="test_efficientnet", weights="random",
-                       input_size=(32, 40), epochs=kw.pop("epochs", 5), cache_dir=str(cache_dir), progress=False,
-                       num_workers=0, **kw)
+    return StudyConfig(
+        data=str(data),
+        out=str(out),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=kw.pop("epochs", 5),
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -37,8 +55,15 @@ def test_metrics_json_has_stable_keys(study):
     assert {"seconds", "images", "from_cache"} <= set(saved["extract"]) and saved["extract"]["images"] == 34
     for name in ("softmax", "svm"):
         m = saved["methods"][name]
-        for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "train_seconds", "predict_seconds",
-                    "per_class"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "weighted_f1",
+            "balanced_accuracy",
+            "train_seconds",
+            "predict_seconds",
+            "per_class",
+        ):
             assert key in m, (name, key)
         assert set(m["per_class"]) == {"ant", "bee", "cat"}
         assert set(m["per_class"]["ant"]) >= {"precision", "recall", "f1", "support"}
@@ -48,9 +73,17 @@ def test_metrics_json_has_stable_keys(study):
 def test_report_tables_match_sklearn_and_files_are_written(study):
     cfg, metrics = study
     out = Path(cfg.out)
-    for name in ("plots/class_distribution.png", "methods/softmax/learning_curves.png", "methods/softmax/lr.png",
-                 "methods/softmax/confusion.png", "methods/svm/confusion.png", "methods/softmax/history.csv",
-                 "methods/softmax/report.tsv", "methods/svm/report.tsv", "report.md"):
+    for name in (
+        "plots/class_distribution.png",
+        "methods/softmax/learning_curves.png",
+        "methods/softmax/lr.png",
+        "methods/softmax/confusion.png",
+        "methods/svm/confusion.png",
+        "methods/softmax/history.csv",
+        "methods/softmax/report.tsv",
+        "methods/svm/report.tsv",
+        "report.md",
+    ):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for section in ("## Setup", "## Results (test set)", "### Per-class results", "## Timings", "## Findings"):
@@ -76,12 +109,23 @@ def test_run_folder_layout(study):
     cfg, metrics = study
     out = Path(cfg.out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["report.html", "report.md", "metrics.json", "config.yaml", "README.txt", "methods", "models", "plots"])
+        ["report.html", "report.md", "metrics.json", "config.yaml", "README.txt", "methods", "models", "plots"]
+    )
     assert len((out / "README.txt").read_text().splitlines()) == 3
     assert sorted(p.name for p in (out / "methods").iterdir()) == sorted(metrics["methods"]) == ["softmax", "svm"]
     assert sorted(p.name for p in (out / "methods" / "softmax").iterdir()) == [
-        "confusion.png", "history.csv", "learning_curves.png", "lr.png", "predictions.csv", "report.tsv"]
-    assert sorted(p.name for p in (out / "methods" / "svm").iterdir()) == ["confusion.png", "predictions.csv", "report.tsv"]
+        "confusion.png",
+        "history.csv",
+        "learning_curves.png",
+        "lr.png",
+        "predictions.csv",
+        "report.tsv",
+    ]
+    assert sorted(p.name for p in (out / "methods" / "svm").iterdir()) == [
+        "confusion.png",
+        "predictions.csv",
+        "report.tsv",
+    ]
     assert sorted(p.name for p in (out / "models").iterdir()) == ["softmax", "svm"]
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["class_distribution.png", "data_efficiency.png"]
     # report.md links every figure by its path in the run folder; each one exists
@@ -102,12 +146,15 @@ def test_same_seed_same_metrics_and_second_run_uses_cache(study, tmp_path, cache
 
 def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):
     from .conftest import make_imagefolder
+
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 8, "b": 8, "c": 6}, "test": {"a": 3, "b": 3}})
     metrics = run_study(_cfg(root, tmp_path / "out", cache_dir))
     m = metrics["methods"]["svm"]
     assert set(m["per_class"]) == {"a", "b"}
     assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][c]["f1"] for c in ("a", "b")]))
-    rows = [line.split("\t")[0] for line in (tmp_path / "out" / "methods" / "svm" / "report.tsv").read_text().splitlines()]
+    rows = [
+        line.split("\t")[0] for line in (tmp_path / "out" / "methods" / "svm" / "report.tsv").read_text().splitlines()
+    ]
     assert rows == ["class", "0 a", "1 b", "accuracy", "macro avg", "weighted avg"]
 
 
@@ -128,8 +175,11 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     """`transferlab demo`: embedded data + embedded backbone, no network (kept small for CI)."""
     import transferlab.cli as cli
     import transferlab.data.demo as demo
+
     real = demo.build_demo_dataset
-    monkeypatch.setattr(demo, "build_demo_dataset", lambda root, seed=0: real(root, seed=seed, size=32, max_per_class=12))
+    monkeypatch.setattr(
+        demo, "build_demo_dataset", lambda root, seed=0: real(root, seed=seed, size=32, max_per_class=12)
+    )
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
@@ -139,10 +189,12 @@ def test_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     assert metrics["methods"]["svm"]["accuracy"] > 0.2
 
 
-def test_extract_splits_times_the_warm_path_without_repeating_a_warm_pass(small_folder, tmp_path, cache_dir,
-                                                                         tiny_backbone, monkeypatch):
+def test_extract_splits_times_the_warm_path_without_repeating_a_warm_pass(
+    small_folder, tmp_path, cache_dir, tiny_backbone, monkeypatch
+):
     import transferlab.study as S
     from transferlab.data.datasets import discover
+
     calls = []
     real = S.extract_features
 

@@ -9,10 +9,10 @@ import uuid
 import warnings
 from pathlib import Path
 
-from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
-from .features.cache import default_cache_dir
 from .config import ConfigError
 from .data.datasets import DatasetError, DatasetWarning
+from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
+from .features.cache import default_cache_dir
 from .features.extract import PRECISIONS, RUNTIMES, ExtractionError
 
 
@@ -20,8 +20,17 @@ class OutputError(OSError):
     """The report folder cannot be written (found before any extraction, not after)."""
 
 
-USER_ERRORS = (DatasetError, BackboneError, ExtractionError, FileExistsError, FileNotFoundError, ConfigError,
-               OutputError, PermissionError, NotADirectoryError)
+USER_ERRORS = (
+    DatasetError,
+    BackboneError,
+    ExtractionError,
+    FileExistsError,
+    FileNotFoundError,
+    ConfigError,
+    OutputError,
+    PermissionError,
+    NotADirectoryError,
+)
 
 
 def _check_writable(folder) -> None:
@@ -45,6 +54,7 @@ def _similarity(text: str) -> float:
 
 def _number(convert, ok, what: str):
     """An argparse `type=`: `convert` the text, then refuse it unless `ok(value)`, naming the value given."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -53,6 +63,7 @@ def _number(convert, ok, what: str):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
+
     parse.__name__ = what
     return parse
 
@@ -65,9 +76,17 @@ _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")  # 
 _share = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _positive = _number(float, lambda v: 0.0 < v < math.inf, "a positive number")
 _non_negative = _number(float, lambda v: 0.0 <= v < math.inf, "a number >= 0")
-CONFIG_NUMBERS = {"epochs": _positive_int, "seed": _seed, "batch_size": _positive_int, "num_workers": _count,
-                  "valid_fraction": _fraction, "test_fraction": _fraction, "cv": _folds, "num_nodes": _positive_int,
-                  "dup_threshold": _similarity}  # the same checks for a config file's values
+CONFIG_NUMBERS = {
+    "epochs": _positive_int,
+    "seed": _seed,
+    "batch_size": _positive_int,
+    "num_workers": _count,
+    "valid_fraction": _fraction,
+    "test_fraction": _fraction,
+    "cv": _folds,
+    "num_nodes": _positive_int,
+    "dup_threshold": _similarity,
+}  # the same checks for a config file's values
 
 
 def _check_numbers(cfg, source) -> None:
@@ -76,8 +95,11 @@ def _check_numbers(cfg, source) -> None:
         value = getattr(cfg, name)
         if value is None and name in ("num_workers", "batch_size"):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                check in (_positive_int, _count, _seed, _folds) and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (check in (_positive_int, _count, _seed, _folds) and not isinstance(value, int))
+        ):
             raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
         try:
             check(str(value))
@@ -86,8 +108,11 @@ def _check_numbers(cfg, source) -> None:
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"timm model name, e.g. resnet50.tv_in1k (default {DEFAULT_BACKBONE}; offline: {', '.join(EMBEDDED)})")
+    p.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help=f"timm model name, e.g. resnet50.tv_in1k (default {DEFAULT_BACKBONE}; offline: {', '.join(EMBEDDED)})",
+    )
     p.add_argument("--weights", help="local weights file (.safetensors or .pth, loaded without pickle), or 'random'")
     p.add_argument("--input-size", help="HxW fed to the backbone, e.g. 120x400 (default: the model's pretrained size)")
     _add_runtime_args(p)
@@ -95,58 +120,111 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How features are computed and cached (extraction and prediction alike)."""
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="precision (auto: fp32 with ONNX Runtime, else bf16/fp16 autocast where native)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="precision (auto: fp32 with ONNX Runtime, else bf16/fp16 autocast where native)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="frozen backbone's runtime (auto: ONNX Runtime fp32 on CPU, torch on CUDA/MPS; "
-                        "falls back to torch where the backbone does not export)")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="images per forward pass (default: per runtime, 16 per ONNX Runtime lane, 64 for torch)")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="frozen backbone's runtime (auto: ONNX Runtime fp32 on CPU, torch on CUDA/MPS; "
+        "falls back to torch where the backbone does not export)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default: per runtime, 16 per ONNX Runtime lane, 64 for torch)",
+    )
     p.add_argument("--workers", type=_count, default=None, help="DataLoader decoding workers (default: by device)")
-    p.add_argument("--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)")
+    p.add_argument(
+        "--cache-dir", default=None, help=f"feature cache (default {default_cache_dir()}, or $TRANSFERLAB_CACHE)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=_seed, default=0,
-                   help="heads, fine-tuning and the validation carve (the test split of class folders ignores it)")
-    p.add_argument("--valid-fraction", type=_fraction, default=0.1,
-                   help="carved from train when there is no valid/ (0: no validation split)")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2,
-                   help="for a root of class folders with no splits (0: no test split)")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="heads, fine-tuning and the validation carve (the test split of class folders ignores it)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=_fraction,
+        default=0.1,
+        help="carved from train when there is no valid/ (0: no validation split)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        help="for a root of class folders with no splits (0: no test split)",
+    )
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--allow-outside", action="store_true", help="let a CSV manifest name files outside its folder")
 
 
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="1", help="processes per node through Lightning, e.g. 4 GPUs (default 1)")
-    p.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)")
+    p.add_argument(
+        "--num-nodes", type=_positive_int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)"
+    )
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto: ddp when several processes)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (method 'finetune')")
-    g.add_argument("--unfreeze", default="all", help="backbone stages trained in stage 2: all, or the last N (0: head only)")
+    g.add_argument(
+        "--unfreeze", default="all", help="backbone stages trained in stage 2: all, or the last N (0: head only)"
+    )
     g.add_argument("--ft-epochs", type=_positive_int, default=10, help="stage 2 epochs (early stopping may end sooner)")
-    g.add_argument("--ft-lr", type=_positive, default=5e-4, help="AdamW learning rate of the head; stages below get less")
+    g.add_argument(
+        "--ft-lr", type=_positive, default=5e-4, help="AdamW learning rate of the head; stages below get less"
+    )
     g.add_argument("--layer-decay", type=_share, default=0.75, help="lr factor per stage further from the head")
     g.add_argument("--ft-weight-decay", type=_non_negative, default=0.05)
     g.add_argument("--warmup-epochs", type=_non_negative, default=1.0, help="linear warmup, then the schedule")
     g.add_argument("--schedule", default="cosine", choices=("cosine", "onecycle", "constant"))
     g.add_argument("--ft-batch-size", type=_positive_int, default=32, help="images per step and process")
     g.add_argument("--accumulate", type=_positive_int, default=1, help="gradient accumulation steps")
-    g.add_argument("--augment", default="crop,flip,color", help="training augmentation: any of crop,flip,color, or none")
-    g.add_argument("--crop-scale", type=_share, default=0.5, help="smallest crop area fraction of the random resized crop")
-    g.add_argument("--color-jitter", type=_non_negative, default=0.2, help="brightness/contrast/saturation jitter strength")
-    g.add_argument("--bn", default="train", choices=("train", "frozen"),
-                   help="BatchNorm statistics of trained stages: train (update) or frozen (frozen stages never update)")
-    g.add_argument("--ft-class-weight", default=None, choices=("balanced",),
-                   help="stage 2 loss weights: balanced (inverse class frequency); default unweighted")
+    g.add_argument(
+        "--augment", default="crop,flip,color", help="training augmentation: any of crop,flip,color, or none"
+    )
+    g.add_argument(
+        "--crop-scale", type=_share, default=0.5, help="smallest crop area fraction of the random resized crop"
+    )
+    g.add_argument(
+        "--color-jitter", type=_non_negative, default=0.2, help="brightness/contrast/saturation jitter strength"
+    )
+    g.add_argument(
+        "--bn",
+        default="train",
+        choices=("train", "frozen"),
+        help="BatchNorm statistics of trained stages: train (update) or frozen (frozen stages never update)",
+    )
+    g.add_argument(
+        "--ft-class-weight",
+        default=None,
+        choices=("balanced",),
+        help="stage 2 loss weights: balanced (inverse class frequency); default unweighted",
+    )
     g.add_argument("--label-smoothing", type=_fraction, default=0.0, help="stage 2 cross-entropy label smoothing")
     g.add_argument("--patience", type=_count, default=5, help="early stopping patience in epochs (0: off)")
-    g.add_argument("--monitor", default="val_macro_f1", choices=("val_macro_f1", "val_loss", "val_acc"),
-                   help="validation metric for early stopping and the best checkpoint")
-    g.add_argument("--resume", action="store_true", help="continue stage 2 from OUT/methods/finetune/checkpoints/last.ckpt")
+    g.add_argument(
+        "--monitor",
+        default="val_macro_f1",
+        choices=("val_macro_f1", "val_loss", "val_acc"),
+        help="validation metric for early stopping and the best checkpoint",
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue stage 2 from OUT/methods/finetune/checkpoints/last.ckpt"
+    )
     _add_scale_args(p)
 
 
@@ -154,38 +232,77 @@ def _finetune_options(args) -> dict:
     """StudyConfig fields for fine-tuning and scale-out (empty for parsers without those flags)."""
     if not hasattr(args, "ft_epochs"):
         return {}
-    return {"devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy, "finetune": {
-        "unfreeze": args.unfreeze, "epochs": args.ft_epochs, "lr": args.ft_lr, "layer_decay": args.layer_decay,
-        "weight_decay": args.ft_weight_decay, "warmup_epochs": args.warmup_epochs, "schedule": args.schedule,
-        "batch_size": args.ft_batch_size, "accumulate": args.accumulate, "augment": args.augment,
-        "crop_scale": args.crop_scale, "color_jitter": args.color_jitter, "bn": args.bn,
-        "class_weight": args.ft_class_weight, "label_smoothing": args.label_smoothing, "patience": args.patience,
-        "monitor": args.monitor, "resume": args.resume}}
+    return {
+        "devices": args.devices,
+        "num_nodes": args.num_nodes,
+        "strategy": args.strategy,
+        "finetune": {
+            "unfreeze": args.unfreeze,
+            "epochs": args.ft_epochs,
+            "lr": args.ft_lr,
+            "layer_decay": args.layer_decay,
+            "weight_decay": args.ft_weight_decay,
+            "warmup_epochs": args.warmup_epochs,
+            "schedule": args.schedule,
+            "batch_size": args.ft_batch_size,
+            "accumulate": args.accumulate,
+            "augment": args.augment,
+            "crop_scale": args.crop_scale,
+            "color_jitter": args.color_jitter,
+            "bn": args.bn,
+            "class_weight": args.ft_class_weight,
+            "label_smoothing": args.label_smoothing,
+            "patience": args.patience,
+            "monitor": args.monitor,
+            "resume": args.resume,
+        },
+    }
 
 
 def _launch(args) -> None:
     """Start or join the processes that --devices/--num-nodes/--strategy ask for (no-op for one)."""
     from .features.distributed import launch
+
     launch(device=args.device, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy)
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--select-metric", default="macro_f1", choices=("macro_f1", "accuracy", "balanced_accuracy"),
-                   help="validation metric that tunes the heads' grids and selects the method (default macro_f1)")
-    p.add_argument("--tta", action="store_true",
-                   help="features = mean of the image's and its horizontal flip's (flipped features cached too)")
-    p.add_argument("--flip-train", action="store_true",
-                   help="heads also train on each training image's flipped features and predict on the mean of "
-                        "both views (flipped features cached too)")
-    p.add_argument("--cv", type=_folds, default=0, metavar="K",
-                   help="tune and select by K-fold stratified CV over train + valid (pooled out-of-fold scores) "
-                        "instead of the validation split; final models are still fitted on train (default 0: off)")
-    p.add_argument("--no-data-efficiency", dest="data_efficiency", action="store_false",
-                   help="skip the selected head's data-efficiency curve")
+    p.add_argument(
+        "--select-metric",
+        default="macro_f1",
+        choices=("macro_f1", "accuracy", "balanced_accuracy"),
+        help="validation metric that tunes the heads' grids and selects the method (default macro_f1)",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="features = mean of the image's and its horizontal flip's (flipped features cached too)",
+    )
+    p.add_argument(
+        "--flip-train",
+        action="store_true",
+        help="heads also train on each training image's flipped features and predict on the mean of "
+        "both views (flipped features cached too)",
+    )
+    p.add_argument(
+        "--cv",
+        type=_folds,
+        default=0,
+        metavar="K",
+        help="tune and select by K-fold stratified CV over train + valid (pooled out-of-fold scores) "
+        "instead of the validation split; final models are still fitted on train (default 0: off)",
+    )
+    p.add_argument(
+        "--no-data-efficiency",
+        dest="data_efficiency",
+        action="store_false",
+        help="skip the selected head's data-efficiency curve",
+    )
 
 
 def _methods_help() -> str:
     from .heads import registry
+
     by_kind = [f"{kind}: {','.join(registry.names(kind))}" for kind in registry.KINDS if registry.names(kind)]
     return "; ".join(by_kind) + "; 'all' is every method but end-to-end ones"
 
@@ -196,22 +313,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the frozen-backbone study: extract (cached), train heads, evaluate, report")
     run.add_argument("data", nargs="?", help="ImageFolder root, root of class folders, or CSV manifest")
-    run.add_argument("--config", help="a run's config.yaml (or your own YAML): rerun that study; flags given here override it")
+    run.add_argument(
+        "--config", help="a run's config.yaml (or your own YAML): rerun that study; flags given here override it"
+    )
     run.add_argument("--out", default="runs/study", help="report folder")
-    run.add_argument("--methods", default="softmax,svm",
-                     help="comma-separated methods, or 'all' (" + _methods_help() + ")")
+    run.add_argument(
+        "--methods", default="softmax,svm", help="comma-separated methods, or 'all' (" + _methods_help() + ")"
+    )
     run.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs")
     _add_selection_args(run)
-    run.add_argument("--dup-threshold", type=_similarity, default=0.95,
-                     help="leakage check: feature cosine similarity counted as a near-duplicate across splits")
+    run.add_argument(
+        "--dup-threshold",
+        type=_similarity,
+        default=0.95,
+        help="leakage check: feature cosine similarity counted as a near-duplicate across splits",
+    )
     _add_backbone_args(run)
     _add_data_args(run)
     _add_finetune_args(run)
 
-    ft = sub.add_parser("finetune", help="fine-tune end to end (stage 1: softmax head on cached features), "
-                                         "reported beside the frozen softmax head; same options as run")
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune end to end (stage 1: softmax head on cached features), "
+        "reported beside the frozen softmax head; same options as run",
+    )
     ft.add_argument("data", help="ImageFolder root, root of class folders, or CSV manifest")
-    ft.add_argument("--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/methods/finetune)")
+    ft.add_argument(
+        "--out", default="runs/finetune", help="report folder (checkpoints and logs in OUT/methods/finetune)"
+    )
     ft.add_argument("--methods", default="softmax,finetune", help="comma-separated methods")
     ft.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs (stage 1)")
     _add_backbone_args(ft)
@@ -226,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", help="extract (and cache) features only; optionally save them as .npz")
     ext.add_argument("data")
     ext.add_argument("--save", help="write features, labels, paths and splits to this .npz file")
-    ext.add_argument("--chunk-size", type=_positive_int, default=512, help="images per cache chunk (work kept if interrupted)")
+    ext.add_argument(
+        "--chunk-size", type=_positive_int, default=512, help="images per cache chunk (work kept if interrupted)"
+    )
     _add_backbone_args(ext)
     _add_data_args(ext)
     _add_scale_args(ext)
@@ -240,8 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     pred.add_argument("--out", default="predictions.csv", help="CSV: path, predicted, probability[, top-k][, label]")
     pred.add_argument("--top-k", type=_positive_int, default=1, help="also write the K most probable classes")
-    pred.add_argument("--evaluate", action="store_true",
-                      help="images are in folders named after classes: print the classification report")
+    pred.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="images are in folders named after classes: print the classification report",
+    )
     _add_bundle_args(pred)
     _add_runtime_args(pred)
     pred.add_argument("--no-cache", action="store_true", help="compute every image's features, cache nothing")
@@ -255,34 +389,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bundle_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="backbone weights file for a bundle trained on local weights "
-                                     "(default: the path recorded in the bundle); its digest must match")
+    p.add_argument(
+        "--weights",
+        help="backbone weights file for a bundle trained on local weights "
+        "(default: the path recorded in the bundle); its digest must match",
+    )
 
 
 def _study_config(args, **over):
     from .config import StudyConfig
+
     return StudyConfig(
-        data=args.data, out=args.out, backbone=args.backbone, weights=args.weights,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], epochs=args.epochs, seed=args.seed,
-        input_size=parse_size(args.input_size), precision=args.precision, device=args.device, runtime=args.runtime,
-        batch_size=args.batch_size, num_workers=args.workers, cache_dir=args.cache_dir,
-        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, strict=args.strict,
-        allow_outside=args.allow_outside, progress=not args.no_progress, **_finetune_options(args),
-        **{k: getattr(args, k) for k in ("tta", "flip_train", "cv", "select_metric", "data_efficiency", "dup_threshold")
-           if hasattr(args, k)}, **over)
+        data=args.data,
+        out=args.out,
+        backbone=args.backbone,
+        weights=args.weights,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        epochs=args.epochs,
+        seed=args.seed,
+        input_size=parse_size(args.input_size),
+        precision=args.precision,
+        device=args.device,
+        runtime=args.runtime,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        cache_dir=args.cache_dir,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+        strict=args.strict,
+        allow_outside=args.allow_outside,
+        progress=not args.no_progress,
+        **_finetune_options(args),
+        **{
+            k: getattr(args, k)
+            for k in ("tta", "flip_train", "cv", "select_metric", "data_efficiency", "dup_threshold")
+            if hasattr(args, k)
+        },
+        **over,
+    )
 
 
 def cmd_run(args) -> int:
     from .report.writer import console_summary
     from .study import run_study
+
     cfg = _study_config(args)
     if getattr(args, "config", None):  # the file's values, then the flags actually given
         from .config import given_dests, load, merge
+
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
         _check_numbers(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
     from .heads.registry import resolve_methods
+
     try:
         cfg.methods = resolve_methods(cfg.methods)  # "all": every method in --methods all
     except ValueError as exc:
@@ -301,6 +461,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     from .report.compare import compare, print_table
+
     table = compare(args.runs, out=args.out)
     print_table(table)
     if args.out:
@@ -309,15 +470,17 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .config import StudyConfig
     from .data.demo import build_demo_dataset
     from .report.writer import console_summary
-    from .config import StudyConfig
     from .study import run_study
+
     out = Path(args.out)
     data = build_demo_dataset(out / f"data-seed{args.seed}", seed=args.seed)
     print(f"demo data: {data}")
-    cfg = StudyConfig(data=str(data), out=str(out / "report"), seed=args.seed, input_size=(128, 128),
-                      progress=not args.no_progress)
+    cfg = StudyConfig(
+        data=str(data), out=str(out / "report"), seed=args.seed, input_size=(128, 128), progress=not args.no_progress
+    )
     metrics = run_study(cfg)
     console_summary(metrics)
     print(f"report: {Path(cfg.out) / 'report.md'}")
@@ -327,58 +490,95 @@ def cmd_demo(args) -> int:
 def cmd_extract(args) -> int:
     import numpy as np
 
-    from .features.backbones import load_backbone
     from .data.datasets import discover
-    from .features.extract import extract_features
+    from .features.backbones import load_backbone
     from .features.distributed import is_main
+    from .features.extract import extract_features
+
     _launch(args)
-    ds = discover(args.data, seed=args.seed, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-                  allow_outside=args.allow_outside)
+    ds = discover(
+        args.data,
+        seed=args.seed,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+        allow_outside=args.allow_outside,
+    )
     import torch
+
     torch.manual_seed(args.seed)  # --weights random: the same network as `run --seed N`, so reruns resume
     bb = load_backbone(args.backbone, weights=args.weights, input_size=parse_size(args.input_size))
     paths = [s.path for s in ds.samples]
-    ex = extract_features(paths, bb, cache_dir=args.cache_dir, precision=args.precision, device=args.device,
-                          batch_size=args.batch_size, num_workers=args.workers, strict=args.strict,
-                          progress=not args.no_progress, chunk_size=args.chunk_size, runtime=args.runtime)
+    ex = extract_features(
+        paths,
+        bb,
+        cache_dir=args.cache_dir,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        strict=args.strict,
+        progress=not args.no_progress,
+        chunk_size=args.chunk_size,
+        runtime=args.runtime,
+    )
     if not is_main():
         return 0
-    print(f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
-          f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision}, {ex.runtime})")
+    print(
+        f"{len(ex.paths)} images -> {ex.features.shape[1]}-d features in {ex.seconds:.1f} s "
+        f"({ex.computed} computed, {ex.from_cache} from cache, {ex.images_per_second:.1f} images/s, {ex.precision}, {ex.runtime})"
+    )
     for s in ds.skipped + ex.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
         by_path = {s.path: s for s in ds.samples}
-        np.savez(args.save, features=ex.features, labels=np.array([by_path[p].label for p in ex.paths]),
-                 paths=np.array(ex.paths), splits=np.array([by_path[p].split for p in ex.paths]),
-                 classes=np.array(ds.classes))
+        np.savez(
+            args.save,
+            features=ex.features,
+            labels=np.array([by_path[p].label for p in ex.paths]),
+            paths=np.array(ex.paths),
+            splits=np.array([by_path[p].split for p in ex.paths]),
+            classes=np.array(ds.classes),
+        )
         print(f"saved {args.save}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .model.bundle import load
     from .evaluation.metrics import format_report
+    from .model.bundle import load
     from .model.predict import evaluate_predictions, predict_paths, write_csv
-    model = load(args.bundle, weights=args.weights, device=args.device, precision=args.precision, runtime=args.runtime,
-                 cache_dir=False if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-                 num_workers=args.workers)
+
+    model = load(
+        args.bundle,
+        weights=args.weights,
+        device=args.device,
+        precision=args.precision,
+        runtime=args.runtime,
+        cache_dir=False if args.no_cache else args.cache_dir,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
     preds = predict_paths(model, args.images, progress=not args.no_progress)
     out = write_csv(preds, args.out, top_k=args.top_k, with_labels=args.evaluate)
     for s in preds.skipped:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    print(f"{len(preds.paths)} images predicted in {preds.seconds:.1f} s ({preds.images_per_second:.1f} images/s; "
-          f"{preds.computed} through the backbone, {preds.from_cache} from cache) -> {out}")
+    print(
+        f"{len(preds.paths)} images predicted in {preds.seconds:.1f} s ({preds.images_per_second:.1f} images/s; "
+        f"{preds.computed} through the backbone, {preds.from_cache} from cache) -> {out}"
+    )
     if args.evaluate:
         metrics = evaluate_predictions(preds)
-        print(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
-              f"balanced accuracy {metrics['balanced_accuracy']:.3f} on {metrics['n']} images")
+        print(
+            f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+            f"balanced accuracy {metrics['balanced_accuracy']:.3f} on {metrics['n']} images"
+        )
         print(format_report(metrics, model.classes))
     return 0
 
 
 def cmd_export(args) -> int:
     from .model.export import export_onnx
+
     out = export_onnx(args.bundle, args.onnx, weights=args.weights, opset=args.opset)
     print(f"ONNX: {out} (input 'image' float32 NCHW, preprocessing in its metadata; output 'probabilities')")
     return 0
@@ -395,16 +595,26 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # which flags were given (run --config)
-    handler = {"run": cmd_run, "finetune": cmd_run, "demo": cmd_demo, "extract": cmd_extract,
-               "compare": cmd_compare, "predict": cmd_predict, "export": cmd_export}[args.command]
+    handler = {
+        "run": cmd_run,
+        "finetune": cmd_run,
+        "demo": cmd_demo,
+        "extract": cmd_extract,
+        "compare": cmd_compare,
+        "predict": cmd_predict,
+        "export": cmd_export,
+    }[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:
         print(f"transferlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ntransferlab: interrupted. Features finished so far are kept in the cache; "
-              "rerun the same command to resume.", file=sys.stderr)
+        print(
+            "\ntransferlab: interrupted. Features finished so far are kept in the cache; "
+            "rerun the same command to resume.",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -64,7 +64,6 @@ class StudyConfig:
     dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
 
 
-
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says why."""
 
@@ -75,13 +74,17 @@ def _plain(v):
 
 def head_params(estimator) -> dict:
     """An estimator's scalar hyperparameters, less those that top-level keys set (seed, epochs)."""
-    return {k: _plain(v) for k, v in estimator.get_params(deep=False).items()
-            if k not in GOVERNED + PROTOCOL and isinstance(_plain(v), (bool, int, float, str, type(None)))}
+    return {
+        k: _plain(v)
+        for k, v in estimator.get_params(deep=False).items()
+        if k not in GOVERNED + PROTOCOL and isinstance(_plain(v), (bool, int, float, str, type(None)))
+    }
 
 
 def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
     """The run's configuration as written to config.yaml: paths absolute, input size and precision as used."""
     from .heads import registry
+
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in NOT_SAVED}
     d["data"] = str(Path(cfg.data).expanduser().resolve())
     if cfg.weights not in (None, "random"):
@@ -89,15 +92,19 @@ def resolved(cfg, backbone, extract: dict, results: dict) -> dict:
     d["input_size"] = [int(v) for v in backbone.input_size]
     d["precision"] = extract.get("precision", cfg.precision)
     d["runtime"] = extract.get("runtime", cfg.runtime)
-    d["methods"] = {n: head_params(results[n]["estimator"]) if registry.get(n).build is not None and n in results else {}
-                    for n in cfg.methods}
+    d["methods"] = {
+        n: head_params(results[n]["estimator"]) if registry.get(n).build is not None and n in results else {}
+        for n in cfg.methods
+    }
     return {**{k: d[k] for k in FIRST if k in d}, **{k: v for k, v in d.items() if k not in FIRST}}
 
 
 def dump(config: dict) -> str:
-    head = ("# transferlab study configuration, written by `transferlab run`.\n"
-            "# Rerun it with `transferlab run --config config.yaml [--out DIR]`; flags given there override these values.\n"
-            "# methods: each head with its hyperparameters (set on the estimator before fitting).\n")
+    head = (
+        "# transferlab study configuration, written by `transferlab run`.\n"
+        "# Rerun it with `transferlab run --config config.yaml [--out DIR]`; flags given there override these values.\n"
+        "# methods: each head with its hyperparameters (set on the estimator before fitting).\n"
+    )
     return head + yaml.dump(config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
@@ -144,10 +151,14 @@ def load(path) -> dict:
             raise ConfigError(f"{path}: methods.{bad[0]} must be a mapping of hyperparameters")
         protocol = sorted({f"methods.{n}.{k}" for n, p in methods.items() for k in (p or {}) if k in PROTOCOL})
         if protocol:  # written by transferlab before 0.2: the study's top-level keys (cv) decide these
-            warnings.warn(f"{path}: ignoring {', '.join(protocol)}: the study's protocol is set by top-level keys "
-                          f"(cv), not per method")
-        kw["params"] = {**kw.get("params", {}), **{n: {k: v for k, v in p.items() if k not in PROTOCOL}
-                                                    for n, p in methods.items() if p}}
+            warnings.warn(
+                f"{path}: ignoring {', '.join(protocol)}: the study's protocol is set by top-level keys "
+                f"(cv), not per method"
+            )
+        kw["params"] = {
+            **kw.get("params", {}),
+            **{n: {k: v for k, v in p.items() if k not in PROTOCOL} for n, p in methods.items() if p},
+        }
     elif isinstance(methods, str):
         kw["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     elif methods is not None and not isinstance(methods, list):
@@ -166,6 +177,7 @@ def load(path) -> dict:
 
 def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The argparse destinations the user actually gave in `argv` (defaults suppressed, subcommands included)."""
+
     def suppress(p):
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -173,6 +185,7 @@ def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
                     suppress(sub)
             elif not isinstance(action, argparse._HelpAction):
                 action.default = argparse.SUPPRESS
+
     suppress(parser)
     return set(vars(parser.parse_args(argv)))
 

@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import inspect
 import time
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from .report import writer as report
-from .features.backbones import load_backbone
-from .data.datasets import DatasetWarning, discover
 from .config import StudyConfig
+from .data.datasets import DatasetWarning, discover
 from .evaluation.metrics import evaluate, full_proba
+from .features.backbones import load_backbone
 from .features.extract import extract_features
 from .heads.cache import HeadCache, head_key
-from .heads.registry import get as method_info, make_head, resolve_methods
+from .heads.registry import get as method_info
+from .heads.registry import make_head, resolve_methods
+from .report import writer as report
 
 
 @dataclass
@@ -42,6 +50,7 @@ class SplitFeatures:
 
 def _seed_everything(seed: int) -> None:
     from lightning.pytorch import seed_everything
+
     seed_everything(seed, workers=True, verbose=False)
 
 
@@ -53,9 +62,15 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
     checked once, as a rerun would), with the folder's index already built by the first pass.
     """
     all_paths = [s.path for s in ds.samples]
-    kw = dict(cache_dir=cfg.cache_dir, precision=cfg.precision, device=cfg.device, batch_size=cfg.batch_size,
-              runtime=cfg.runtime,
-              num_workers=cfg.num_workers, strict=cfg.strict)
+    kw = dict(
+        cache_dir=cfg.cache_dir,
+        precision=cfg.precision,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        runtime=cfg.runtime,
+        num_workers=cfg.num_workers,
+        strict=cfg.strict,
+    )
     first = extract_features(all_paths, bb, progress=cfg.progress, **kw)
     warm = first if first.computed == 0 else extract_features(all_paths, bb, progress=False, **kw)
     views = None
@@ -69,15 +84,25 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
     splits = {}
     for name in ("train", "valid", "test"):
         samples = [s for s in ds.split(name) if s.path in row]
-        splits[name] = SplitFeatures(X=first.features[[row[s.path] for s in samples]].reshape(len(samples), first.features.shape[1]),
-                                     y=np.array([s.label for s in samples], dtype=np.int64),
-                                     paths=[s.path for s in samples],
-                                     views=None if views is None else views[[row[s.path] for s in samples]])
-    info = {"seconds": first.seconds, "images": len(all_paths), "computed": first.computed,
-            "from_cache": first.from_cache, "cached_seconds": warm.seconds, "cold_seconds": first.cold_seconds,
-            "images_per_second": first.images_per_second, "precision": first.precision, "device": first.device,
-            "runtime": first.runtime,
-            "skipped": first.skipped}
+        splits[name] = SplitFeatures(
+            X=first.features[[row[s.path] for s in samples]].reshape(len(samples), first.features.shape[1]),
+            y=np.array([s.label for s in samples], dtype=np.int64),
+            paths=[s.path for s in samples],
+            views=None if views is None else views[[row[s.path] for s in samples]],
+        )
+    info = {
+        "seconds": first.seconds,
+        "images": len(all_paths),
+        "computed": first.computed,
+        "from_cache": first.from_cache,
+        "cached_seconds": warm.seconds,
+        "cold_seconds": first.cold_seconds,
+        "images_per_second": first.images_per_second,
+        "precision": first.precision,
+        "device": first.device,
+        "runtime": first.runtime,
+        "skipped": first.skipped,
+    }
     return splits, info
 
 
@@ -97,8 +122,10 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
         paths = [s.path for s in ds.split("train") if s.label == label]
         n_test = int((splits["test"].y == label).sum())
         example = f"e.g. {paths[0]}: {reason.get(paths[0], 'not read')}" if paths else "none listed"
-        msg = (f"class '{name}': all {len(paths)} training images unreadable ({example}); no head learns it, "
-               f"and its {n_test} test images are scored as a class the model cannot predict")
+        msg = (
+            f"class '{name}': all {len(paths)} training images unreadable ({example}); no head learns it, "
+            f"and its {n_test} test images are scored as a class the model cannot predict"
+        )
         warnings.warn(msg, DatasetWarning, stacklevel=2)
         ds.notes.append(msg)
         found.append(name)
@@ -108,8 +135,9 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
 def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str]) -> dict:
     """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
-    est = make_head(name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv,
-                    flip_train=cfg.flip_train)
+    est = make_head(
+        name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv, flip_train=cfg.flip_train
+    )
     if cfg.params.get(name):
         est.set_params(**cfg.params[name])
     heads = HeadCache(cfg.cache_dir)  # a head fitted on these very features before is loaded
@@ -118,8 +146,12 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
     hit = heads.get(key)
     if hit is not None:
         est, meta = hit
-        out = {"estimator": est, "train_seconds": meta["train_seconds"], "cached_head": True,
-               "train_note": f"fitted head loaded from the cache in {time.perf_counter() - t0:.2f} s"}
+        out = {
+            "estimator": est,
+            "train_seconds": meta["train_seconds"],
+            "cached_head": True,
+            "train_note": f"fitted head loaded from the cache in {time.perf_counter() - t0:.2f} s",
+        }
     else:
         if "eval_set" in inspect.signature(est.fit).parameters:
             est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y))
@@ -146,8 +178,14 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
 def _progress(enabled: bool):
     """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
     and ETA per stage, so nothing runs for minutes with nothing on screen."""
-    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not enabled, transient=False) as bar:
         yield bar
 
@@ -160,18 +198,27 @@ def run_study(cfg: StudyConfig) -> dict:
     out = Path(cfg.out)
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head
     _seed_everything(cfg.seed)
-    ds = discover(cfg.data, seed=cfg.seed, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
-                  allow_outside=cfg.allow_outside)
+    ds = discover(
+        cfg.data,
+        seed=cfg.seed,
+        valid_fraction=cfg.valid_fraction,
+        test_fraction=cfg.test_fraction,
+        allow_outside=cfg.allow_outside,
+    )
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size)
     splits, extract_info = extract_splits(cfg, ds, bb)
     timings = {"extract": time.perf_counter() - start}
     if len(np.unique(splits["train"].y)) < 2:
         from .data.datasets import DatasetError
+
         skipped = extract_info["skipped"]
-        hint = f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        hint = (
+            f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        )
         raise DatasetError(f"fewer than two classes have readable training images in {cfg.data}{hint}")
     warn_untrained_classes(ds, splits, extract_info["skipped"])
     from .features.distributed import is_main
+
     results = {}
     with _progress(cfg.progress and is_main()) as bar:
         t0 = time.perf_counter()
@@ -181,6 +228,7 @@ def run_study(cfg: StudyConfig) -> dict:
             _seed_everything(cfg.seed)
             if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
                 from .finetune.tuner import fit_method as fit_finetune
+
                 results[name] = fit_finetune(cfg, splits, ds.classes, bb)
             else:
                 results[name] = fit_method(name, cfg, splits, ds.classes)
@@ -192,24 +240,50 @@ def run_study(cfg: StudyConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         from .evaluation.analysis import analyse  # selection on validation first, then test statistics
         from .evaluation.leakage import check as check_leakage  # exact and near-duplicates across splits
+
         t0 = time.perf_counter()
         task = bar.add_task("analysis: selection, statistics, leakage", total=2)
         _seed_everything(cfg.seed)
-        analysis = analyse(results, splits, ds.classes, metric=cfg.select_metric, seed=cfg.seed,
-                           efficiency=cfg.data_efficiency, cv=cfg.cv, cache=HeadCache(cfg.cache_dir))
+        analysis = analyse(
+            results,
+            splits,
+            ds.classes,
+            metric=cfg.select_metric,
+            seed=cfg.seed,
+            efficiency=cfg.data_efficiency,
+            cv=cfg.cv,
+            cache=HeadCache(cfg.cache_dir),
+        )
         bar.advance(task)
         leakage = check_leakage(splits, threshold=cfg.dup_threshold)
         bar.advance(task)
         timings["analysis"] = time.perf_counter() - t0
         from .config import write as write_config
         from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict`, transferlab.load
+
         t0 = time.perf_counter()
         task = bar.add_task("report: bundles, tables, plots, report.html", total=2)
-        save_study_bundles(out / "models", results, bb, ds.classes, precision=extract_info["precision"],
-                           extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed})
+        save_study_bundles(
+            out / "models",
+            results,
+            bb,
+            ds.classes,
+            precision=extract_info["precision"],
+            extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed},
+        )
         bar.advance(task)
-        metrics = report.write(out, cfg=asdict(cfg), dataset=ds, backbone=bb, splits=splits, extract=extract_info,
-                               results=results, analysis=analysis, leakage=leakage, timings=timings)
+        metrics = report.write(
+            out,
+            cfg=asdict(cfg),
+            dataset=ds,
+            backbone=bb,
+            splits=splits,
+            extract=extract_info,
+            results=results,
+            analysis=analysis,
+            leakage=leakage,
+            timings=timings,
+        )
         write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
         bar.advance(task)
     timings.update(report=time.perf_counter() - t0, total=time.perf_counter() - start)

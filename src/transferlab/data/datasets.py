@@ -29,8 +29,15 @@ from .hashing import content_hash, split_score
 from .images import IGNORED_DIRS, IMAGE_EXTENSIONS, is_image_file, skip_reason
 
 SPLITS = ("train", "valid", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
-                 "validation": "valid", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "test": "test",
+    "testing": "test",
+}
 
 
 class DatasetError(ValueError):
@@ -75,7 +82,7 @@ class ImageDataset:
                 out[split] = {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return out
 
-    def without(self, paths) -> "ImageDataset":
+    def without(self, paths) -> ImageDataset:
         """The same dataset less the given paths (images that could not be read)."""
         drop = set(paths)
         return replace(self, samples=[s for s in self.samples if s.path not in drop])
@@ -104,8 +111,11 @@ def list_images(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
         dirnames[:] = keep
         found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f))]
         if skipped is not None:
-            skipped += [{"path": os.path.join(dirpath, f), "reason": r} for f in sorted(filenames)
-                        if (r := skip_reason(Path(f)))]
+            skipped += [
+                {"path": os.path.join(dirpath, f), "reason": r}
+                for f in sorted(filenames)
+                if (r := skip_reason(Path(f)))
+            ]
     return found
 
 
@@ -147,8 +157,15 @@ def _lowest_scores(samples: list[Sample], idx: list[int], k: int, salt: str, has
     return taken
 
 
-def stratified_split(samples: list[Sample], fraction: float, new_split: str, seed: int = 0, *,
-                     salt: str | None = None, hashes: dict[str, bytes] | None = None) -> list[Sample]:
+def stratified_split(
+    samples: list[Sample],
+    fraction: float,
+    new_split: str,
+    seed: int = 0,
+    *,
+    salt: str | None = None,
+    hashes: dict[str, bytes] | None = None,
+) -> list[Sample]:
     """Move about `fraction` of each class to `new_split`; a class keeps at least one image where it was.
 
     A class of n images gives up k = round(fraction * n) of them (at least one when fraction > 0 and n >= 3,
@@ -222,8 +239,10 @@ def _from_imagefolder(root: Path) -> ImageDataset:
                 if not imgs:
                     notes.append(f"{_no_images(cdir, skipped, before)} and is not a training class: ignored")
                     continue
-                raise DatasetError(f"class '{cdir.name}' in {sdir} is not a class of {train_dir} "
-                                   f"(training classes: {', '.join(classes)})")
+                raise DatasetError(
+                    f"class '{cdir.name}' in {sdir} is not a class of {train_dir} "
+                    f"(training classes: {', '.join(classes)})"
+                )
             if not imgs:
                 notes.append(_no_images(cdir, skipped, before))
             samples += [Sample(str(p), index[cdir.name], split) for p in imgs]
@@ -238,8 +257,10 @@ def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, byte
     skipped: list[dict] = []
     classes, samples = _training_classes(root, notes, skipped)
     samples = stratified_split(samples, test_fraction, "test", salt=TEST_SALT, hashes=hashes)
-    notes.append(f"split class folders into train/test with test fraction {test_fraction}, by image content "
-                 "(the same test set for every seed)")
+    notes.append(
+        f"split class folders into train/test with test fraction {test_fraction}, by image content "
+        "(the same test set for every seed)"
+    )
     return ImageDataset(root, classes, samples, "class-folders", notes, skipped)
 
 
@@ -262,20 +283,25 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             if not path:
                 raise DatasetError(f"{manifest}:{lineno}: empty path (every row needs path,label[,split])")
             if not label:
-                raise DatasetError(f"{manifest}:{lineno}: empty label for {path!r} (every row needs path,label[,split])")
+                raise DatasetError(
+                    f"{manifest}:{lineno}: empty label for {path!r} (every row needs path,label[,split])"
+                )
             split = SPLIT_ALIASES.get(row[2].strip().lower(), None) if len(row) > 2 and row[2].strip() else "train"
             if split is None:
                 raise DatasetError(f"{manifest}:{lineno}: unknown split {row[2]!r} (use train, valid or test)")
             full = (base / path).resolve()
             if not allow_outside and not full.is_relative_to(base):
-                raise DatasetError(f"{manifest}:{lineno}: path {path!r} points outside {base}; "
-                                   "pass --allow-outside to allow it")
+                raise DatasetError(
+                    f"{manifest}:{lineno}: path {path!r} points outside {base}; pass --allow-outside to allow it"
+                )
             if full in first:
                 label0, split0, line0 = first[full]
                 if (label0, split0) != (label, split):
-                    raise DatasetError(f"{manifest}: {path!r} is listed twice: line {line0} ({label0}, {split0}) "
-                                       f"and line {lineno} ({label}, {split}); one file can have one label and "
-                                       "one split")
+                    raise DatasetError(
+                        f"{manifest}: {path!r} is listed twice: line {line0} ({label0}, {split0}) "
+                        f"and line {lineno} ({label}, {split}); one file can have one label and "
+                        "one split"
+                    )
                 repeats.append((lineno, line0))
                 continue
             first[full] = (label, split, lineno)
@@ -290,14 +316,17 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
     notes = []
     if repeats:
         shown = ", ".join(str(line) for line, _ in repeats[:10]) + (", ..." if len(repeats) > 10 else "")
-        notes.append(f"{manifest}: {len(repeats)} row(s) repeat an earlier row (same path, label and split) and were "
-                     f"read once: lines {shown} (first listed on line(s) "
-                     f"{', '.join(str(line0) for _, line0 in repeats[:10])})")
+        notes.append(
+            f"{manifest}: {len(repeats)} row(s) repeat an earlier row (same path, label and split) and were "
+            f"read once: lines {shown} (first listed on line(s) "
+            f"{', '.join(str(line0) for _, line0 in repeats[:10])})"
+        )
     return ImageDataset(manifest, classes, samples, "csv", notes)
 
 
-def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2,
-             allow_outside: bool = False) -> ImageDataset:
+def discover(
+    source, *, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.2, allow_outside: bool = False
+) -> ImageDataset:
     """Read a dataset from a folder or CSV manifest; always returns train, valid and (usually) test.
 
     Splits made here are drawn by image content (see `stratified_split`): the test set of a root of class
@@ -318,8 +347,10 @@ def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fractio
     if not ds.split("train"):
         n = len(ds.skipped)
         why = f"; {n} file{'s' * (n != 1)} skipped ({_skipped_summary(ds.skipped)})" if n else ""
-        raise DatasetError(f"no training images found in {root} "
-                           f"(looked for {', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}{why})")
+        raise DatasetError(
+            f"no training images found in {root} "
+            f"(looked for {', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}{why})"
+        )
     if len(ds.classes) < 2:
         raise DatasetError(f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two")
     if not ds.split("valid"):
@@ -327,8 +358,12 @@ def discover(source, *, seed: int = 0, valid_fraction: float = 0.1, test_fractio
     if ds.skipped:
         ds.notes += _skipped_notes(ds.skipped)
         n = len(ds.skipped)
-        warnings.warn(f"{n} file{'s' * (n != 1)} in {root} skipped ({_skipped_summary(ds.skipped)}); "
-                      "the report's notes list them", DatasetWarning, stacklevel=2)
+        warnings.warn(
+            f"{n} file{'s' * (n != 1)} in {root} skipped ({_skipped_summary(ds.skipped)}); "
+            "the report's notes list them",
+            DatasetWarning,
+            stacklevel=2,
+        )
     return ds
 
 
@@ -348,13 +383,13 @@ def _skipped_notes(skipped: list[dict], shown: int = 20) -> list[str]:
     notes = []
     for reason, paths in _by_reason(skipped).items():
         more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
-        notes.append(f"{len(paths)} file{'s' * (len(paths) != 1)} skipped ({reason}): "
-                     f"{', '.join(paths[:shown])}{more}")
+        notes.append(f"{len(paths)} file{'s' * (len(paths) != 1)} skipped ({reason}): {', '.join(paths[:shown])}{more}")
     return notes
 
 
-def carve_validation(ds: ImageDataset, fraction: float, seed: int, *,
-                     hashes: dict[str, bytes] | None = None) -> ImageDataset:
+def carve_validation(
+    ds: ImageDataset, fraction: float, seed: int, *, hashes: dict[str, bytes] | None = None
+) -> ImageDataset:
     """Move a stratified `fraction` of train to valid by image content, salted with `seed` (never touches test).
 
     The seed is part of the salt on purpose: another seed draws another validation split (to see how much
@@ -364,6 +399,7 @@ def carve_validation(ds: ImageDataset, fraction: float, seed: int, *,
     train = [s for s in ds.samples if s.split == "train"]
     rest = [s for s in ds.samples if s.split != "train"]
     carved = stratified_split(train, fraction, "valid", salt=f"valid:{seed}", hashes=hashes)
-    notes = ds.notes + [f"validation carved from train: {fraction:.0%} per class, stratified by image content "
-                        f"(seed {seed})"]
+    notes = ds.notes + [
+        f"validation carved from train: {fraction:.0%} per class, stratified by image content (seed {seed})"
+    ]
     return replace(ds, samples=carved + rest, notes=notes)

@@ -23,8 +23,15 @@ MARKER = ".transferlab-demo.json"
 MARKER_FORMAT = 1
 
 
-def build_demo_dataset(root, *, seed: int = 0, size: int = 64, imbalance: float = 20.0,
-                       test_fraction: float = 0.25, max_per_class: int | None = None) -> Path:
+def build_demo_dataset(
+    root,
+    *,
+    seed: int = 0,
+    size: int = 64,
+    imbalance: float = 20.0,
+    test_fraction: float = 0.25,
+    max_per_class: int | None = None,
+) -> Path:
     """Write the demo ImageFolder tree at `root` (or reuse it if already built with these parameters).
 
     `max_per_class` caps the largest class; the long-tail profile is applied below that cap.
@@ -32,9 +39,13 @@ def build_demo_dataset(root, *, seed: int = 0, size: int = 64, imbalance: float 
     the same parameters: nothing of the user's is ever overwritten.
     """
     root = Path(root)
-    params = {"seed": int(seed), "size": int(size), "imbalance": float(imbalance),
-              "test_fraction": float(test_fraction),
-              "max_per_class": None if max_per_class is None else int(max_per_class)}
+    params = {
+        "seed": int(seed),
+        "size": int(size),
+        "imbalance": float(imbalance),
+        "test_fraction": float(test_fraction),
+        "max_per_class": None if max_per_class is None else int(max_per_class),
+    }
     if params["size"] < 8:
         raise ValueError(f"size must be at least 8, got {size}")
     if params["imbalance"] < 1:
@@ -85,8 +96,9 @@ def _check_existing(root: Path, params: dict) -> bool:
         built = json.loads(marker.read_text()).get("params")
         if built == params:
             return True
-        raise FileExistsError(f"{root} holds a demo dataset built with other parameters ({built}); "
-                              f"remove it or choose another folder")
+        raise FileExistsError(
+            f"{root} holds a demo dataset built with other parameters ({built}); remove it or choose another folder"
+        )
     if any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not empty; refusing to write the demo dataset there")
     return False
@@ -127,8 +139,7 @@ def _write_tree(folder: Path, splits: dict, params: dict) -> None:
             for i in indices:
                 _render(images[i], params["size"], [params["seed"], i]).save(cdir / f"{i:04d}.png")
             counts[split][f"digit_{k}"] = len(indices)
-    marker = {"format": MARKER_FORMAT, "source": "sklearn.datasets.load_digits",
-              "params": params, "counts": counts}
+    marker = {"format": MARKER_FORMAT, "source": "sklearn.datasets.load_digits", "params": params, "counts": counts}
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks a complete build
 
 
@@ -137,8 +148,11 @@ def _render(digit: np.ndarray, size: int, seed) -> Image.Image:
     rng = np.random.default_rng(seed)
     padded = np.pad(digit / 16.0 * 255.0, 2).astype(np.uint8)  # room for shifts and rotation
     shift = rng.uniform(-1, 1, 2) * size / 12
-    mask = (Image.fromarray(padded, "L").resize((size, size), Image.Resampling.BICUBIC)
-            .rotate(rng.uniform(-10, 10), Image.Resampling.BICUBIC, translate=tuple(shift), fillcolor=0))
+    mask = (
+        Image.fromarray(padded, "L")
+        .resize((size, size), Image.Resampling.BICUBIC)
+        .rotate(rng.uniform(-10, 10), Image.Resampling.BICUBIC, translate=tuple(shift), fillcolor=0)
+    )
     m = (np.asarray(mask, dtype=np.float64) / 255.0)[..., None]
 
     fg, bg = _contrasting_colours(rng)

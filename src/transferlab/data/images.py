@@ -119,7 +119,11 @@ def load_rgb(path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(path, f"too large to decode safely ({exc})") from None
     except Exception as exc:  # PIL raises many types for broken files
-        reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"cannot decode ({type(exc).__name__}: {exc})"
+        reason = (
+            "empty file"
+            if path.exists() and path.stat().st_size == 0
+            else f"cannot decode ({type(exc).__name__}: {exc})"
+        )
         if path.suffix.lower() in (HEIF_EXTENSIONS | AVIF_EXTENSIONS) - IMAGE_EXTENSIONS and reason != "empty file":
             reason = skip_reason(path) or reason  # e.g. a .heic named in a CSV manifest without the heic extra
         raise ImageError(path, reason) from None

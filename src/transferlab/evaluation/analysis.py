@@ -27,8 +27,9 @@ def _memo(cache, result: dict, name: str, compute):
     return compute() if cache is None else cache.memo(result.get("head_key"), name, compute)
 
 
-def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
-                     cache=None) -> tuple[dict, str, list[str]]:
+def selection_scores(
+    results: dict, splits: dict, cv: int = 0, seed: int = 0, cache=None
+) -> tuple[dict, str, list[str]]:
     """Each method's validation scores under the protocol, the protocol's name, and methods left out.
 
     cv < 2: the validation split. cv >= 2: pooled out-of-fold scores of k-fold CV over train + valid
@@ -46,15 +47,27 @@ def selection_scores(results: dict, splits: dict, cv: int = 0, seed: int = 0,
             scores[n] = est.best_valid_
         elif (r.get("cv") or {}).get("k") == cv:  # fine-tuning cross-validated itself (`finetune.fit_method`)
             scores[n] = r["cv"]["scores"]
-        elif registry.get(n).build is not None:  # a head on features: cached beside the fitted head (`head_cache`), like the head itself
+        elif (
+            registry.get(n).build is not None
+        ):  # a head on features: cached beside the fitted head (`head_cache`), like the head itself
             scores[n] = _memo(cache, r, f"cv{cv}-{seed}", lambda: cross_val_scores(fixed(est), X, y, cv, seed))
         else:
             left_out.append(n)
     return scores, f"{cv}-fold CV on train + valid", left_out
 
 
-def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "macro_f1", seed: int = 0,
-            n_boot: int = 1000, efficiency: bool = True, cv: int = 0, cache=None) -> dict:
+def analyse(
+    results: dict,
+    splits: dict,
+    classes: list[str],
+    *,
+    metric: str = "macro_f1",
+    seed: int = 0,
+    n_boot: int = 1000,
+    efficiency: bool = True,
+    cv: int = 0,
+    cache=None,
+) -> dict:
     """Selection (validation), data efficiency (train/valid), then test statistics; see the module doc."""
     scores, protocol, left_out = selection_scores(results, splits, cv, seed, cache)
     if not scores:
@@ -66,29 +79,58 @@ def analyse(results: dict, splits: dict, classes: list[str], *, metric: str = "m
     selection.update(baseline=baseline, protocol=protocol, scores=scores, left_out=left_out)
     out = {"selected": chosen, "selection": selection}
     tr, va = splits["train"], splits["valid"]
-    if efficiency and registry.get(chosen).build is not None:  # a function of the fitted head and train/valid: cached beside the head
-        curve = _memo(cache, results[chosen], f"data_efficiency-{metric}-{seed}", lambda: data_efficiency(
-            results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed))
+    if (
+        efficiency and registry.get(chosen).build is not None
+    ):  # a function of the fitted head and train/valid: cached beside the head
+        curve = _memo(
+            cache,
+            results[chosen],
+            f"data_efficiency-{metric}-{seed}",
+            lambda: data_efficiency(
+                results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed
+            ),
+        )
         out["data_efficiency"] = {"method": chosen, **curve}
 
     te = splits["test"]  # test labels are read from here on, after everything above is fixed
     if len(te.y):
-        out["ci"] = {n: {"n_boot": n_boot, "seed": seed,
-                         **bootstrap_ci(te.y, r["test_pred"], len(classes), n_boot, seed)}
-                     for n, r in results.items() if r.get("test_pred") is not None}
-        out["mcnemar"] = {f"{chosen} vs {m}": {"a": chosen, "b": m, **mcnemar(te.y, results[chosen]["test_pred"],
-                                                                              results[m]["test_pred"])}
-                          for m in registry.names("seed") if m in results and m != chosen
-                          and results[m].get("test_pred") is not None and results[chosen].get("test_pred") is not None}
+        out["ci"] = {
+            n: {"n_boot": n_boot, "seed": seed, **bootstrap_ci(te.y, r["test_pred"], len(classes), n_boot, seed)}
+            for n, r in results.items()
+            if r.get("test_pred") is not None
+        }
+        out["mcnemar"] = {
+            f"{chosen} vs {m}": {
+                "a": chosen,
+                "b": m,
+                **mcnemar(te.y, results[chosen]["test_pred"], results[m]["test_pred"]),
+            }
+            for m in registry.names("seed")
+            if m in results
+            and m != chosen
+            and results[m].get("test_pred") is not None
+            and results[chosen].get("test_pred") is not None
+        }
         if baseline and baseline != chosen and "test" in results[chosen] and "test" in results[baseline]:
-            out["recall_changes"] = {"method": chosen, "baseline": baseline,
-                                     "classes": recall_changes(results[chosen]["test"], results[baseline]["test"])}
+            out["recall_changes"] = {
+                "method": chosen,
+                "baseline": baseline,
+                "classes": recall_changes(results[chosen]["test"], results[baseline]["test"]),
+            }
     return out
 
 
 def recall_changes(test: dict, base: dict) -> list[dict]:
     """Per test class: recall of the method and of the baseline, largest absolute change first."""
-    rows = [{"class": c, "index": pc["index"], "support": pc["support"], "recall": pc["recall"],
-             "baseline_recall": base["per_class"][c]["recall"], "change": pc["recall"] - base["per_class"][c]["recall"]}
-            for c, pc in test["per_class"].items()]
+    rows = [
+        {
+            "class": c,
+            "index": pc["index"],
+            "support": pc["support"],
+            "recall": pc["recall"],
+            "baseline_recall": base["per_class"][c]["recall"],
+            "change": pc["recall"] - base["per_class"][c]["recall"],
+        }
+        for c, pc in test["per_class"].items()
+    ]
     return sorted(rows, key=lambda r: (-abs(r["change"]), r["index"]))

@@ -31,19 +31,28 @@ def nearest(query: np.ndarray, reference: np.ndarray, block: int = 2048) -> tupl
     best = np.full(len(q), -np.inf, dtype=np.float32)
     arg = np.zeros(len(q), dtype=np.int64)
     for i in range(0, len(q), block):
-        qb = q[i:i + block]
+        qb = q[i : i + block]
         for j in range(0, len(r), block):
-            sims = qb @ r[j:j + block].T
+            sims = qb @ r[j : j + block].T
             k = sims.argmax(axis=1)
             v = sims[np.arange(len(qb)), k]
-            better = v > best[i:i + block]
-            best[i:i + block][better] = v[better]
-            arg[i:i + block][better] = k[better] + j
+            better = v > best[i : i + block]
+            best[i : i + block][better] = v[better]
+            arg[i : i + block][better] = k[better] + j
     return best, arg
 
 
-def compare(query_paths, query_X, ref_paths, ref_X, *, threshold: float = 0.95, max_pairs: int = 20,
-            hashes: dict | None = None, block: int = 2048) -> dict:
+def compare(
+    query_paths,
+    query_X,
+    ref_paths,
+    ref_X,
+    *,
+    threshold: float = 0.95,
+    max_pairs: int = 20,
+    hashes: dict | None = None,
+    block: int = 2048,
+) -> dict:
     """Exact (same bytes) and near (cosine >= threshold, not exact) duplicates of query images in the reference set."""
     hashes = {} if hashes is None else hashes
     for p in list(query_paths) + list(ref_paths):
@@ -52,7 +61,9 @@ def compare(query_paths, query_X, ref_paths, ref_X, *, threshold: float = 0.95, 
     ref_by_hash: dict[bytes, int] = {}
     for j, p in enumerate(ref_paths):
         ref_by_hash.setdefault(hashes[p], j)
-    best, arg = nearest(query_X, ref_X, block=block) if len(query_paths) and len(ref_paths) else (np.zeros(0), np.zeros(0, int))
+    best, arg = (
+        nearest(query_X, ref_X, block=block) if len(query_paths) and len(ref_paths) else (np.zeros(0), np.zeros(0, int))
+    )
     q, r = _unit(query_X) if len(query_paths) else None, _unit(ref_X) if len(ref_paths) else None
     exact, near = [], []
     for i, p in enumerate(query_paths):
@@ -64,9 +75,14 @@ def compare(query_paths, query_X, ref_paths, ref_X, *, threshold: float = 0.95, 
     not_exact = np.array([hashes[p] not in ref_by_hash for p in query_paths], dtype=bool)
     sweep = sorted(set(SWEEP) | {threshold})
     near.sort(key=lambda d: -d["similarity"])
-    return {"n_query": len(query_paths), "n_reference": len(ref_paths), "exact": len(exact), "near": len(near),
-            "near_at": {f"{t:g}": int(((best >= t) & not_exact).sum()) for t in sweep},
-            "pairs": (exact + near)[:max_pairs]}
+    return {
+        "n_query": len(query_paths),
+        "n_reference": len(ref_paths),
+        "exact": len(exact),
+        "near": len(near),
+        "near_at": {f"{t:g}": int(((best >= t) & not_exact).sum()) for t in sweep},
+        "pairs": (exact + near)[:max_pairs],
+    }
 
 
 def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: int = 2048) -> dict:
@@ -79,15 +95,21 @@ def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: 
         a, b = splits.get(query), splits.get(ref)
         if a is None or b is None or not len(a.paths) or not len(b.paths):
             continue
-        out["comparisons"][f"{query}-{ref}"] = compare(a.paths, a.X, b.paths, b.X, threshold=threshold,
-                                                       max_pairs=max_pairs, hashes=hashes, block=block)
+        out["comparisons"][f"{query}-{ref}"] = compare(
+            a.paths, a.X, b.paths, b.X, threshold=threshold, max_pairs=max_pairs, hashes=hashes, block=block
+        )
     found = [(name, c) for name, c in out["comparisons"].items() if c["exact"] or c["near"]]
     out["exact"] = sum(c["exact"] for c in out["comparisons"].values())
     out["near"] = sum(c["near"] for c in out["comparisons"].values())
     out["warning"] = None
     if found:
-        parts = [f"{c['exact']} exact and {c['near']} near-duplicate {name.split('-')[0]} images of "
-                 f"{name.split('-')[1]} images" for name, c in found]
-        out["warning"] = (f"possible leakage between splits (cosine >= {threshold:g} for near-duplicates): "
-                          f"{'; '.join(parts)}. Scores on those splits may be optimistic.")
+        parts = [
+            f"{c['exact']} exact and {c['near']} near-duplicate {name.split('-')[0]} images of "
+            f"{name.split('-')[1]} images"
+            for name, c in found
+        ]
+        out["warning"] = (
+            f"possible leakage between splits (cosine >= {threshold:g} for near-duplicates): "
+            f"{'; '.join(parts)}. Scores on those splits may be optimistic."
+        )
     return out

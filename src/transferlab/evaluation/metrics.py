@@ -10,8 +10,13 @@ import warnings
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, log_loss,
-                             precision_recall_fscore_support)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+)
 
 HEADER = ["class", "precision", "recall", "f1-score", "support"]
 
@@ -38,8 +43,16 @@ def evaluate(y_true, y_pred, classes: list[str], proba=None) -> dict:
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are ignored, as intended
         warnings.simplefilter("ignore", UserWarning)
         out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))  # = mean recall over present
-    out["per_class"] = {classes[c]: {"index": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                     "support": int(s[i])} for i, c in enumerate(present)}
+    out["per_class"] = {
+        classes[c]: {
+            "index": c,
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
+        for i, c in enumerate(present)
+    }
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist()
     if proba is not None:
         with warnings.catch_warnings():
@@ -50,6 +63,7 @@ def evaluate(y_true, y_pred, classes: list[str], proba=None) -> dict:
 
 def report_table(metrics: dict, classes: list[str]) -> list[list[str]]:
     """The seed's table as rows of strings: header, one row per present class, accuracy, macro and weighted avg."""
+
     def fmt(*values) -> list[str]:
         return [f"{float(v):.3f}" for v in values]
 
@@ -59,7 +73,9 @@ def report_table(metrics: dict, classes: list[str]) -> list[list[str]]:
     acc, n = metrics["accuracy"], metrics["n"]
     rows.append(["accuracy", *fmt(acc, acc, acc, acc)])
     for avg in ("macro", "weighted"):
-        rows.append([f"{avg} avg", *fmt(metrics[f"{avg}_precision"], metrics[f"{avg}_recall"], metrics[f"{avg}_f1"], n)])
+        rows.append(
+            [f"{avg} avg", *fmt(metrics[f"{avg}_precision"], metrics[f"{avg}_recall"], metrics[f"{avg}_f1"], n)]
+        )
     return rows
 
 
@@ -77,13 +93,14 @@ def count_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(present, tp / support, 0.0)
         f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)  # = 2PR/(P+R), 0 if undefined
-    return {"accuracy": tp.sum(axis=1) / support.sum(axis=1),
-            "macro_f1": (f1 * present).sum(axis=1) / n_present,
-            "balanced_accuracy": recall.sum(axis=1) / n_present}
+    return {
+        "accuracy": tp.sum(axis=1) / support.sum(axis=1),
+        "macro_f1": (f1 * present).sum(axis=1) / n_present,
+        "balanced_accuracy": recall.sum(axis=1) / n_present,
+    }
 
 
-def bootstrap_ci(y_true, y_pred, n_classes: int, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> dict:
+def bootstrap_ci(y_true, y_pred, n_classes: int, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Percentile bootstrap intervals (resampling test images) for accuracy, macro-F1, balanced accuracy."""
     y_true, y_pred = _labels(y_true, n_classes, "y_true"), _labels(y_pred, n_classes, "y_pred")
     n, k = len(y_true), n_classes
@@ -115,8 +132,13 @@ def mcnemar(y_true, pred_a, pred_b) -> dict:
         p = stats.binomtest(b, b + c, 0.5, alternative="two-sided").pvalue
         return {"b": b, "c": c, "statistic": float(min(b, c)), "p_value": float(min(1.0, p)), "method": "exact"}
     statistic = max(abs(b - c) - 1, 0) ** 2 / (b + c)
-    return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(stats.chi2.sf(statistic, df=1)),
-            "method": "chi2"}
+    return {
+        "b": b,
+        "c": c,
+        "statistic": float(statistic),
+        "p_value": float(stats.chi2.sf(statistic, df=1)),
+        "method": "chi2",
+    }
 
 
 def full_proba(est, X, n_classes: int) -> np.ndarray:

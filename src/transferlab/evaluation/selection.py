@@ -26,13 +26,26 @@ def select_method(valid: dict[str, dict], metric: str = "macro_f1") -> dict:
     if not valid:
         raise ValueError("no method has validation scores to select on")
     ranking = sorted(valid, key=lambda n: rank_key(valid[n], metric), reverse=True)  # stable: order breaks ties
-    return {"method": ranking[0], "metric": metric,
-            "valid": {m: valid[ranking[0]][m] for m in METRICS},
-            "ranking": [[n, valid[n][metric]] for n in ranking]}
+    return {
+        "method": ranking[0],
+        "metric": metric,
+        "valid": {m: valid[ranking[0]][m] for m in METRICS},
+        "ranking": [[n, valid[n][metric]] for n in ranking],
+    }
 
 
-def data_efficiency(estimator, X_train, y_train, X_valid, y_valid, *, metric: str = "macro_f1", seed: int = 0,
-                    ks=DATA_EFFICIENCY_KS, repeats: int = 3) -> dict:
+def data_efficiency(
+    estimator,
+    X_train,
+    y_train,
+    X_valid,
+    y_valid,
+    *,
+    metric: str = "macro_f1",
+    seed: int = 0,
+    ks=DATA_EFFICIENCY_KS,
+    repeats: int = 3,
+) -> dict:
     """Validation `metric` when the head (its chosen hyperparameters fixed) trains on k images per class.
 
     Each class contributes min(k, its count) images, sampled with `seed`; points whose sample is not the
@@ -46,8 +59,11 @@ def data_efficiency(estimator, X_train, y_train, X_valid, y_valid, *, metric: st
     points = []
     with threadpool_limits(1):
         for k in ks:
-            points.append(_efficiency_point(base, X_train, y_train, X_valid, y_valid, classes, counts, k,
-                                            k >= cap, metric, seed, repeats))
+            points.append(
+                _efficiency_point(
+                    base, X_train, y_train, X_valid, y_valid, classes, counts, k, k >= cap, metric, seed, repeats
+                )
+            )
     return {"metric": metric, "seed": seed, "repeats": repeats, "params": _scalar_params(base), "points": points}
 
 
@@ -63,9 +79,14 @@ def _efficiency_point(base, X_train, y_train, X_valid, y_valid, classes, counts,
             scores.append(score(y_valid, model.predict(X_valid))[metric])
         except ValueError as exc:  # e.g. more neighbours than images at k=1
             errors.append(str(exc))
-    return {"k": k, "n_train": int(np.minimum(counts, k).sum()),
-            "score": float(np.mean(scores)) if scores else None, "scores": scores,
-            "seconds": time.perf_counter() - t0, **({"error": errors[0]} if errors else {})}
+    return {
+        "k": k,
+        "n_train": int(np.minimum(counts, k).sum()),
+        "score": float(np.mean(scores)) if scores else None,
+        "scores": scores,
+        "seconds": time.perf_counter() - t0,
+        **({"error": errors[0]} if errors else {}),
+    }
 
 
 def _scalar_params(est) -> dict:

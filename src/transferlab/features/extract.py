@@ -22,12 +22,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.hashing import content_hash
+from ..data.images import ImageError, load_rgb
 from . import distributed
 from . import runtime as ort_runtime
 from .backbones import Backbone
-from ..data.hashing import content_hash
 from .cache import FeatureCache, default_cache_dir
-from ..data.images import ImageError, load_rgb
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEWS = ("plain", "hflip")
@@ -101,7 +101,9 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
         return "torch"
     if device.type != "cpu":
         if runtime == "onnxruntime":
-            raise ValueError(f"--runtime onnxruntime runs on the CPU, not {device.type}; use --device cpu or --runtime auto")
+            raise ValueError(
+                f"--runtime onnxruntime runs on the CPU, not {device.type}; use --device cpu or --runtime auto"
+            )
         return "torch"
     if precision in ("bf16", "fp16"):
         if runtime == "onnxruntime":
@@ -115,6 +117,7 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
 @dataclass
 class Plan:
     """How features are computed: runtime, precision, the feature cache key, and the exported graph (ORT)."""
+
     runtime: str
     precision: str
     key: str
@@ -124,15 +127,20 @@ class Plan:
         if self.prepared is None:
             return {}
         meta = self.prepared.meta
-        return {"parity_max_abs": meta["parity"], "tolerance": meta["tolerance"], "versions": meta["versions"],
-                "shares_torch_fp32_key": self.prepared.shares_key}
+        return {
+            "parity_max_abs": meta["parity"],
+            "tolerance": meta["tolerance"],
+            "versions": meta["versions"],
+            "shares_torch_fp32_key": self.prepared.shares_key,
+        }
 
 
 _WARNED: set[str] = set()
 
 
-def plan_features(backbone: Backbone, cache_dir, runtime: str, device: torch.device, precision: str,
-                  view: str = "plain") -> Plan:
+def plan_features(
+    backbone: Backbone, cache_dir, runtime: str, device: torch.device, precision: str, view: str = "plain"
+) -> Plan:
     """Resolve runtime and precision and the cache key. ONNX Runtime features share torch fp32's key when
     their parity (max abs difference on a fixed probe batch, checked when the graph is built) is within the
     tolerance; otherwise the runtime is part of the key. Any ONNX Runtime failure -> torch, said once."""
@@ -142,8 +150,12 @@ def plan_features(backbone: Backbone, cache_dir, runtime: str, device: torch.dev
         graph_key = backbone.cache_key("fp32", "plain")  # the graph does not depend on the view
         try:
             prepared = ort_runtime.prepare(backbone.model, backbone.input_size, folder, graph_key)
-            return Plan("onnxruntime", "fp32", backbone.cache_key("fp32", view, "torch" if prepared.shares_key
-                                                                  else "onnxruntime"), prepared)
+            return Plan(
+                "onnxruntime",
+                "fp32",
+                backbone.cache_key("fp32", view, "torch" if prepared.shares_key else "onnxruntime"),
+                prepared,
+            )
         except ort_runtime.RuntimeUnavailable as exc:
             said = str(folder / graph_key)
             if said not in _WARNED:
@@ -199,10 +211,22 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
         return model(x).float().cpu()
 
 
-def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, precision: str = "auto",
-                     device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                     chunk_size: int = 512, view: str = "plain", progress: bool = True,
-                     strict: bool = False, description: str = "features", runtime: str = "auto") -> Extraction:
+def extract_features(
+    paths: list[str],
+    backbone: Backbone,
+    *,
+    cache_dir=None,
+    precision: str = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    chunk_size: int = 512,
+    view: str = "plain",
+    progress: bool = True,
+    strict: bool = False,
+    description: str = "features",
+    runtime: str = "auto",
+) -> Extraction:
     """Features for `paths` (in order, unreadable ones skipped), computing only what the cache lacks.
 
     `batch_size` None: per runtime (ONNX Runtime lanes ORT_BATCH_SIZE each, torch TORCH_BATCH_SIZE)."""
@@ -214,8 +238,9 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     plan = plan_features(backbone, cache_dir, runtime, dev, precision, view)
     prec = plan.precision
     runtime_key = "torch" if plan.runtime == "torch" or plan.prepared.shares_key else "onnxruntime"
-    cache = FeatureCache(cache_dir, plan.key,
-                         meta={**backbone.describe(), **backbone.cache_inputs(prec, view, runtime_key)})
+    cache = FeatureCache(
+        cache_dir, plan.key, meta={**backbone.describe(), **backbone.cache_inputs(prec, view, runtime_key)}
+    )
     if batch_size is None:
         batch_size = ort_runtime.ORT_BATCH_SIZE if plan.runtime == "onnxruntime" else TORCH_BATCH_SIZE
 
@@ -237,9 +262,22 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     todo = distributed.agree(todo)
     mine = distributed.shard(list(todo.items()))
     if mine:
-        _compute(cache, mine, backbone, dev, prec, batch_size,
-                 default_workers(dev) if num_workers is None else num_workers, chunk_size, view,
-                 progress and distributed.is_main(), strict, skipped, description, plan)
+        _compute(
+            cache,
+            mine,
+            backbone,
+            dev,
+            prec,
+            batch_size,
+            default_workers(dev) if num_workers is None else num_workers,
+            chunk_size,
+            view,
+            progress and distributed.is_main(),
+            strict,
+            skipped,
+            description,
+            plan,
+        )
         cache.note_runtime(plan.runtime, {"precision": prec, **plan.describe()})
     distributed.gather_cache(cache, [k for k, p in mine if p not in skipped], skipped)
     failed = {keys[p]: r for p, r in skipped.items() if p in keys}  # e.g. several zero-byte files: one hash
@@ -249,22 +287,38 @@ def extract_features(paths: list[str], backbone: Backbone, *, cache_dir=None, pr
     got = cache.get_many(dict.fromkeys(keys[p] for p in kept))  # held already: found above or computed here
     lost = [p for p in kept if keys[p] not in got]
     if lost:  # only if a chunk another process wrote turned out corrupt after it was exchanged
-        raise ExtractionError(f"features of {len(lost)} images (e.g. {lost[0]}) vanished from the cache during "
-                              f"this run; rerun to compute them")
+        raise ExtractionError(
+            f"features of {len(lost)} images (e.g. {lost[0]}) vanished from the cache during "
+            f"this run; rerun to compute them"
+        )
     cold = float(sum(cache.compute_seconds(k) for k in got))
     feats = np.stack([got[keys[p]] for p in kept]) if kept else np.zeros((0, backbone.num_features), np.float32)
-    return Extraction(features=feats, paths=kept,
-                      skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
-                      seconds=time.perf_counter() - start, computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
-                      from_cache=from_cache, precision=prec, device=str(dev), cold_seconds=cold, runtime=plan.runtime)
+    return Extraction(
+        features=feats,
+        paths=kept,
+        skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
+        seconds=time.perf_counter() - start,
+        computed=len(todo) - sum(1 for p in todo.values() if p in skipped),
+        from_cache=from_cache,
+        precision=prec,
+        device=str(dev),
+        cold_seconds=cold,
+        runtime=plan.runtime,
+    )
 
 
 def _torch_batches(paths, backbone, dev, prec, batch_size, num_workers, view):
     """(features as numpy or None, ok indices, failed) per batch: DataLoader workers decode, torch runs."""
     model = backbone.model.to(dev).to(memory_format=torch.channels_last).eval()
-    loader = DataLoader(ImageFiles(paths, backbone.transform(), view), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    loader = DataLoader(
+        ImageFiles(paths, backbone.transform(), view),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
     for x, idx, failed in loader:
         yield (forward_features(model, x, dev, prec).numpy() if x is not None else None), idx, failed
 
@@ -277,12 +331,27 @@ def _ort_batches(paths, backbone, prepared, batch_size, view):
     session = prepared.session(threads=1)
     files = ImageFiles(paths, backbone.transform(), view)
     with ort_runtime.cpu_threads(1):
-        yield from ort_runtime.ort_batches(len(paths), lambda idx: collate([files[i] for i in idx]), session,
-                                           batch_size, lanes)
+        yield from ort_runtime.ort_batches(
+            len(paths), lambda idx: collate([files[i] for i in idx]), session, batch_size, lanes
+        )
 
 
-def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_size, view, progress, strict,
-             skipped, description, plan=None):
+def _compute(
+    cache,
+    todo,
+    backbone,
+    dev,
+    prec,
+    batch_size,
+    num_workers,
+    chunk_size,
+    view,
+    progress,
+    strict,
+    skipped,
+    description,
+    plan=None,
+):
     todo_keys = [k for k, _ in todo]
     todo_paths = [p for _, p in todo]
     if plan is not None and plan.runtime == "onnxruntime":
@@ -302,8 +371,13 @@ def _compute(cache, todo, backbone, dev, prec, batch_size, num_workers, chunk_si
             pending_keys.clear()
             pending.clear()
 
-    columns = [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()]
+    columns = [
+        TextColumn(f"[bold]{description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeRemainingColumn(),
+    ]
     t0 = time.perf_counter()
     done = 0
     with Progress(*columns, disable=not progress, transient=False) as bar:

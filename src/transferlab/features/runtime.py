@@ -54,11 +54,13 @@ def cores() -> int:
 def cpu_threads(n: int):
     """Limit torch's intra-op threads and BLAS/OpenMP pools (threadpoolctl) to `n` for the block, restored after."""
     import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
         try:
             from threadpoolctl import threadpool_limits
+
             limits = threadpool_limits(limits=max(1, n))
         except Exception:  # threadpoolctl missing or a pool it cannot control: torch's limit still holds
             limits = contextlib.nullcontext()
@@ -74,6 +76,7 @@ def export_backbone_onnx(model, input_size, path, opset: int = ONNX_OPSET) -> Pa
     `features` float32 (batch, d), batch axis dynamic. Written to a temporary file beside `path` and renamed, so
     a killed run never leaves a half graph. Raises RuntimeUnavailable with the reason on any failure."""
     import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -83,9 +86,16 @@ def export_backbone_onnx(model, input_size, path, opset: int = ONNX_OPSET) -> Pa
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             # The TorchScript exporter (dynamo=False) needs no onnxscript and handles timm's models.
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.zeros(1, 3, h, w),), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=["features"],
-                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (torch.zeros(1, 3, h, w),),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["features"],
+                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +117,7 @@ class OrtBackbone:
 
     def __init__(self, path, threads: int = 1):
         import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -118,8 +129,9 @@ class OrtBackbone:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise RuntimeUnavailable(f"ONNX Runtime cannot load {Path(path).name} ({type(exc).__name__}: "
-                                     f"{str(exc)[:300]})") from None
+            raise RuntimeUnavailable(
+                f"ONNX Runtime cannot load {Path(path).name} ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
         self.path, self.threads = Path(path), so.intra_op_num_threads
         self.input_name = self.session.get_inputs()[0].name
 
@@ -147,6 +159,7 @@ def parity(model, session: OrtBackbone, input_size, n: int = 4, seed: int = 0) -
     """Max |torch fp32 - ORT| over the features of a fixed, seeded probe batch (N(0,1) pixels, as after
     Normalize)."""
     import torch
+
     h, w = input_size
     x = np.random.default_rng(seed).standard_normal((n, 3, h, w)).astype(np.float32)
     with torch.inference_mode():
@@ -157,6 +170,7 @@ def parity(model, session: OrtBackbone, input_size, n: int = 4, seed: int = 0) -
 def versions() -> dict:
     import onnxruntime
     import torch
+
     return {"onnxruntime": onnxruntime.__version__, "torch": str(torch.__version__)}
 
 
@@ -208,11 +222,19 @@ def _prepare(model, input_size, folder: Path, key: str, tolerance: float) -> Pre
     if fresh:
         t0 = time.perf_counter()
         export_backbone_onnx(model, input_size, onnx_path)
-        meta = {"input_size": list(input_size), "opset": ONNX_OPSET, "export_seconds": round(time.perf_counter() - t0, 2)}
+        meta = {
+            "input_size": list(input_size),
+            "opset": ONNX_OPSET,
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
     if fresh or meta.get("versions") != versions() or meta.get("tolerance") != tolerance or "parity" not in meta:
         session = session_for(onnx_path, 1)
-        meta.update(parity=parity(model, session, input_size), tolerance=tolerance, versions=versions(),
-                    probe={"images": 4, "seed": 0, "pixels": "N(0,1), as after Normalize"})
+        meta.update(
+            parity=parity(model, session, input_size),
+            tolerance=tolerance,
+            versions=versions(),
+            probe={"images": 4, "seed": 0, "pixels": "N(0,1), as after Normalize"},
+        )
         tmp = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)
@@ -228,6 +250,7 @@ def ort_batches(n: int, make_batch, session: OrtBackbone, batch_size: int, worke
     so memory stays flat. Use a session with 1 intra-op thread and hold the caller's threads at 1
     (`cpu_threads(1)`), so busy threads never exceed `workers`.
     """
+
     def one(start):
         x, ok, failed = make_batch(range(start, min(start + batch_size, n)))
         return (session(x) if x is not None else None), ok, failed

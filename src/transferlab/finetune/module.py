@@ -11,7 +11,6 @@ the whole image, so wide boats stay wide; horizontal flip; colour jitter. Evalua
 backbone's plain transform.
 """
 
-
 from __future__ import annotations
 
 import importlib.util
@@ -29,22 +28,32 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..data.images import load_rgb
+from ..evaluation.metrics import evaluate
 from ..features import distributed
 from ..features.backbones import Backbone
-from ..evaluation.metrics import evaluate
 from ..features.extract import resolve_precision
-from ..data.images import load_rgb
 
 AUGMENTATIONS = ("crop", "flip", "color")
 SCHEDULES = ("cosine", "onecycle", "constant")
 BN_MODES = ("train", "frozen")
 MONITORS = {"val_macro_f1": "max", "val_loss": "min", "val_acc": "max"}
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_macro_f1", "lr",
-                "train_seconds", "images_per_second")
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "valid_loss",
+    "valid_acc",
+    "valid_macro_f1",
+    "lr",
+    "train_seconds",
+    "images_per_second",
+)
 
 
 # ---------------------------------------------------------------- stages, freezing, BatchNorm
+
 
 def stage_groups(model: nn.Module) -> dict[str, int]:
     """Parameter and buffer name -> stage index (0 = stem), from timm's coarse group matcher.
@@ -55,6 +64,7 @@ def stage_groups(model: nn.Module) -> dict[str, int]:
     if not hasattr(model, "group_matcher"):
         return {n: 0 for n in names}
     from timm.models._manipulate import group_with_matcher
+
     groups = group_with_matcher(((n, None) for n in names), model.group_matcher(coarse=True))
     return {n: stage for stage, members in groups.items() for n in members}
 
@@ -82,6 +92,7 @@ def module_stage(name: str, module: nn.Module, stage_of: dict[str, int]) -> int 
 
 # ---------------------------------------------------------------- data
 
+
 class AspectRandomResizedCrop(T.RandomResizedCrop):
     """RandomResizedCrop whose aspect-ratio range is relative to each image's own aspect ratio.
 
@@ -105,20 +116,25 @@ def parse_augment(text) -> tuple[str, ...]:
     parts = tuple(p.strip().lower() for p in str(text).split(",") if p.strip())
     unknown = [p for p in parts if p not in AUGMENTATIONS]
     if unknown:
-        raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)} or none")
+        raise ValueError(
+            f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)} or none"
+        )
     return parts
 
 
-def train_transform(backbone: Backbone, augment="crop,flip,color", crop_scale: float = 0.5,
-                    color_jitter: float = 0.2):
+def train_transform(backbone: Backbone, augment="crop,flip,color", crop_scale: float = 0.5, color_jitter: float = 0.2):
     """Training-time transform; with no augmentation it is the backbone's evaluation transform."""
     parts = parse_augment(augment)
     if not parts:
         return backbone.transform()
     from timm.data.transforms import str_to_interp_mode
+
     interp = str_to_interp_mode(backbone.interpolation)
-    steps = [AspectRandomResizedCrop(backbone.input_size, scale=(crop_scale, 1.0), interpolation=interp)
-             if "crop" in parts else T.Resize(backbone.input_size, interpolation=interp, antialias=True)]
+    steps = [
+        AspectRandomResizedCrop(backbone.input_size, scale=(crop_scale, 1.0), interpolation=interp)
+        if "crop" in parts
+        else T.Resize(backbone.input_size, interpolation=interp, antialias=True)
+    ]
     if "flip" in parts:
         steps.append(T.RandomHorizontalFlip())
     if "color" in parts and color_jitter > 0:
@@ -142,8 +158,10 @@ class LabelledImages(Dataset):
 
 # ---------------------------------------------------------------- the LightningModule
 
+
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.01):
     """Multiplier of each group's base lr at optimizer step s: linear warmup, then cosine or constant."""
+
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -151,16 +169,29 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: flo
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
 class FineTuneModule(pl.LightningModule):
     """A timm backbone (pooled features) + a linear head, trained with frozen/unfrozen stages."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, *, unfreeze="all", lr: float = 5e-4,
-                 layer_decay: float = 0.75, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
-                 schedule: str = "cosine", bn: str = "train", label_smoothing: float = 0.0,
-                 class_weight: torch.Tensor | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Linear,
+        *,
+        unfreeze="all",
+        lr: float = 5e-4,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        schedule: str = "cosine",
+        bn: str = "train",
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        meta: dict | None = None,
+    ):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
@@ -179,8 +210,11 @@ class FineTuneModule(pl.LightningModule):
             p.requires_grad_(self.stage_of.get(name, self.n_stages - 1) >= self.first_trained)
         head.requires_grad_(True)
         self.frozen_bn = sorted(
-            name for name, m in backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and (bn == "frozen" or (module_stage(name, m, self.stage_of) or 0) < self.first_trained))
+            name
+            for name, m in backbone.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (bn == "frozen" or (module_stage(name, m, self.stage_of) or 0) < self.first_trained)
+        )
         self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
         self._val: list[tuple[torch.Tensor, ...]] = []
         self._pending: dict | None = None
@@ -209,10 +243,15 @@ class FineTuneModule(pl.LightningModule):
             if not p.requires_grad:
                 continue
             decay = p.ndim > 1
-            g = groups.setdefault((stage, decay), {
-                "params": [], "name": f"{'head' if stage == self.n_stages else f'stage{stage}'}{'' if decay else '_no_decay'}",
-                "lr": self.lr * self.layer_decay ** (self.n_stages - stage),
-                "weight_decay": self.weight_decay if decay else 0.0})
+            g = groups.setdefault(
+                (stage, decay),
+                {
+                    "params": [],
+                    "name": f"{'head' if stage == self.n_stages else f'stage{stage}'}{'' if decay else '_no_decay'}",
+                    "lr": self.lr * self.layer_decay ** (self.n_stages - stage),
+                    "weight_decay": self.weight_decay if decay else 0.0,
+                },
+            )
             g["params"].append(p)
         return [groups[k] for k in sorted(groups)]
 
@@ -223,9 +262,13 @@ class FineTuneModule(pl.LightningModule):
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
         warmup = min(total - 1, int(round(self.warmup_epochs * per_epoch)))
         if self.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-                                                        pct_start=max(0.01, min(0.5, warmup / total)) if warmup else 0.3,
-                                                        cycle_momentum=False)
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=total,
+                pct_start=max(0.01, min(0.5, warmup / total)) if warmup else 0.3,
+                cycle_momentum=False,
+            )
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.schedule, total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -241,8 +284,13 @@ class FineTuneModule(pl.LightningModule):
         x, y, _ = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
-        self._sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+        self._sums += torch.stack(
+            [
+                loss.detach().double() * len(y),
+                (logits.argmax(1) == y).sum().double(),
+                torch.tensor(len(y), dtype=torch.float64, device=self.device),
+            ]
+        )
         self._lrs.append(self.trainer.optimizers[0].param_groups[-1]["lr"])
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -254,9 +302,14 @@ class FineTuneModule(pl.LightningModule):
         seconds = self._train_seconds or (time.perf_counter() - self._epoch_start)
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
         n = max(1.0, float(sums[2]))
-        self._pending = {"epoch": self.current_epoch + 1, "train_loss": float(sums[0]) / n,
-                         "train_acc": float(sums[1]) / n, "lr": float(np.mean(self._lrs)) if self._lrs else math.nan,
-                         "train_seconds": seconds, "images_per_second": float(sums[2]) / seconds if seconds > 0 else math.nan}
+        self._pending = {
+            "epoch": self.current_epoch + 1,
+            "train_loss": float(sums[0]) / n,
+            "train_acc": float(sums[1]) / n,
+            "lr": float(np.mean(self._lrs)) if self._lrs else math.nan,
+            "train_seconds": seconds,
+            "images_per_second": float(sums[2]) / seconds if seconds > 0 else math.nan,
+        }
 
     def _append_row(self, valid: dict) -> None:
         row = {**self._pending, **valid}
@@ -315,9 +368,11 @@ class FineTuneModule(pl.LightningModule):
 def rng_states() -> dict:
     """torch, CUDA, NumPy and Python random states, as tensors and plain values (loadable with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    out = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                      int(has_gauss), float(gauss)],
-           "python": list(random.getstate())}
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -335,8 +390,10 @@ def set_rng_states(states: dict) -> None:
 
 # ---------------------------------------------------------------- the estimator
 
+
 def loggers(out_dir: Path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
     loggers = [CSVLogger(save_dir=str(out_dir), name="logs")]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(save_dir=str(out_dir), name="tensorboard"))

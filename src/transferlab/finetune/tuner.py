@@ -28,14 +28,22 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.images import ImageError
+from ..evaluation.metrics import evaluate, full_proba
 from ..features import distributed
 from ..features.backbones import Backbone, load_backbone
-from ..evaluation.metrics import evaluate, full_proba
-from ..features.extract import ImageFiles, collate, default_workers, extract_features, forward_features, resolve_device, resolve_precision
+from ..features.extract import (
+    ImageFiles,
+    collate,
+    default_workers,
+    extract_features,
+    forward_features,
+    resolve_device,
+    resolve_precision,
+)
 from ..heads.seed import SoftmaxHead, balanced_weights
 from ..report.layout import method_dir
-from ..data.images import ImageError
-from .module import FineTuneModule, LabelledImages, MONITORS, lightning_precision, loggers, train_transform
+from .module import MONITORS, FineTuneModule, LabelledImages, lightning_precision, loggers, train_transform
 
 
 class FineTuner(ClassifierMixin, BaseEstimator):
@@ -48,16 +56,41 @@ class FineTuner(ClassifierMixin, BaseEstimator):
     `stage2_seconds_`, `images_per_second_` (training throughput over all processes).
     """
 
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str | None = None, input_size=None,
-                 unfreeze="all", epochs: int = 10, lr: float = 5e-4, layer_decay: float = 0.75,
-                 weight_decay: float = 0.05, warmup_epochs: float = 1.0, schedule: str = "cosine",
-                 batch_size: int = 32, accumulate: int = 1, augment: str = "crop,flip,color",
-                 crop_scale: float = 0.5, color_jitter: float = 0.2, bn: str = "train", label_smoothing: float = 0.0,
-                 class_weight: str | None = None, patience: int = 5, monitor: str = "val_macro_f1",
-                 head_epochs: int = 50, precision: str = "auto", device: str = "auto", devices="1",
-                 num_nodes: int = 1, strategy: str = "auto", num_workers: int | None = None,
-                 cache_dir: str | None = None, out_dir: str = "runs/finetune", resume: bool = False,
-                 progress: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str | None = None,
+        input_size=None,
+        unfreeze="all",
+        epochs: int = 10,
+        lr: float = 5e-4,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        schedule: str = "cosine",
+        batch_size: int = 32,
+        accumulate: int = 1,
+        augment: str = "crop,flip,color",
+        crop_scale: float = 0.5,
+        color_jitter: float = 0.2,
+        bn: str = "train",
+        label_smoothing: float = 0.0,
+        class_weight: str | None = None,
+        patience: int = 5,
+        monitor: str = "val_macro_f1",
+        head_epochs: int = 50,
+        precision: str = "auto",
+        device: str = "auto",
+        devices="1",
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        num_workers: int | None = None,
+        cache_dir: str | None = None,
+        out_dir: str = "runs/finetune",
+        resume: bool = False,
+        progress: bool = True,
+        seed: int = 0,
+    ):
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -94,11 +127,18 @@ class FineTuner(ClassifierMixin, BaseEstimator):
     # -- stage 1
     def _stage1(self, bb: Backbone, paths, y_idx, valid, features):
         if features is None:
-            ex = extract_features(list(paths) + list(valid[0] if valid else []), bb, cache_dir=self.cache_dir,
-                                  precision=self.precision, device=self.device, num_workers=self.num_workers,
-                                  progress=self.progress and distributed.is_main(), strict=True)
+            ex = extract_features(
+                list(paths) + list(valid[0] if valid else []),
+                bb,
+                cache_dir=self.cache_dir,
+                precision=self.precision,
+                device=self.device,
+                num_workers=self.num_workers,
+                progress=self.progress and distributed.is_main(),
+                strict=True,
+            )
             X = ex.features
-            features = (X[:len(paths)], X[len(paths):])
+            features = (X[: len(paths)], X[len(paths) :])
         Xtr, Xva = features
         eval_set = (Xva, valid[1]) if valid is not None and len(valid[1]) else None
         return SoftmaxHead(epochs=self.head_epochs, seed=self.seed).fit(Xtr, self.classes_[y_idx], eval_set=eval_set)
@@ -129,13 +169,24 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(self.head_.coef_))
             head.bias.copy_(torch.from_numpy(self.head_.intercept_))
-        weight = (torch.tensor(balanced_weights(y_idx, k), dtype=torch.float32)
-                  if self.class_weight == "balanced" else None)
+        weight = (
+            torch.tensor(balanced_weights(y_idx, k), dtype=torch.float32) if self.class_weight == "balanced" else None
+        )
         meta = {"classes": self.classes_.tolist(), "backbone": bb.describe()}
-        module = FineTuneModule(copy.deepcopy(bb.model).train().requires_grad_(True), head, unfreeze=self.unfreeze,
-                                lr=self.lr, layer_decay=self.layer_decay, weight_decay=self.weight_decay,
-                                warmup_epochs=self.warmup_epochs, schedule=self.schedule, bn=self.bn,
-                                label_smoothing=self.label_smoothing, class_weight=weight, meta=meta)
+        module = FineTuneModule(
+            copy.deepcopy(bb.model).train().requires_grad_(True),
+            head,
+            unfreeze=self.unfreeze,
+            lr=self.lr,
+            layer_decay=self.layer_decay,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            schedule=self.schedule,
+            bn=self.bn,
+            label_smoothing=self.label_smoothing,
+            class_weight=weight,
+            meta=meta,
+        )
         module.train()
 
         dev = resolve_device(self.device)
@@ -143,8 +194,13 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         loader = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=dev.type == "cuda")
         train_ds = LabelledImages(paths, y_idx, train_transform(bb, self.augment, self.crop_scale, self.color_jitter))
         per_process = math.ceil(len(train_ds) / self._processes())
-        train_dl = DataLoader(train_ds, batch_size=self.batch_size, shuffle=True,  # no lone last image (BatchNorm)
-                              drop_last=per_process > self.batch_size and per_process % self.batch_size == 1, **loader)
+        train_dl = DataLoader(
+            train_ds,
+            batch_size=self.batch_size,
+            shuffle=True,  # no lone last image (BatchNorm)
+            drop_last=per_process > self.batch_size and per_process % self.batch_size == 1,
+            **loader,
+        )
         val_dl = None
         if has_valid:
             val_ds = LabelledImages(valid[0], np.searchsorted(self.classes_, valid[1]), bb.transform())
@@ -157,7 +213,7 @@ class FineTuner(ClassifierMixin, BaseEstimator):
             warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # inside Lightning
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-            warnings.filterwarnings("ignore", message=".*ckpt_path=\"last\" is set, but there is no last checkpoint.*")
+            warnings.filterwarnings("ignore", message='.*ckpt_path="last" is set, but there is no last checkpoint.*')
             trainer.fit(module, train_dl, val_dl, ckpt_path="last" if self.resume else None)
 
         self.best_checkpoint_ = best_cb.best_model_path
@@ -189,6 +245,7 @@ class FineTuner(ClassifierMixin, BaseEstimator):
 
     def _trainer(self, dev: torch.device, has_valid: bool, callbacks: list, batches: int):
         from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
         out = Path(self.out_dir)
         ckpt_dir = out / "checkpoints"
         if not self.resume and distributed.is_main():  # a fresh run never resumes from stale files
@@ -199,21 +256,42 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         if monitor is not None and monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got '{monitor}'")
         # last.ckpt after every epoch (what --resume continues from); best.ckpt when the monitored metric improves
-        last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-        best = (ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=MONITORS[monitor], save_top_k=1,
-                                enable_version_counter=False) if monitor else last)
+        last = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+        )
+        best = (
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor=monitor,
+                mode=MONITORS[monitor],
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+            if monitor
+            else last
+        )
         cbs = [*{id(c): c for c in (best, last)}.values(), LearningRateMonitor(logging_interval="step"), *callbacks]
         if monitor is not None and self.patience and self.patience > 0:
             cbs.append(EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=self.patience))
         accelerator, index = distributed.lightning_accelerator(self.device)
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=index or distributed.parse_devices(self.devices),
+            accelerator=accelerator,
+            devices=index or distributed.parse_devices(self.devices),
             num_nodes=int(self.num_nodes),
-            strategy="ddp" if self.strategy == "auto" and self._processes() > 1 else self.strategy, precision=lightning_precision(self.precision, dev),
-            max_epochs=int(self.epochs), accumulate_grad_batches=int(self.accumulate), callbacks=cbs,
-            logger=loggers(out), default_root_dir=str(out), enable_progress_bar=bool(self.progress),
-            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=max(1, min(50, batches // max(1, int(self.accumulate)))),
-            use_distributed_sampler=True)
+            strategy="ddp" if self.strategy == "auto" and self._processes() > 1 else self.strategy,
+            precision=lightning_precision(self.precision, dev),
+            max_epochs=int(self.epochs),
+            accumulate_grad_batches=int(self.accumulate),
+            callbacks=cbs,
+            logger=loggers(out),
+            default_root_dir=str(out),
+            enable_progress_bar=bool(self.progress),
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=max(1, min(50, batches // max(1, int(self.accumulate)))),
+            use_distributed_sampler=True,
+        )
         return trainer, best, last
 
     # -- prediction
@@ -225,8 +303,13 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         prec = resolve_precision(self.precision, dev)
         model = self.model_.to(dev).to(memory_format=torch.channels_last).eval()
         workers = default_workers(dev) if self.num_workers is None else self.num_workers
-        loader = DataLoader(ImageFiles(paths, self.transform_, "plain"), batch_size=batch_size, num_workers=workers,
-                            collate_fn=collate, pin_memory=dev.type == "cuda")
+        loader = DataLoader(
+            ImageFiles(paths, self.transform_, "plain"),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=dev.type == "cuda",
+        )
         out = np.zeros((len(paths), len(self.classes_)), dtype=np.float32)
         for x, idx, failed in loader:
             if failed:
@@ -245,9 +328,26 @@ class FineTuner(ClassifierMixin, BaseEstimator):
 
 # ---------------------------------------------------------------- the study's `finetune` method
 
-FINETUNE_OPTIONS = ("unfreeze", "epochs", "lr", "layer_decay", "weight_decay", "warmup_epochs", "schedule",
-                    "batch_size", "accumulate", "augment", "crop_scale", "color_jitter", "bn", "label_smoothing",
-                    "class_weight", "patience", "monitor", "resume")
+FINETUNE_OPTIONS = (
+    "unfreeze",
+    "epochs",
+    "lr",
+    "layer_decay",
+    "weight_decay",
+    "warmup_epochs",
+    "schedule",
+    "batch_size",
+    "accumulate",
+    "augment",
+    "crop_scale",
+    "color_jitter",
+    "bn",
+    "label_smoothing",
+    "class_weight",
+    "patience",
+    "monitor",
+    "resume",
+)
 
 
 def make_finetuner(cfg) -> FineTuner:
@@ -256,12 +356,23 @@ def make_finetuner(cfg) -> FineTuner:
     unknown = set(opts) - set(FINETUNE_OPTIONS)
     if unknown:
         raise ValueError(f"unknown fine-tuning option(s) {', '.join(sorted(unknown))}")
-    return FineTuner(backbone=cfg.backbone, weights=cfg.weights, input_size=cfg.input_size, head_epochs=cfg.epochs,
-                     precision=cfg.precision, device=cfg.device, devices=getattr(cfg, "devices", 1),
-                     num_nodes=getattr(cfg, "num_nodes", 1), strategy=getattr(cfg, "strategy", "auto"),
-                     num_workers=cfg.num_workers, cache_dir=cfg.cache_dir,
-                     out_dir=str(method_dir(cfg.out, "finetune")),  # checkpoints and logs beside its report files
-                     progress=cfg.progress, seed=cfg.seed, **opts)
+    return FineTuner(
+        backbone=cfg.backbone,
+        weights=cfg.weights,
+        input_size=cfg.input_size,
+        head_epochs=cfg.epochs,
+        precision=cfg.precision,
+        device=cfg.device,
+        devices=getattr(cfg, "devices", 1),
+        num_nodes=getattr(cfg, "num_nodes", 1),
+        strategy=getattr(cfg, "strategy", "auto"),
+        num_workers=cfg.num_workers,
+        cache_dir=cfg.cache_dir,
+        out_dir=str(method_dir(cfg.out, "finetune")),  # checkpoints and logs beside its report files
+        progress=cfg.progress,
+        seed=cfg.seed,
+        **opts,
+    )
 
 
 def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
@@ -271,17 +382,26 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     t0 = time.perf_counter()
     est.fit(tr.paths, tr.y, valid=(va.paths, va.y), features=(tr.X, va.X), backbone=backbone)
     out = {"estimator": est, "train_seconds": time.perf_counter() - t0, "tta": False}  # predicts on plain images
-    out["train_note"] = (f"stage 1 head on cached features {est.stage1_seconds_:.1f} s; stage 2 end to end on images, "
-                         f"{est.epochs_run_} epochs, {est.images_per_second_:.1f} training images/s "
-                         f"over {distributed.world_size()} process(es)")
-    out["details"] = {"stage1_seconds": est.stage1_seconds_, "stage2_seconds": est.stage2_seconds_,
-                      "epochs_run": est.epochs_run_, "best_epoch": est.best_epoch_,
-                      "train_images_per_second": est.images_per_second_, "processes": distributed.world_size(),
-                      "best_checkpoint": est.best_checkpoint_, "last_checkpoint": est.last_checkpoint_}
+    out["train_note"] = (
+        f"stage 1 head on cached features {est.stage1_seconds_:.1f} s; stage 2 end to end on images, "
+        f"{est.epochs_run_} epochs, {est.images_per_second_:.1f} training images/s "
+        f"over {distributed.world_size()} process(es)"
+    )
+    out["details"] = {
+        "stage1_seconds": est.stage1_seconds_,
+        "stage2_seconds": est.stage2_seconds_,
+        "epochs_run": est.epochs_run_,
+        "best_epoch": est.best_epoch_,
+        "train_images_per_second": est.images_per_second_,
+        "processes": distributed.world_size(),
+        "best_checkpoint": est.best_checkpoint_,
+        "last_checkpoint": est.last_checkpoint_,
+    }
     if len(va.y):
         out["valid"] = evaluate(va.y, est.predict(va.paths), classes)
     if getattr(cfg, "cv", 0) and cfg.cv >= 2:  # selection then compares K-fold scores, like the heads'
         from ..heads.search import score
+
         t0 = time.perf_counter()
         paths, y = list(tr.paths) + list(va.paths), np.concatenate([tr.y, va.y])
         pred = cross_val_predict(cfg, paths, y, np.concatenate([tr.X, va.X]), backbone)
@@ -307,13 +427,15 @@ def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=
     OUT/methods/finetune/cv/fold<i>.
     """
     from ..heads.search import cv_folds
+
     y = np.asarray(y)
     pred = np.full(len(y), -1, dtype=y.dtype)
     for i, (a, b) in enumerate(cv_folds(y, int(cfg.cv), cfg.seed)):
         if folds is not None and i not in folds:
             continue
-        est = make_finetuner(cfg).set_params(out_dir=str(method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"),
-                                             resume=False)
+        est = make_finetuner(cfg).set_params(
+            out_dir=str(method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"), resume=False
+        )
         est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone)
         pred[b] = est.predict([paths[j] for j in b])
         for ckpt in (est.best_checkpoint_, est.last_checkpoint_):

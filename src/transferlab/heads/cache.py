@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ def _digest_arrays(h, *arrays) -> None:
         h.update(a.tobytes())
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_fingerprint(package_dir: str = str(Path(__file__).parent.parent)) -> str:
     """SHA-256 of the package's Python sources (names and contents, in sorted order)."""
     h = hashlib.sha256()
@@ -55,11 +55,20 @@ def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
     the code."""
     import sklearn
     import torch
+
     h = hashlib.sha256()
-    h.update(json.dumps({"method": name, "seed": seed, "estimator": estimator.__repr__(N_CHAR_MAX=10**9),
-                         "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
-                         "code": code_fingerprint()},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "method": name,
+                "seed": seed,
+                "estimator": estimator.__repr__(N_CHAR_MAX=10**9),
+                "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
+                "code": code_fingerprint(),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     _digest_arrays(h, *arrays)
     return h.hexdigest()[:24]
 
@@ -79,8 +88,9 @@ class HeadCache:
             meta = json.loads(meta_path.read_text())
             return load_head(meta["head"], entry), meta
         except Exception as exc:  # damaged or from an incompatible version: set aside, fit again
-            warnings.warn(f"cached head {entry} could not be loaded ({type(exc).__name__}: {exc}); "
-                          f"fitting it again", stacklevel=2)
+            warnings.warn(
+                f"cached head {entry} could not be loaded ({type(exc).__name__}: {exc}); fitting it again", stacklevel=2
+            )
             shutil.rmtree(entry, ignore_errors=True)
             return None
 

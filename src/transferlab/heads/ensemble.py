@@ -16,7 +16,6 @@ from .registry import register
 from .search import ValidationSearch, fixed, score
 from .tuned import TUNED, make_tuned
 
-
 ENSEMBLE_MEMBERS = ("svm_tuned", "logreg", "linear_svm", "softmax_tuned")
 
 
@@ -44,8 +43,14 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
     `search_seconds_`; `summary()` as a `ValidationSearch`'s, with every member's under "members".
     """
 
-    def __init__(self, members: tuple = ENSEMBLE_MEMBERS, seed: int = 0, epochs: int = 50,
-                 scoring: str = "macro_f1", flip_train: bool = False):
+    def __init__(
+        self,
+        members: tuple = ENSEMBLE_MEMBERS,
+        seed: int = 0,
+        epochs: int = 50,
+        scoring: str = "macro_f1",
+        flip_train: bool = False,
+    ):
         self.members = members
         self.seed = seed
         self.epochs = epochs
@@ -58,8 +63,19 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
             if isinstance(m, str):
                 if m not in TUNED:
                     raise ValueError(f"ensemble member '{m}' is not a tuned head (known: {', '.join(TUNED)})")
-                out.append((m, make_tuned(m, seed=self.seed, epochs=self.epochs, scoring=self.scoring, cv=0,
-                                          flip_train=self.flip_train)))
+                out.append(
+                    (
+                        m,
+                        make_tuned(
+                            m,
+                            seed=self.seed,
+                            epochs=self.epochs,
+                            scoring=self.scoring,
+                            cv=0,
+                            flip_train=self.flip_train,
+                        ),
+                    )
+                )
             else:
                 name, est = m
                 out.append((str(name), clone(est)))
@@ -76,25 +92,36 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
         members = self._build()
         fitted = []
         for name, est in members:
-            kw = {"eval_set": eval_set} if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters \
+            kw = (
+                {"eval_set": eval_set}
+                if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters
                 else {}
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 est.fit(X, y, **kw)
             if not np.array_equal(np.asarray(est.classes_), self.classes_):
-                raise ValueError(f"ensemble member {name} learned classes {list(est.classes_)}, "
-                                 f"not {list(self.classes_)}")
+                raise ValueError(
+                    f"ensemble member {name} learned classes {list(est.classes_)}, not {list(self.classes_)}"
+                )
             if not hasattr(est, "predict_proba"):
-                raise AttributeError(f"ensemble member {name} has no predict_proba (e.g. an SVM with "
-                                     f"probability=False): the vote needs its probabilities")
+                raise AttributeError(
+                    f"ensemble member {name} has no predict_proba (e.g. an SVM with "
+                    f"probability=False): the vote needs its probabilities"
+                )
             p = est.predict_proba(X[:2])
             if p.shape != (min(2, len(X)), len(self.classes_)) or not np.allclose(p.sum(1), 1, atol=1e-4):
-                raise ValueError(f"ensemble member {name}: predict_proba gives shape {p.shape} / rows not summing "
-                                 f"to 1, expected probabilities over {len(self.classes_)} classes")
+                raise ValueError(
+                    f"ensemble member {name}: predict_proba gives shape {p.shape} / rows not summing "
+                    f"to 1, expected probabilities over {len(self.classes_)} classes"
+                )
             fitted.append(est)
         self.names_, self.members_ = [n for n, _ in members], fitted
-        self.best_params_ = {f"{n}.{k.split('__')[-1]}": v for n, m in zip(self.names_, fitted)
-                             for k, v in getattr(m, "best_params_", {}).items()}
+        self.best_params_ = {
+            f"{n}.{k.split('__')[-1]}": v
+            for n, m in zip(self.names_, fitted)
+            for k, v in getattr(m, "best_params_", {}).items()
+        }
         self.validation_ = "; ".join(sorted({getattr(m, "validation_", "fixed hyperparameters") for m in fitted}))
         has_valid = eval_set is not None and len(eval_set[1])
         self.best_valid_ = score(eval_set[1], self.predict(eval_set[0])) if has_valid else None
@@ -107,8 +134,9 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
         vote needs), unfitted; unfitted, a clone of itself (`heads.search.fixed`)."""
         if not hasattr(self, "members_"):
             return clone(self)
-        return clone(self).set_params(members=tuple((n, fixed(m, proba=True))
-                                                    for n, m in zip(self.names_, self.members_)))
+        return clone(self).set_params(
+            members=tuple((n, fixed(m, proba=True)) for n, m in zip(self.names_, self.members_))
+        )
 
     def _probas(self, X) -> np.ndarray:
         check_is_fitted(self, "members_")
@@ -116,8 +144,9 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
         for name, m in zip(self.names_, self.members_):
             p = np.asarray(m.predict_proba(X), dtype=np.float64)
             if p.shape != (len(p), len(self.classes_)):
-                raise ValueError(f"ensemble member {name}: predict_proba has {p.shape[1]} columns, "
-                                 f"expected {len(self.classes_)}")
+                raise ValueError(
+                    f"ensemble member {name}: predict_proba has {p.shape[1]} columns, expected {len(self.classes_)}"
+                )
             out.append(p)
         return np.stack(out)
 
@@ -132,17 +161,39 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
         """What the members chose (the keys of `ValidationSearch.summary`), each member's summary under "members"."""
         check_is_fitted(self, "members_")
         members = {n: m.summary() for n, m in zip(self.names_, self.members_) if hasattr(m, "summary")}
-        return {"best_params": self.best_params_, "valid": self.best_valid_, "scoring": self.scoring,
-                "validation": self.validation_, "grid_points": sum(s["grid_points"] for s in members.values()),
-                "failed": sum(s["failed"] for s in members.values()), "search_seconds": self.search_seconds_,
-                "results": [], "members": members}
+        return {
+            "best_params": self.best_params_,
+            "valid": self.best_valid_,
+            "scoring": self.scoring,
+            "validation": self.validation_,
+            "grid_points": sum(s["grid_points"] for s in members.values()),
+            "failed": sum(s["failed"] for s in members.values()),
+            "search_seconds": self.search_seconds_,
+            "results": [],
+            "members": members,
+        }
 
 
-@register("ensemble", kind="ensemble", exportable=False, class_weights=True, cost="minutes",
-          description="soft vote (mean probabilities) of the tuned heads " + ", ".join(ENSEMBLE_MEMBERS)
-                      + "; nested under --cv")
-def make_ensemble(*, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
-                  flip_train: bool = False, members: tuple = ENSEMBLE_MEMBERS, **_):
+@register(
+    "ensemble",
+    kind="ensemble",
+    exportable=False,
+    class_weights=True,
+    cost="minutes",
+    description="soft vote (mean probabilities) of the tuned heads "
+    + ", ".join(ENSEMBLE_MEMBERS)
+    + "; nested under --cv",
+)
+def make_ensemble(
+    *,
+    seed: int = 0,
+    epochs: int = 50,
+    scoring: str = "macro_f1",
+    cv: int = 0,
+    flip_train: bool = False,
+    members: tuple = ENSEMBLE_MEMBERS,
+    **_,
+):
     """The `ensemble` head: a `SoftVoteEnsemble`; with `cv` >= 2 inside a one-point `ValidationSearch`, so
     its CV score is nested (members re-tuned inside every outer fold; see `SoftVoteEnsemble`)."""
     ens = SoftVoteEnsemble(members=members, seed=seed, epochs=epochs, scoring=scoring, flip_train=flip_train)

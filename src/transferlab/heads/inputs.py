@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_array, check_consistent_length, check
 try:
     from sklearn.utils.validation import validate_data
 except ImportError:  # scikit-learn < 1.6
+
     def validate_data(estimator, /, X="no_validation", y="no_validation", reset=True, **check_params):
         return estimator._validate_data(X, y, reset=reset, **check_params)
 
@@ -46,6 +47,8 @@ def eval_set_inputs(estimator, eval_set, *, dtype="numeric", check_features: boo
     yv = column_or_1d(yv, warn=True)
     check_consistent_length(Xv, yv)
     if check_features and Xv.shape[1] != estimator.n_features_in_:
-        raise ValueError(f"eval_set X has {Xv.shape[1]} features, but {type(estimator).__name__} is fitted on "
-                         f"{estimator.n_features_in_}")
+        raise ValueError(
+            f"eval_set X has {Xv.shape[1]} features, but {type(estimator).__name__} is fitted on "
+            f"{estimator.n_features_in_}"
+        )
     return Xv, yv

@@ -33,8 +33,7 @@ def svc_probability_quiet():
     """Silence scikit-learn 1.9's FutureWarning for `SVC(probability=True)` (removed in 1.11, pinned below that)
     inside the block only: transferlab changes no warning filters of the program that imports it."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
         yield
 
 
@@ -101,8 +100,16 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
     `probability=True` adds SVC's Platt scaling for `predict_proba`; predictions are SVC's own either way.
     """
 
-    def __init__(self, C: float = 1.0, gamma_scale: float = 1.0, class_weight: str | None = "balanced",
-                 probability: bool = True, cache_size: float = 500, max_precomputed: int = 15000, seed: int = 0):
+    def __init__(
+        self,
+        C: float = 1.0,
+        gamma_scale: float = 1.0,
+        class_weight: str | None = "balanced",
+        probability: bool = True,
+        cache_size: float = 500,
+        max_precomputed: int = 15000,
+        seed: int = 0,
+    ):
         self.C = C
         self.gamma_scale = gamma_scale
         self.class_weight = class_weight
@@ -116,8 +123,13 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         var = float(X.var())
         self.gamma_ = self.gamma_scale / (X.shape[1] * var) if var > 0 else self.gamma_scale
         self.precomputed_ = len(X) <= self.max_precomputed
-        kw = dict(C=self.C, class_weight=self.class_weight, cache_size=self.cache_size, random_state=self.seed,
-                  **({"probability": True} if self.probability else {}))  # the parameter warns when given
+        kw = dict(
+            C=self.C,
+            class_weight=self.class_weight,
+            cache_size=self.cache_size,
+            random_state=self.seed,
+            **({"probability": True} if self.probability else {}),
+        )  # the parameter warns when given
         with svc_probability_quiet():
             if self.precomputed_:
                 K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
@@ -181,8 +193,9 @@ class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         if not (self.class_weight in ("balanced", None) or isinstance(self.class_weight, dict)):
-            raise ValueError(f"class_weight must be 'balanced', None or a dict of label -> weight, "
-                             f"got {self.class_weight!r}")
+            raise ValueError(
+                f"class_weight must be 'balanced', None or a dict of label -> weight, got {self.class_weight!r}"
+            )
         X, y = fit_inputs(self, X, y, dtype=np.float64)
         classes, counts = np.unique(y, return_counts=True)
         k = len(classes)

@@ -11,8 +11,8 @@ Kinds: "seed" (the seed study's fixed recipes), "tuned" (a `ValidationSearch` ov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 KINDS = ("seed", "tuned", "ensemble", "end-to-end")
 
@@ -24,6 +24,7 @@ class MethodInfo:
     `class_weights`: it counters class imbalance (balanced weights or priors); `cost`: rough fitting time on
     cached features of a few thousand images ("seconds", "minutes"; "hours" for end-to-end on a CPU);
     `in_all`: part of `--methods all`."""
+
     name: str
     kind: str
     build: Callable[..., object] | None
@@ -37,8 +38,9 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(name: str, *, kind: str, description: str, exportable: bool, class_weights: bool, cost: str,
-             in_all: bool = True):
+def register(
+    name: str, *, kind: str, description: str, exportable: bool, class_weights: bool, cost: str, in_all: bool = True
+):
     """Decorator: declare the builder of method `name` (see `MethodInfo`)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got '{kind}'")
@@ -48,12 +50,20 @@ def register(name: str, *, kind: str, description: str, exportable: bool, class_
             raise ValueError(f"method '{name}' is registered twice")
         METHODS[name] = MethodInfo(name, kind, build, description, exportable, class_weights, cost, in_all)
         return build
+
     return deco
 
 
-register("finetune", kind="end-to-end", exportable=True, class_weights=True, cost="hours", in_all=False,
-         description="end-to-end fine-tuning of the backbone's last stages with a softmax head (Lightning); "
-                     "trained on images, see transferlab.finetune")(None)
+register(
+    "finetune",
+    kind="end-to-end",
+    exportable=True,
+    class_weights=True,
+    cost="hours",
+    in_all=False,
+    description="end-to-end fine-tuning of the backbone's last stages with a softmax head (Lightning); "
+    "trained on images, see transferlab.finetune",
+)(None)
 
 
 def names(kind: str | None = None) -> list[str]:
@@ -74,15 +84,16 @@ def resolve_methods(methods) -> list[str]:
     unknown name is an error naming the known ones."""
     out: list[str] = []
     for m in methods:
-        for name in ([n for n in names() if METHODS[n].in_all] if m == "all" else (m,)):
+        for name in [n for n in names() if METHODS[n].in_all] if m == "all" else (m,):
             get(name)
             if name not in out:
                 out.append(name)
     return out
 
 
-def make_head(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
-              flip_train: bool = False):
+def make_head(
+    name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0, flip_train: bool = False
+):
     """A fresh, unfitted estimator for a method trained on cached features.
 
     `scoring`: the metric tuned heads pick their hyperparameters by; `cv` >= 2 tunes by cv-fold CV over

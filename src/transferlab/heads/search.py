@@ -43,8 +43,11 @@ def score(y_true, y_pred) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         bal = balanced_accuracy_score(y_true, y_pred)
-    return {"macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-            "accuracy": float(accuracy_score(y_true, y_pred)), "balanced_accuracy": float(bal)}
+    return {
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(bal),
+    }
 
 
 def _fit_predict(estimator, params: dict, posthoc: list[dict], X_fit, y_fit, X_score, keep: bool) -> dict:
@@ -63,6 +66,7 @@ def _fit_predict(estimator, params: dict, posthoc: list[dict], X_fit, y_fit, X_s
 def cv_folds(y, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, shuffled, seeded k-fold (train, test) indices; classes rarer than k spread as they can."""
     from sklearn.model_selection import StratifiedKFold
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
@@ -87,16 +91,17 @@ def holdout_split(y, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray
     """Indices (fit, holdout): a stratified, seeded share of each class held out (the datasets' rule). Labels
     may be of any sortable kind: classes are taken in sorted order, as `stratified_split` takes indices."""
     codes = np.unique(np.asarray(y), return_inverse=True)[1].ravel()
-    moved = stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(codes)], fraction,
-                              "holdout", seed)
+    moved = stratified_split([Sample(str(i), int(c), "fit") for i, c in enumerate(codes)], fraction, "holdout", seed)
     hold = np.array([s.split == "holdout" for s in moved])
     return np.flatnonzero(~hold), np.flatnonzero(hold)
 
 
 def _model_has(method: str):
     """For `available_if`: the chosen model has `method` (before fit: the estimator searched over has it)."""
+
     def check(self) -> bool:
         return hasattr(getattr(self, "best_estimator_", self.estimator), method)
+
     return check
 
 
@@ -116,9 +121,19 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
     `best_estimator_`, `search_seconds_`.
     """
 
-    def __init__(self, estimator, param_grid, scoring: str = "macro_f1", posthoc: tuple = (),
-                 search_params: dict | None = None, cv: int = 0, holdout: float = 0.2, n_jobs: int | None = 1,
-                 n_threads: int | None = 1, seed: int = 0):
+    def __init__(
+        self,
+        estimator,
+        param_grid,
+        scoring: str = "macro_f1",
+        posthoc: tuple = (),
+        search_params: dict | None = None,
+        cv: int = 0,
+        holdout: float = 0.2,
+        n_jobs: int | None = 1,
+        n_threads: int | None = 1,
+        seed: int = 0,
+    ):
         self.estimator = estimator
         self.param_grid = param_grid
         self.scoring = scoring
@@ -147,8 +162,10 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         fit_idx, hold_idx = holdout_split(y, self.holdout, self.seed)
         if not len(hold_idx):
             smallest = np.unique(y, return_counts=True)[1].min()
-            raise ValueError(f"no validation data: pass eval_set or give each class at least three images "
-                             f"(got n_samples={len(y)}, the smallest class has {smallest})")
+            raise ValueError(
+                f"no validation data: pass eval_set or give each class at least three images "
+                f"(got n_samples={len(y)}, the smallest class has {smallest})"
+            )
         self.validation_ = f"holdout {self.holdout:.0%} of train"
         return [(X[fit_idx], y[fit_idx], X[hold_idx], y[hold_idx])]
 
@@ -165,16 +182,23 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
             key = tuple(sorted((k, repr(v)) for k, v in point.items() if k not in self.posthoc))
             groups.setdefault(key, []).append(point)
         keep = len(folds) == 1 and not search  # the search's own model is the final one: no refit
-        tasks = [({**search, **{k: v for k, v in points[0].items() if k not in self.posthoc}},
-                  [{k: v for k, v in p.items() if k in self.posthoc} for p in points], fold)
-                 for points in groups.values() for fold in folds]
+        tasks = [
+            (
+                {**search, **{k: v for k, v in points[0].items() if k not in self.posthoc}},
+                [{k: v for k, v in p.items() if k in self.posthoc} for p in points],
+                fold,
+            )
+            for points in groups.values()
+            for fold in folds
+        ]
         small = X.nbytes < 4_000_000  # process start-up (seconds) would cost more than it saves
         done = Parallel(n_jobs=1 if small else self.n_jobs)(
             delayed(_fit_predict)(self.estimator, params, post, Xf, yf, Xs, keep)
-            for params, post, (Xf, yf, Xs, _) in tasks)
+            for params, post, (Xf, yf, Xs, _) in tasks
+        )
         self.results_, best, best_model = [], None, None
         for g, points in enumerate(groups.values()):
-            runs = done[g * len(folds):(g + 1) * len(folds)]
+            runs = done[g * len(folds) : (g + 1) * len(folds)]
             failed = next((r["error"] for r in runs if "error" in r), None)
             if failed:  # e.g. more neighbours than images
                 self.results_ += [{"params": p, "valid": None, "error": failed} for p in points]
@@ -191,8 +215,9 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         self.best_valid_ = best["valid"]
         self.best_score_ = best["valid"][self.scoring]
         if keep and self.validation_ == "validation split":
-            self.best_estimator_ = best_model.set_params(**{k: v for k, v in self.best_params_.items()
-                                                            if k in self.posthoc})
+            self.best_estimator_ = best_model.set_params(
+                **{k: v for k, v in self.best_params_.items() if k in self.posthoc}
+            )
         else:  # fold models, a holdout, or search-only settings: refit the winner on (X, y)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
@@ -222,10 +247,16 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
     def summary(self) -> dict:
         """What the search chose and from what, for metrics.json and the report."""
         check_is_fitted(self, "best_estimator_")
-        out = {"best_params": self.best_params_, "valid": self.best_valid_, "scoring": self.scoring,
-               "validation": self.validation_, "grid_points": len(self.results_),
-               "failed": sum(r["valid"] is None for r in self.results_),
-               "search_seconds": self.search_seconds_, "results": self.results_}
+        out = {
+            "best_params": self.best_params_,
+            "valid": self.best_valid_,
+            "scoring": self.scoring,
+            "validation": self.validation_,
+            "grid_points": len(self.results_),
+            "failed": sum(r["valid"] is None for r in self.results_),
+            "search_seconds": self.search_seconds_,
+            "results": self.results_,
+        }
         if hasattr(self.best_estimator_, "summary"):  # e.g. an ensemble: what its members chose (on train)
             out["inner"] = self.best_estimator_.summary()
         return out

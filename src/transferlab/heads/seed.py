@@ -25,10 +25,20 @@ from .registry import register
 from .views import ViewAugmented
 
 
-def fit_linear_softmax(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, forward=None,
-                       epochs: int = 50, lr: float = 1e-4, batch_size: int = 32, weight_decay: float = 0.0,
-                       class_weight: torch.Tensor | None = None, seed: int = 0,
-                       valid: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list[float]]:
+def fit_linear_softmax(
+    linear: nn.Linear,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    forward=None,
+    epochs: int = 50,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    weight_decay: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    seed: int = 0,
+    valid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, list[float]]:
     """Train `linear` with the seed's recipe; `forward(batch)` maps inputs to logits (default: linear).
 
     Returns the per-epoch history: epoch, train_loss, train_acc (over the epoch's mini-batches),
@@ -41,7 +51,9 @@ def fit_linear_softmax(linear: nn.Linear, inputs: torch.Tensor, targets: torch.T
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     eval_loss = nn.CrossEntropyLoss(weight=class_weight, reduction="sum")
     n = len(targets)
-    history: dict[str, list[float]] = {k: [] for k in ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr")}
+    history: dict[str, list[float]] = {
+        k: [] for k in ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr")
+    }
     for epoch in range(1, epochs + 1):
         history["lr"].append(opt.param_groups[0]["lr"])
         total_loss, correct = 0.0, 0
@@ -89,8 +101,16 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
     do, one score per image: logit(classes_[1]) - logit(classes_[0]).
     """
 
-    def __init__(self, epochs: int = 50, lr: float = 1e-4, batch_size: int = 32, weight_decay: float = 0.0,
-                 class_weight: str | dict | None = None, logit_adjust: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        epochs: int = 50,
+        lr: float = 1e-4,
+        batch_size: int = 32,
+        weight_decay: float = 0.0,
+        class_weight: str | dict | None = None,
+        logit_adjust: float = 0.0,
+        seed: int = 0,
+    ):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -108,8 +128,9 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         elif isinstance(self.class_weight, dict):
             w = np.array([float(self.class_weight.get(c, 1.0)) for c in self.classes_.tolist()])
         else:
-            raise ValueError(f"class_weight must be None, 'balanced' or a dict of label -> weight, "
-                             f"got {self.class_weight!r}")
+            raise ValueError(
+                f"class_weight must be None, 'balanced' or a dict of label -> weight, got {self.class_weight!r}"
+            )
         return torch.tensor(w, dtype=torch.float32)
 
     def fit(self, X, y, eval_set: tuple | None = None):
@@ -129,10 +150,18 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
         torch.set_num_threads(1)  # mini-batches this small lose to thread overhead (~30x slower on 2 busy cores)
         try:
             inputs = torch.from_numpy(X if X.flags.writeable else X.copy())  # torch warns on read-only arrays
-            self.history_ = fit_linear_softmax(linear, inputs, torch.from_numpy(y_idx),
-                                               epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                                               weight_decay=self.weight_decay, class_weight=weight, seed=self.seed,
-                                               valid=valid)
+            self.history_ = fit_linear_softmax(
+                linear,
+                inputs,
+                torch.from_numpy(y_idx),
+                epochs=self.epochs,
+                lr=self.lr,
+                batch_size=self.batch_size,
+                weight_decay=self.weight_decay,
+                class_weight=weight,
+                seed=self.seed,
+                valid=valid,
+            )
         finally:
             torch.set_num_threads(threads)
         self.coef_ = linear.weight.detach().numpy().copy()
@@ -186,14 +215,26 @@ def _maybe_views(est, flip_train: bool):
     return ViewAugmented(est) if flip_train else est
 
 
-@register("softmax", kind="seed", exportable=True, class_weights=False, cost="seconds",
-          description="the seed's Model 1: a linear softmax layer, Adam (lr 1e-4), mini-batches of 32, "
-                      "ReduceLROnPlateau on the training loss, 50 epochs")
+@register(
+    "softmax",
+    kind="seed",
+    exportable=True,
+    class_weights=False,
+    cost="seconds",
+    description="the seed's Model 1: a linear softmax layer, Adam (lr 1e-4), mini-batches of 32, "
+    "ReduceLROnPlateau on the training loss, 50 epochs",
+)
 def seed_softmax(*, seed: int = 0, epochs: int = 50, flip_train: bool = False, **_):
     return _maybe_views(SoftmaxHead(epochs=epochs, seed=seed), flip_train)
 
 
-@register("svm", kind="seed", exportable=False, class_weights=False, cost="seconds",
-          description="the seed's Model 2: SVC(kernel=\"rbf\") with scikit-learn's defaults")
+@register(
+    "svm",
+    kind="seed",
+    exportable=False,
+    class_weights=False,
+    cost="seconds",
+    description="the seed's Model 2: SVC(kernel=\"rbf\") with scikit-learn's defaults",
+)
 def seed_svm_method(*, seed: int = 0, flip_train: bool = False, **_):
     return _maybe_views(seed_svm(seed), flip_train)

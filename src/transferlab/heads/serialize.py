@@ -82,11 +82,13 @@ def _head_class(module: str, name: str):
     if module.split(".")[0] != "transferlab":
         raise HeadFormatError(f"head class {module}.{name} is not a transferlab head; refused")
     from sklearn.base import BaseEstimator
+
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
-        raise HeadFormatError(f"head class {module}.{name} does not exist in this transferlab version "
-                          f"({__version__})") from None
+        raise HeadFormatError(
+            f"head class {module}.{name} does not exist in this transferlab version ({__version__})"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, BaseEstimator)):
         raise HeadFormatError(f"{module}.{name} is not an estimator class; refused")
     return cls
@@ -114,28 +116,41 @@ def _trusted(types: list[str]) -> list[str]:
         trusted = isinstance(cls, type) and _under_trusted_root(getattr(cls, "__module__", None) or "")
         (ok if trusted else bad).append(t)
     if bad:
-        raise HeadFormatError(f"head.skops contains types that are not allowed: {', '.join(bad)} "
-                          f"(only classes defined in scikit-learn and transferlab load); refused")
+        raise HeadFormatError(
+            f"head.skops contains types that are not allowed: {', '.join(bad)} "
+            f"(only classes defined in scikit-learn and transferlab load); refused"
+        )
     return ok
 
 
 def save_head(estimator, directory: Path) -> dict:
     state = _array_state(estimator) if type(estimator).__module__.startswith("transferlab.") else None
-    info = {"class": type(estimator).__name__, "module": type(estimator).__module__,
-            "params": describe_params(estimator)}
+    info = {
+        "class": type(estimator).__name__,
+        "module": type(estimator).__module__,
+        "params": describe_params(estimator),
+    }
     if state is not None:
         from safetensors.numpy import save_file
+
         arrays, plain = state
         save_file(arrays, str(directory / HEAD_FILES["safetensors"]))
-        info.update(format="safetensors", file=HEAD_FILES["safetensors"], state=plain,
-                    init={k: v for k, v in estimator.get_params(deep=False).items() if _is_plain(v)})
+        info.update(
+            format="safetensors",
+            file=HEAD_FILES["safetensors"],
+            state=plain,
+            init={k: v for k, v in estimator.get_params(deep=False).items() if _is_plain(v)},
+        )
         return info
     import skops.io as sio
+
     path = directory / HEAD_FILES["skops"]
     try:
         sio.dump(estimator, path)
     except Exception as exc:
-        raise HeadFormatError(f"cannot save head {type(estimator).__name__} with skops ({type(exc).__name__}: {exc})") from None
+        raise HeadFormatError(
+            f"cannot save head {type(estimator).__name__} with skops ({type(exc).__name__}: {exc})"
+        ) from None
     _trusted(sio.get_untrusted_types(file=path))  # refuse now what load would refuse later
     info.update(format="skops", file=HEAD_FILES["skops"])
     return info
@@ -145,6 +160,7 @@ def load_head(info: dict, directory: Path):
     fmt = info.get("format")
     if fmt == "safetensors":
         from safetensors.numpy import load_file
+
         cls = _head_class(info["module"], info["class"])
         est = cls(**info.get("init", {}))
         state = {**load_file(str(directory / HEAD_FILES["safetensors"])), **info.get("state", {})}
@@ -157,6 +173,7 @@ def load_head(info: dict, directory: Path):
         return est
     if fmt == "skops":
         import skops.io as sio
+
         path = directory / HEAD_FILES["skops"]
         try:
             return sio.load(path, trusted=_trusted(sio.get_untrusted_types(file=path)))

@@ -6,9 +6,9 @@ on cached features, so tuning every head costs seconds, not backbone passes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -29,6 +29,7 @@ def _pipe(clf, features: str = "standard") -> Pipeline:
 class HeadSpec:
     """A tuned head: `build(seed, epochs)` makes the pipeline, `grid` is searched on validation. `exportable`:
     its chosen model has an exact ONNX graph (`model.export`)."""
+
     build: Callable[[int, int], Pipeline]
     grid: list[dict]
     description: str
@@ -45,50 +46,72 @@ def _softmax(seed: int, epochs: int) -> Pipeline:
 
 TUNED: dict[str, HeadSpec] = {
     "svm_tuned": HeadSpec(
-        exportable=False, cost="minutes",
+        exportable=False,
+        cost="minutes",
         build=lambda seed, epochs: _pipe(KernelSVMHead(class_weight="balanced", seed=seed)),
         grid=[{"clf__C": [1.0, 10.0, 100.0], "clf__gamma_scale": [0.125, 0.25, 0.5, 1.0]}],
         search_params={"clf__probability": False},
-        description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation"),
+        description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation",
+    ),
     "logreg": HeadSpec(
-        exportable=True, cost="minutes",
-        build=lambda seed, epochs: _pipe(LogisticRegression(class_weight="balanced", max_iter=1000,
-                                                            random_state=seed)),
+        exportable=True,
+        cost="minutes",
+        build=lambda seed, epochs: _pipe(LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed)),
         grid=[{"features__kind": ["standard", "pca_whiten"], "clf__C": [1e-3, 1e-2, 1e-1]}],
-        description="multinomial logistic regression (L-BFGS), class_weight=balanced; features x C on validation"),
+        description="multinomial logistic regression (L-BFGS), class_weight=balanced; features x C on validation",
+    ),
     "linear_svm": HeadSpec(
-        exportable=True, cost="minutes",
+        exportable=True,
+        cost="minutes",
         build=lambda seed, epochs: _pipe(LinearSVMHead(class_weight="balanced", tol=1e-2, random_state=seed)),
         grid=[{"clf__C": [1e-4, 1e-3, 1e-2]}],
         description="linear SVM (LinearSVC, one-vs-rest), standardised features, class_weight=balanced; "
-                    "C on validation"),
+        "C on validation",
+    ),
     "lda": HeadSpec(
         exportable=True,
         build=lambda seed, epochs: _pipe(ShrinkageLDAHead()),
         grid=[{"clf__class_weight": ["balanced", None]}],
         description="linear discriminant analysis, Ledoit-Wolf shrinkage of the shared covariance, standardised "
-                    "features; class priors uniform (balanced) or as in train, on validation"),
+        "features; class priors uniform (balanced) or as in train, on validation",
+    ),
     "knn": HeadSpec(
-        exportable=False, class_weights=False,
-        build=lambda seed, epochs: _pipe(KNeighborsClassifier(metric="cosine", algorithm="brute", weights="distance"),
-                                         "l2"),
+        exportable=False,
+        class_weights=False,
+        build=lambda seed, epochs: _pipe(
+            KNeighborsClassifier(metric="cosine", algorithm="brute", weights="distance"), "l2"
+        ),
         grid=[{"features__kind": ["l2", "standard"], "clf__n_neighbors": [1, 3, 5, 10, 20]}],
-        description="k nearest neighbours, cosine, distance-weighted; features x k on validation"),
+        description="k nearest neighbours, cosine, distance-weighted; features x k on validation",
+    ),
     "softmax_tuned": HeadSpec(
-        exportable=True, cost="minutes",
+        exportable=True,
+        cost="minutes",
         build=_softmax,
-        grid=[{"clf__lr": [1e-3, 1e-2], "clf__weight_decay": [0.0, 1e-4], "clf__class_weight": ["balanced"],
-               "clf__logit_adjust": [0.0]},
-              {"clf__lr": [1e-3, 1e-2], "clf__weight_decay": [0.0, 1e-4], "clf__class_weight": [None],
-               "clf__logit_adjust": [0.5, 1.0]}],
+        grid=[
+            {
+                "clf__lr": [1e-3, 1e-2],
+                "clf__weight_decay": [0.0, 1e-4],
+                "clf__class_weight": ["balanced"],
+                "clf__logit_adjust": [0.0],
+            },
+            {
+                "clf__lr": [1e-3, 1e-2],
+                "clf__weight_decay": [0.0, 1e-4],
+                "clf__class_weight": [None],
+                "clf__logit_adjust": [0.5, 1.0],
+            },
+        ],
         posthoc=("clf__logit_adjust",),
         description="softmax layer (Adam, batch 128), standardised features; lr x weight decay x "
-                    "(class_weight=balanced | logit adjustment tau) on validation"),
+        "(class_weight=balanced | logit adjustment tau) on validation",
+    ),
 }
 
 
-def make_tuned(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
-               flip_train: bool = False) -> ValidationSearch:
+def make_tuned(
+    name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0, flip_train: bool = False
+) -> ValidationSearch:
     """A tuned head; with `flip_train` its pipeline trains on plain and flipped views (`ViewAugmented`)."""
     spec = TUNED[name]
     est, grid, posthoc, search = spec.build(seed, epochs), spec.grid, spec.posthoc, dict(spec.search_params)
@@ -100,12 +123,18 @@ def make_tuned(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "ma
     return ValidationSearch(est, grid, scoring=scoring, posthoc=posthoc, search_params=search, cv=cv, seed=seed)
 
 
-def _build(name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0,
-           flip_train: bool = False, **_) -> ValidationSearch:
+def _build(
+    name: str, *, seed: int = 0, epochs: int = 50, scoring: str = "macro_f1", cv: int = 0, flip_train: bool = False, **_
+) -> ValidationSearch:
     return make_tuned(name, seed=seed, epochs=epochs, scoring=scoring, cv=cv, flip_train=flip_train)
 
 
 for _name, _spec in TUNED.items():
-    register(_name, kind="tuned", description=_spec.description, exportable=_spec.exportable,
-             class_weights=_spec.class_weights,
-             cost=_spec.cost)(partial(_build, _name))
+    register(
+        _name,
+        kind="tuned",
+        description=_spec.description,
+        exportable=_spec.exportable,
+        class_weights=_spec.class_weights,
+        cost=_spec.cost,
+    )(partial(_build, _name))

@@ -30,8 +30,10 @@ class ViewAugmented(ClassifierMixin, BaseEstimator):
     @staticmethod
     def _halves(X):
         if X.shape[1] % 2:
-            raise ValueError(f"ViewAugmented expects plain and flipped features side by side (an even number of "
-                             f"columns), got n_features={X.shape[1]}")
+            raise ValueError(
+                f"ViewAugmented expects plain and flipped features side by side (an even number of "
+                f"columns), got n_features={X.shape[1]}"
+            )
         d = X.shape[1] // 2
         return X[:, :d], X[:, d:]
 
@@ -41,9 +43,11 @@ class ViewAugmented(ClassifierMixin, BaseEstimator):
         if X.shape[1] == self.n_view_features_:  # one view, or the mean already (bundles)
             return X
         if X.shape[1] != 2 * self.n_view_features_:
-            raise ValueError(f"X has {X.shape[1]} features, but ViewAugmented is expecting "
-                             f"{2 * self.n_view_features_} features as input (plain and flipped side by side) "
-                             f"or {self.n_view_features_} (one view, or their mean)")
+            raise ValueError(
+                f"X has {X.shape[1]} features, but ViewAugmented is expecting "
+                f"{2 * self.n_view_features_} features as input (plain and flipped side by side) "
+                f"or {self.n_view_features_} (one view, or their mean)"
+            )
         a, b = self._halves(X)
         return (a + b) / 2
 

@@ -74,15 +74,20 @@ def unwrap(estimator, backbone: Backbone) -> tuple[object, Backbone, bool, dict]
     holding the Linear layer, so it predicts the same probabilities from that backbone's features.
     """
     from torch import nn
+
     notes: dict = {}
     if hasattr(estimator, "best_estimator_"):
-        summary = {"best_params": getattr(estimator, "best_params_", None), "valid": getattr(estimator, "best_valid_", None),
-                   "scoring": getattr(estimator, "scoring", None)}
+        summary = {
+            "best_params": getattr(estimator, "best_params_", None),
+            "valid": getattr(estimator, "best_valid_", None),
+            "scoring": getattr(estimator, "scoring", None),
+        }
         notes["search"] = json.loads(json.dumps(summary, default=jsonable))
         return estimator.best_estimator_, backbone, False, notes
     model = getattr(estimator, "model_", None)
     if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Linear):
         from ..heads.seed import SoftmaxHead
+
         linear = model[1]
         head = SoftmaxHead(logit_adjust=0.0)
         head.coef_ = linear.weight.detach().cpu().float().numpy().copy()
@@ -99,6 +104,7 @@ def unwrap(estimator, backbone: Backbone) -> tuple[object, Backbone, bool, dict]
 
 # ---- saving -----------------------------------------------------------------------------------------------
 
+
 def library_versions() -> dict:
     import platform
 
@@ -107,14 +113,32 @@ def library_versions() -> dict:
     import skops
     import timm
     import torch
-    return {"transferlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__, "skops": skops.__version__}
+
+    return {
+        "transferlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "skops": skops.__version__,
+    }
 
 
-def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *, method: str | None = None,
-                precision: str | None = None, tta: bool = False, fine_tuned: bool = False,
-                embed_backbone: bool | None = None, extra: dict | None = None) -> Path:
+def save_bundle(
+    directory,
+    estimator,
+    backbone: Backbone,
+    classes: list[str],
+    *,
+    method: str | None = None,
+    precision: str | None = None,
+    tta: bool = False,
+    fine_tuned: bool = False,
+    embed_backbone: bool | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write `estimator` (fitted on `backbone`'s features) and how to rebuild the backbone as a bundle folder.
 
     The backbone's weights are stored in the bundle (backbone.safetensors) when `fine_tuned`, when they are
@@ -138,21 +162,38 @@ def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *,
             head = save_head(estimator, tmp)
         except HeadFormatError as exc:
             raise BundleError(str(exc)) from None
-        bb = {"name": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
-              "num_features": backbone.num_features, "fine_tuned": bool(fine_tuned), "embedded": bool(embed_backbone)}
+        bb = {
+            "name": backbone.name,
+            "weights": backbone.weights,
+            "weights_digest": backbone.weights_digest,
+            "num_features": backbone.num_features,
+            "fine_tuned": bool(fine_tuned),
+            "embedded": bool(embed_backbone),
+        }
         if backbone.weights.startswith("file:") and backbone.extra.get("weights_path"):
             bb["weights_path"] = str(backbone.extra["weights_path"])
         if embed_backbone:
             from safetensors.torch import save_file
+
             state = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.model.state_dict().items()}
             save_file(state, str(tmp / BACKBONE_FILE))
             bb["weights_digest"] = state_dict_digest(backbone.model)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method or head["class"],
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": classes, "backbone": bb,
-                  "preprocessing": backbone.preprocessing(), "precision": precision, "tta": bool(tta),
-                  "head": head, "files": files,
-                  "versions": library_versions(), "extra": extra or {}}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "method": method or head["class"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "classes": classes,
+            "backbone": bb,
+            "preprocessing": backbone.preprocessing(),
+            "precision": precision,
+            "tta": bool(tta),
+            "head": head,
+            "files": files,
+            "versions": library_versions(),
+            "extra": extra or {},
+        }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=jsonable) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -165,6 +206,7 @@ def save_bundle(directory, estimator, backbone: Backbone, classes: list[str], *,
 
 # ---- loading ----------------------------------------------------------------------------------------------
 
+
 def read_config(directory) -> dict:
     """config.json of a bundle, after checking that the folder holds only expected, untampered files."""
     directory = Path(directory)
@@ -172,8 +214,10 @@ def read_config(directory) -> dict:
         raise BundleError(f"bundle not found: {directory} is not a folder (a bundle is a folder with config.json)")
     unexpected = sorted(p.name for p in directory.iterdir() if p.name not in ALLOWED_FILES or not p.is_file())
     if unexpected:
-        raise BundleError(f"bundle {directory} contains unexpected file(s): {', '.join(unexpected)} "
-                          f"(a bundle holds only {', '.join(sorted(ALLOWED_FILES))}); refused")
+        raise BundleError(
+            f"bundle {directory} contains unexpected file(s): {', '.join(unexpected)} "
+            f"(a bundle holds only {', '.join(sorted(ALLOWED_FILES))}); refused"
+        )
     if not (directory / CONFIG).is_file():
         raise BundleError(f"bundle {directory} has no {CONFIG}")
     try:
@@ -183,8 +227,10 @@ def read_config(directory) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise BundleError(f"{directory / CONFIG} is not a transferlab bundle config")
     if config.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"bundle format {config['format_version']} is newer than this transferlab "
-                          f"({__version__}, format {FORMAT_VERSION}); upgrade transferlab")
+        raise BundleError(
+            f"bundle format {config['format_version']} is newer than this transferlab "
+            f"({__version__}, format {FORMAT_VERSION}); upgrade transferlab"
+        )
     files = config.get("files", {})
     present = {p.name for p in directory.iterdir()} - {CONFIG}
     for name in sorted(present | set(files)):
@@ -193,8 +239,10 @@ def read_config(directory) -> dict:
         if name not in present:
             raise BundleError(f"bundle {directory}: {name} is missing")
         if _sha256(directory / name) != files[name]:
-            raise BundleError(f"bundle {directory}: {name} does not match the digest recorded in {CONFIG} "
-                              f"(the file was changed or replaced); refused")
+            raise BundleError(
+                f"bundle {directory}: {name} does not match the digest recorded in {CONFIG} "
+                f"(the file was changed or replaced); refused"
+            )
     if config.get("head", {}).get("file") not in present:
         raise BundleError(f"bundle {directory}: the head file named in {CONFIG} is missing")
     return config
@@ -207,6 +255,7 @@ def _rebuild_backbone(config: dict, directory: Path, weights=None) -> Backbone:
     try:
         if bb.get("embedded"):
             from safetensors.torch import load_file
+
             backbone = load_backbone(bb["name"], weights="random", input_size=size)
             try:
                 backbone.model.load_state_dict(load_file(str(directory / BACKBONE_FILE)))
@@ -216,13 +265,17 @@ def _rebuild_backbone(config: dict, directory: Path, weights=None) -> Backbone:
         elif weights is not None or source.startswith("file:"):
             path = Path(weights or bb.get("weights_path") or source.removeprefix("file:")).expanduser()
             if not path.is_file():
-                raise BundleError(f"backbone weights for this bundle are missing: {path} not found (the bundle was "
-                                  f"trained with {source}, digest {bb['weights_digest'][:16]}…); pass the file "
-                                  f"with weights=PATH (CLI: --weights PATH)")
+                raise BundleError(
+                    f"backbone weights for this bundle are missing: {path} not found (the bundle was "
+                    f"trained with {source}, digest {bb['weights_digest'][:16]}…); pass the file "
+                    f"with weights=PATH (CLI: --weights PATH)"
+                )
             backbone = load_backbone(bb["name"], weights=path, input_size=size)
             got = str(path)
         elif source == "random":
-            raise BundleError("this bundle's backbone was random-init and its weights were not stored; it cannot be rebuilt")
+            raise BundleError(
+                "this bundle's backbone was random-init and its weights were not stored; it cannot be rebuilt"
+            )
         else:
             backbone = load_backbone(bb["name"], input_size=size)
             got = backbone.weights
@@ -232,15 +285,33 @@ def _rebuild_backbone(config: dict, directory: Path, weights=None) -> Backbone:
         raise BundleError(f"backbone weights for this bundle are missing ({source}): {exc}") from None
     digest = state_dict_digest(backbone.model)
     if digest != bb["weights_digest"]:
-        raise BundleError(f"backbone weights digest differs: the bundle was trained on {bb['name']} weights "
-                          f"{source} with digest {bb['weights_digest'][:16]}…, but {got} gives {digest[:16]}…; "
-                          f"predictions would be meaningless, refused")
-    return dataclasses.replace(backbone, weights=source, weights_digest=digest, mean=tuple(pre["mean"]),
-                               std=tuple(pre["std"]), interpolation=pre["interpolation"], input_size=size)
+        raise BundleError(
+            f"backbone weights digest differs: the bundle was trained on {bb['name']} weights "
+            f"{source} with digest {bb['weights_digest'][:16]}…, but {got} gives {digest[:16]}…; "
+            f"predictions would be meaningless, refused"
+        )
+    return dataclasses.replace(
+        backbone,
+        weights=source,
+        weights_digest=digest,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        interpolation=pre["interpolation"],
+        input_size=size,
+    )
 
 
-def load(directory, *, weights=None, device: str = "auto", precision: str = "auto", cache_dir=None,
-         batch_size: int | None = None, num_workers: int | None = None, runtime: str = "auto") -> "Model":
+def load(
+    directory,
+    *,
+    weights=None,
+    device: str = "auto",
+    precision: str = "auto",
+    cache_dir=None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    runtime: str = "auto",
+) -> Model:
     """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights."""
     directory = Path(directory)
     config = read_config(directory)
@@ -249,9 +320,18 @@ def load(directory, *, weights=None, device: str = "auto", precision: str = "aut
     except HeadFormatError as exc:
         raise BundleError(str(exc)) from None
     backbone = _rebuild_backbone(config, directory, weights)
-    return Model(config=config, estimator=estimator, backbone=backbone, path=directory, device=device,
-                 precision=precision, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
-                 runtime=runtime)
+    return Model(
+        config=config,
+        estimator=estimator,
+        backbone=backbone,
+        path=directory,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        runtime=runtime,
+    )
 
 
 class Model:
@@ -262,9 +342,20 @@ class Model:
     images the same backbone already saw skip the forward pass; `cache_dir=False` computes without caching.
     """
 
-    def __init__(self, *, config: dict, estimator, backbone: Backbone, path: Path | None = None,
-                 device: str = "auto", precision: str = "auto", cache_dir=None, batch_size: int | None = None,
-                 num_workers: int | None = None, runtime: str = "auto"):
+    def __init__(
+        self,
+        *,
+        config: dict,
+        estimator,
+        backbone: Backbone,
+        path: Path | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        cache_dir=None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        runtime: str = "auto",
+    ):
         self.config, self.estimator, self.backbone, self.path = config, estimator, backbone, path
         self.classes: list[str] = list(config["classes"])
         self.device, self.precision, self.cache_dir = device, precision, cache_dir
@@ -273,8 +364,10 @@ class Model:
         self._columns = class_columns(estimator, self.classes)
 
     def __repr__(self) -> str:
-        return (f"Model({self.config.get('method')}: {self.backbone.name} {'x'.join(map(str, self.backbone.input_size))} "
-                f"+ {type(self.estimator).__name__}, {len(self.classes)} classes)")
+        return (
+            f"Model({self.config.get('method')}: {self.backbone.name} {'x'.join(map(str, self.backbone.input_size))} "
+            f"+ {type(self.estimator).__name__}, {len(self.classes)} classes)"
+        )
 
     # features --------------------------------------------------------------------------------------------
     def extract(self, images, *, progress: bool = False, strict: bool = True, description: str = "features"):
@@ -287,24 +380,39 @@ class Model:
         from PIL import Image
 
         from ..features.extract import Extraction, extract_features
+
         images = list(images) if not isinstance(images, (str, Path, Image.Image)) else [images]
         paths = [str(x) for x in images if not isinstance(x, Image.Image)]
         pil_rows = [i for i, x in enumerate(images) if isinstance(x, Image.Image)]
-        kw = dict(precision=self.precision, device=self.device, batch_size=self.batch_size,
-                  num_workers=self.num_workers, progress=progress, strict=strict, runtime=self.runtime)
+        kw = dict(
+            precision=self.precision,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=progress,
+            strict=strict,
+            runtime=self.runtime,
+        )
         ex = None
         if paths:
             nocache = tempfile.TemporaryDirectory(prefix="transferlab-nocache-") if self.cache_dir is False else None
             with nocache or contextlib.nullcontext(self.cache_dir) as cache_dir:
                 ex = extract_features(paths, self.backbone, cache_dir=cache_dir, description=description, **kw)
                 if self.tta and ex.paths:
-                    flip = extract_features(ex.paths, self.backbone, cache_dir=cache_dir, view="hflip",
-                                            description=f"{description} (flipped)", **kw)
+                    flip = extract_features(
+                        ex.paths,
+                        self.backbone,
+                        cache_dir=cache_dir,
+                        view="hflip",
+                        description=f"{description} (flipped)",
+                        **kw,
+                    )
                     at = {p: i for i, p in enumerate(flip.paths)}
                     ex.features = (ex.features + flip.features[[at[p] for p in ex.paths]]) / 2
                     ex.seconds += flip.seconds
             if ex.skipped and (strict or pil_rows):
                 from ..data.images import ImageError
+
                 first = ex.skipped[0]
                 raise ImageError(first["path"], first["reason"])
         if not pil_rows:
@@ -331,6 +439,7 @@ class Model:
         from ..data.images import to_rgb
         from ..features import runtime as ort_runtime
         from ..features.extract import TORCH_BATCH_SIZE, forward_features, plan_features, resolve_device
+
         dev = resolve_device(self.device)
         graphs = None if self.cache_dir is False else self.cache_dir  # the exported graph: the usual cache
         plan = plan_features(self.backbone, graphs, self.runtime, dev, self.precision)
@@ -344,7 +453,7 @@ class Model:
         size = self.batch_size or (ort_runtime.ORT_BATCH_SIZE if plan.runtime == "onnxruntime" else TORCH_BATCH_SIZE)
         out = []
         for start in range(0, len(images), size):
-            batch = torch.stack([transform(to_rgb(im)) for im in images[start:start + size]])
+            batch = torch.stack([transform(to_rgb(im)) for im in images[start : start + size]])
             with ort_runtime.cpu_threads(1) if plan.runtime == "onnxruntime" else contextlib.nullcontext():
                 feats = run(batch)
                 if self.tta:
@@ -380,20 +489,40 @@ class Model:
         return np.array(self.classes, dtype=object)[idx]
 
 
-def save_study_bundles(models_dir, results: dict, backbone: Backbone, classes: list[str], *,
-                       precision: str | None = None, extra: dict | None = None) -> dict[str, str]:
+def save_study_bundles(
+    models_dir,
+    results: dict,
+    backbone: Backbone,
+    classes: list[str],
+    *,
+    precision: str | None = None,
+    extra: dict | None = None,
+) -> dict[str, str]:
     """One bundle per fitted method under `models_dir/<method>/`; sets results[m]["bundle"]. Each result says
     whether its method predicts on the mean of plain and flipped features (`tta`, set by whoever fitted it), and
     its bundle does the same. A method that cannot be saved gets results[m]["bundle_error"] and a warning instead
     of stopping the study."""
     import warnings
+
     saved = {}
     for name, res in results.items():
-        info = {**(extra or {}), "valid": {k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")
-                                           if k in res.get("valid", {})}}
+        info = {
+            **(extra or {}),
+            "valid": {
+                k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy") if k in res.get("valid", {})
+            },
+        }
         try:
-            path = save_bundle(Path(models_dir) / name, res["estimator"], backbone, classes, method=name,
-                               precision=precision, tta=bool(res.get("tta")), extra=info)
+            path = save_bundle(
+                Path(models_dir) / name,
+                res["estimator"],
+                backbone,
+                classes,
+                method=name,
+                precision=precision,
+                tta=bool(res.get("tta")),
+                extra=info,
+            )
         except (BundleError, ValueError, TypeError, OSError) as exc:
             warnings.warn(f"method {name}: model bundle not saved ({exc})")
             res["bundle_error"] = str(exc)

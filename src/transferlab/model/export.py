@@ -69,6 +69,7 @@ def _affine_step(step) -> tuple[np.ndarray, np.ndarray] | str:
     """A preprocessing step as (matrix, bias) with y = x @ matrix + bias, 'l2' for Normalizer, or raise."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import Normalizer, StandardScaler
+
     if isinstance(step, StandardScaler):
         d = step.n_features_in_
         mean = step.mean_ if step.mean_ is not None else np.zeros(d)
@@ -90,8 +91,10 @@ def _affine_step(step) -> tuple[np.ndarray, np.ndarray] | str:
         if step.whiten:
             matrix /= np.sqrt(step.explained_variance_)
         return matrix, -step.mean_ @ matrix
-    raise ExportError(f"pipeline step {type(step).__name__} has no exact ONNX conversion "
-                      f"(supported: StandardScaler, Normalizer(norm='l2'), PCA, FeatureTransform)")
+    raise ExportError(
+        f"pipeline step {type(step).__name__} has no exact ONNX conversion "
+        f"(supported: StandardScaler, Normalizer(norm='l2'), PCA, FeatureTransform)"
+    )
 
 
 def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +102,12 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.linear_model import LogisticRegression
 
     from ..heads.seed import SoftmaxHead
-    if isinstance(est, SoftmaxHead) and type(est).predict_proba is SoftmaxHead.predict_proba \
-            and type(est).decision_function is SoftmaxHead.decision_function:
+
+    if (
+        isinstance(est, SoftmaxHead)
+        and type(est).predict_proba is SoftmaxHead.predict_proba
+        and type(est).decision_function is SoftmaxHead.decision_function
+    ):
         bias = est.intercept_ - est.logit_adjust * est.log_prior_
         return est.coef_.T.astype(np.float64), bias.astype(np.float64)
     if isinstance(est, (LinearSVMHead, ShrinkageLDAHead)):
@@ -109,27 +116,36 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
             coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
         return coef.T.astype(np.float64), intercept.astype(np.float64)
     if hasattr(est, "members_"):  # selection.SoftVoteEnsemble: a mean of several heads' probabilities
-        raise ExportError(f"head {type(est).__name__} averages the probabilities of {', '.join(est.names_)}; a mean "
-                          f"of softmaxes (and an RBF SVM's Platt scaling) has no exact linear ONNX graph here. Use "
-                          f"transferlab.load(BUNDLE).predict_proba or `transferlab predict` for this head")
+        raise ExportError(
+            f"head {type(est).__name__} averages the probabilities of {', '.join(est.names_)}; a mean "
+            f"of softmaxes (and an RBF SVM's Platt scaling) has no exact linear ONNX graph here. Use "
+            f"transferlab.load(BUNDLE).predict_proba or `transferlab predict` for this head"
+        )
     if isinstance(est, LogisticRegression):
         coef, intercept = est.coef_, est.intercept_
         if coef.shape[0] == 1:  # binary: p = sigmoid(z) = softmax([0, z])
             coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
         return coef.T.astype(np.float64), intercept.astype(np.float64)
-    raise ExportError(f"head {type(est).__name__} is not a linear softmax head, so it has no exact ONNX graph here; "
-                      f"export supports SoftmaxHead, LogisticRegression, LinearSVMHead and ShrinkageLDAHead (optionally after "
-                      f"StandardScaler/Normalizer/PCA/FeatureTransform). Use transferlab.load(BUNDLE).predict_proba "
-                      f"or `transferlab predict` for this head")
+    raise ExportError(
+        f"head {type(est).__name__} is not a linear softmax head, so it has no exact ONNX graph here; "
+        f"export supports SoftmaxHead, LogisticRegression, LinearSVMHead and ShrinkageLDAHead (optionally after "
+        f"StandardScaler/Normalizer/PCA/FeatureTransform). Use transferlab.load(BUNDLE).predict_proba "
+        f"or `transferlab predict` for this head"
+    )
 
 
 def head_module(estimator, classes: list[str]) -> nn.Module:
     """The head as a torch module: features -> probabilities over `classes`, equal to its predict_proba."""
     from sklearn.pipeline import Pipeline
+
     estimator = getattr(estimator, "best_estimator_", estimator)  # a validation search: the model it chose
     if isinstance(estimator, ViewAugmented):  # trained on both views; a bundle hands it the views' mean, as here
         estimator = estimator.estimator_
-    steps = [s for _, s in estimator.steps if s not in (None, "passthrough")] if isinstance(estimator, Pipeline) else [estimator]
+    steps = (
+        [s for _, s in estimator.steps if s not in (None, "passthrough")]
+        if isinstance(estimator, Pipeline)
+        else [estimator]
+    )
     *pre, final = steps
     layers: list[nn.Module] = []
     matrix = None
@@ -157,8 +173,9 @@ def _check_head(module: nn.Module, model: Model, n_features: int, tol: float = 1
     want = model.proba_from_features(X)
     err = float(np.abs(got - want).max())
     if err > tol:
-        raise ExportError(f"the converted head differs from {type(model.estimator).__name__}.predict_proba by {err:.2e}; "
-                          f"not exported")
+        raise ExportError(
+            f"the converted head differs from {type(model.estimator).__name__}.predict_proba by {err:.2e}; not exported"
+        )
 
 
 class _Full(nn.Module):
@@ -184,15 +201,22 @@ def metadata(model: Model) -> dict[str, str]:
         "transferlab.format": "transferlab-onnx/1",
         "input": f"image: float32 NCHW (batch, 3, {h}, {w}), RGB",
         "output": f"probabilities: float32 (batch, {len(model.classes)}), columns in class_names order",
-        "preprocessing": (f"decode to RGB (EXIF orientation applied, alpha composited on white); resize the whole image "
-                          f"to width {w} x height {h} with no crop ({pre['interpolation']}, PIL); scale to [0, 1]; "
-                          f"subtract mean and divide by std per channel; HWC -> CHW"),
-        "input_size": json.dumps([h, w]), "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]),
-        "interpolation": pre["interpolation"], "resize": pre.get("resize", "whole image, no crop"),
+        "preprocessing": (
+            f"decode to RGB (EXIF orientation applied, alpha composited on white); resize the whole image "
+            f"to width {w} x height {h} with no crop ({pre['interpolation']}, PIL); scale to [0, 1]; "
+            f"subtract mean and divide by std per channel; HWC -> CHW"
+        ),
+        "input_size": json.dumps([h, w]),
+        "mean": json.dumps(pre["mean"]),
+        "std": json.dumps(pre["std"]),
+        "interpolation": pre["interpolation"],
+        "resize": pre.get("resize", "whole image, no crop"),
         "class_names": json.dumps(model.classes),
-        "backbone": cfg["backbone"]["name"], "backbone_weights": cfg["backbone"]["weights"],
+        "backbone": cfg["backbone"]["name"],
+        "backbone_weights": cfg["backbone"]["weights"],
         "backbone_weights_digest": cfg["backbone"]["weights_digest"],
-        "head": type(model.estimator).__name__, "method": str(cfg.get("method")),
+        "head": type(model.estimator).__name__,
+        "method": str(cfg.get("method")),
         "tta": json.dumps(model.tta),  # the graph averages the image's and its flip's features inside
         "transferlab_version": cfg.get("versions", {}).get("transferlab", ""),
     }
@@ -201,6 +225,7 @@ def metadata(model: Model) -> dict[str, str]:
 def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     """Write backbone + head of `bundle` (a folder or a loaded Model) as one ONNX graph at `out`."""
     import onnx
+
     model = bundle if isinstance(bundle, Model) else load(bundle, weights=weights, device="cpu", precision="fp32")
     head = head_module(model.estimator, model.classes)
     _check_head(head, model, model.backbone.num_features)
@@ -211,14 +236,23 @@ def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript (not a dependency).
         warnings.simplefilter("ignore")
-        torch.onnx.export(full, (torch.zeros(1, 3, h, w),), str(out), dynamo=False, opset_version=opset,
-                          input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+        torch.onnx.export(
+            full,
+            (torch.zeros(1, 3, h, w),),
+            str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
     proto = onnx.load(str(out))
     for key, value in metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"transferlab {model.config.get('method')}: {model.backbone.name} + {type(model.estimator).__name__}"
+    proto.doc_string = (
+        f"transferlab {model.config.get('method')}: {model.backbone.name} + {type(model.estimator).__name__}"
+    )
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
     return out
@@ -229,11 +263,16 @@ def preprocess(images, meta: dict[str, str]) -> np.ndarray:
     from PIL import Image
 
     from ..data.images import load_rgb, to_rgb
+
     h, w = json.loads(meta["input_size"])
     mean = np.array(json.loads(meta["mean"]), dtype=np.float32)
     std = np.array(json.loads(meta["std"]), dtype=np.float32)
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-                "lanczos": Image.LANCZOS}[meta["interpolation"]]
+    resample = {
+        "bilinear": Image.BILINEAR,
+        "bicubic": Image.BICUBIC,
+        "nearest": Image.NEAREST,
+        "lanczos": Image.LANCZOS,
+    }[meta["interpolation"]]
     batch = []
     for im in images:
         im = to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im)

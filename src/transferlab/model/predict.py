@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import BundleError, Model
 from ..data.datasets import list_images
+from .bundle import BundleError, Model
 
 
 @dataclass
@@ -70,9 +70,17 @@ def predict_paths(model: Model, inputs, *, progress: bool = True) -> Predictions
     label_of = dict(items)
     proba = model.proba_from_features(ex.features) if len(ex.paths) else np.zeros((0, len(model.classes)))
     pred = model.predict_indices_from_features(ex.features) if len(ex.paths) else np.zeros(0, dtype=np.int64)
-    return Predictions(paths=ex.paths, proba=proba, predicted=pred, labels=[label_of[p] for p in ex.paths],
-                       classes=model.classes, skipped=ex.skipped, seconds=time.perf_counter() - start,
-                       computed=ex.computed, from_cache=ex.from_cache)
+    return Predictions(
+        paths=ex.paths,
+        proba=proba,
+        predicted=pred,
+        labels=[label_of[p] for p in ex.paths],
+        classes=model.classes,
+        skipped=ex.skipped,
+        seconds=time.perf_counter() - start,
+        computed=ex.computed,
+        from_cache=ex.from_cache,
+    )
 
 
 def write_csv(preds: Predictions, out, *, top_k: int = 1, with_labels: bool = False) -> Path:
@@ -101,12 +109,15 @@ def write_csv(preds: Predictions, out, *, top_k: int = 1, with_labels: bool = Fa
 def evaluate_predictions(preds: Predictions) -> dict:
     """Metrics of labelled predictions (evaluation.evaluate); every image must have a class folder."""
     from ..evaluation.metrics import evaluate
+
     unlabelled = [p for p, lab in zip(preds.paths, preds.labels) if lab is None]
     if unlabelled:
         folders = sorted({str(Path(p).parent) for p in unlabelled})
-        raise BundleError(f"--evaluate needs every image in a folder named after one of the bundle's classes; "
-                          f"{len(unlabelled)} are not (e.g. in {', '.join(folders[:3])}); classes: "
-                          f"{', '.join(preds.classes)}")
+        raise BundleError(
+            f"--evaluate needs every image in a folder named after one of the bundle's classes; "
+            f"{len(unlabelled)} are not (e.g. in {', '.join(folders[:3])}); classes: "
+            f"{', '.join(preds.classes)}"
+        )
     index = {c: i for i, c in enumerate(preds.classes)}
     y = np.array([index[lab] for lab in preds.labels], dtype=np.int64)
     return evaluate(y, preds.predicted, preds.classes, proba=preds.proba)

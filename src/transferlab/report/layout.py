@@ -14,9 +14,9 @@ TOP_FILES = ("report.html", "report.md", "metrics.json", "config.yaml", "README.
 METHODS, MODELS, PLOTS = "methods", "models", "plots"
 
 # the per-method files, in methods/<name>/
-REPORT_TSV = "report.tsv"            # the seed's table layout
-PREDICTIONS = "predictions.csv"      # one row per test image
-HISTORY = "history.csv"              # per-epoch curves of heads and fine-tuning that record them
+REPORT_TSV = "report.tsv"  # the seed's table layout
+PREDICTIONS = "predictions.csv"  # one row per test image
+HISTORY = "history.csv"  # per-epoch curves of heads and fine-tuning that record them
 CONFUSION = "confusion.png"
 LEARNING_CURVES = "learning_curves.png"
 LR = "lr.png"

@@ -51,7 +51,7 @@ def plot_learning_curves(history: dict[str, list[float]], path, title: str = "")
         for split, style in (("train", dict(color="tab:blue")), ("valid", dict(color="tab:orange"))):
             y = _series(history, f"{split}_{metric}", len(epochs))
             if y is not None:
-                x = epochs[:len(y)]
+                x = epochs[: len(y)]
                 ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, label=split, **style)
                 drawn = True
         if drawn:
@@ -76,7 +76,7 @@ def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> 
     if lr is None:
         _no_data(ax, "no learning-rate history")
     else:
-        ax.step(epochs[:len(lr)], lr, where="post", color="tab:green")
+        ax.step(epochs[: len(lr)], lr, where="post", color="tab:green")
         if np.nanmin(lr) > 0:
             ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="learning rate", title=title or "learning rate schedule")
@@ -106,8 +106,15 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
             for j in range(k):
                 if cm[i, j]:
                     dark = shown[i, j] > 0.55 * (1 if normalize else shown.max())
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(cm[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if dark else "black",
+                    )
     names = [f"{i} {c}" for i, c in enumerate(classes)]
     ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_yticks(range(k), [f"{n} (n={int(s)})" for n, s in zip(names, support)], fontsize=8)
@@ -115,8 +122,14 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
     ax.set_yticks(np.arange(k + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="lightgrey", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    note = ", ".join((["colour: share of the row"] if normalize else []) + (["numbers: image counts"] if k <= 20 else []))
-    ax.set(xlabel="predicted class", ylabel="true class", title=(title or "confusion matrix") + (f"\n({note})" if note else ""))
+    note = ", ".join(
+        (["colour: share of the row"] if normalize else []) + (["numbers: image counts"] if k <= 20 else [])
+    )
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=(title or "confusion matrix") + (f"\n({note})" if note else ""),
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -148,8 +161,9 @@ def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str
     return _save(fig, path)
 
 
-def plot_data_efficiency(points: dict[str, list[tuple[int, float]]], path, ylabel: str = "validation macro-F1",
-                         title: str = "") -> Path:
+def plot_data_efficiency(
+    points: dict[str, list[tuple[int, float]]], path, ylabel: str = "validation macro-F1", title: str = ""
+) -> Path:
     """Score against training images per class, one line per method, log x axis."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()

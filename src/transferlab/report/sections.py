@@ -22,17 +22,22 @@ def selection_figures(out: Path, metrics: dict) -> list[tuple[str, str]]:
         return []
     pts = [(p["k"], p["score"]) for p in eff["points"] if p["score"] is not None]
     label = METRIC_NAMES.get(eff["metric"], eff["metric"])
-    p = plots.plot_data_efficiency({eff["method"]: pts}, layout.plot_path(out, "data_efficiency.png"),
-                                   ylabel=f"validation {label}",
-                                   title=f"{eff['method']}: validation {label} vs training images per class")
+    p = plots.plot_data_efficiency(
+        {eff["method"]: pts},
+        layout.plot_path(out, "data_efficiency.png"),
+        ylabel=f"validation {label}",
+        title=f"{eff['method']}: validation {label} vs training images per class",
+    )
     return [("Data efficiency of the selected method", layout.relative(out, p))]
 
 
 def features_note(cfg: dict) -> str:
     """A sentence on how features were built (--flip-train, --tta), or "" for plain features."""
     if cfg.get("flip_train"):
-        return (" Every head trained on each training image and its horizontal flip as two samples and predicts on "
-                "the mean of both views' features (`--flip-train`).")
+        return (
+            " Every head trained on each training image and its horizontal flip as two samples and predicts on "
+            "the mean of both views' features (`--flip-train`)."
+        )
     if cfg.get("tta"):
         return " Features: the mean of each image's and its horizontal flip's (`--tta`)."
     return ""
@@ -43,14 +48,18 @@ def selection_caveat(metrics: dict, tag: str) -> str:
     counts = metrics.get("counts", {}).get("valid", {})
     rare = min((c for c in counts.values() if c), default=None)
     if tag == "valid":
-        return ("The validation split is small" + (f" (its rarest class has {rare} image{'s' * (rare != 1)})"
-                                                    if rare is not None else "")
-                + ", so validation scores are noisy, and a tuned head's score is the best of its grid, which "
-                  "flatters it a little.")
-    return ("CV scores pool out-of-fold predictions of every train + valid image, so rare classes weigh in with "
-            "all their images; a tuned head's score is still the best of its grid, which flatters it a little. "
-            "The `valid` numbers elsewhere in this report are the final models' (fitted on train) on the "
-            "validation split.")
+        return (
+            "The validation split is small"
+            + (f" (its rarest class has {rare} image{'s' * (rare != 1)})" if rare is not None else "")
+            + ", so validation scores are noisy, and a tuned head's score is the best of its grid, which "
+            "flatters it a little."
+        )
+    return (
+        "CV scores pool out-of-fold predictions of every train + valid image, so rare classes weigh in with "
+        "all their images; a tuned head's score is still the best of its grid, which flatters it a little. "
+        "The `valid` numbers elsewhere in this report are the final models' (fitted on train) on the "
+        "validation split."
+    )
 
 
 def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
@@ -62,88 +71,183 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     name = METRIC_NAMES[sel["metric"]]
     v = sel["valid"]
     protocol = sel.get("protocol", "validation split")
-    how = ("each grid point fitted on train, scored on the validation split" if protocol == "validation split"
-           else f"each grid point scored by {protocol} (pooled out-of-fold predictions), the chosen one then "
-                "fitted on train")
-    md = ["## Selection and statistics", "",
-          f"Selected: **{chosen}**, the best {name} on the {protocol} of {len(sel['ranking'])} methods "
-          f"(macro-F1 {v['macro_f1']:.3f}, accuracy {v['accuracy']:.3f}, balanced accuracy "
-          f"{v['balanced_accuracy']:.3f}; ties broken by the other two, then by order). Tuned heads chose their "
-          f"hyperparameters the same way: {how}. Test labels "
-          "played no part; test numbers below were computed once, after selection."
-          + (f" Not candidates (no score under this protocol): {', '.join(sel['left_out'])}."
-             if sel.get("left_out") else "")
-          + features_note(metrics.get("config", {})), ""]
+    how = (
+        "each grid point fitted on train, scored on the validation split"
+        if protocol == "validation split"
+        else f"each grid point scored by {protocol} (pooled out-of-fold predictions), the chosen one then "
+        "fitted on train"
+    )
+    md = [
+        "## Selection and statistics",
+        "",
+        f"Selected: **{chosen}**, the best {name} on the {protocol} of {len(sel['ranking'])} methods "
+        f"(macro-F1 {v['macro_f1']:.3f}, accuracy {v['accuracy']:.3f}, balanced accuracy "
+        f"{v['balanced_accuracy']:.3f}; ties broken by the other two, then by order). Tuned heads chose their "
+        f"hyperparameters the same way: {how}. Test labels "
+        "played no part; test numbers below were computed once, after selection."
+        + (
+            f" Not candidates (no score under this protocol): {', '.join(sel['left_out'])}."
+            if sel.get("left_out")
+            else ""
+        )
+        + features_note(metrics.get("config", {})),
+        "",
+    ]
     tag = "valid" if protocol == "validation split" else "CV"
-    rows = [["method", f"{tag} macro-F1", f"{tag} acc.", f"{tag} bal. acc.", "test accuracy [95% CI]",
-             "test macro-F1 [95% CI]", "test bal. acc. [95% CI]", "selected"]]
+    rows = [
+        [
+            "method",
+            f"{tag} macro-F1",
+            f"{tag} acc.",
+            f"{tag} bal. acc.",
+            "test accuracy [95% CI]",
+            "test macro-F1 [95% CI]",
+            "test bal. acc. [95% CI]",
+            "selected",
+        ]
+    ]
     for n, _ in sel["ranking"]:
         m = methods[n]
         mv = sel.get("scores", {}).get(n) or m.get("valid", {})
         tci = ci.get(n) or {}
-        rows.append([n, number(mv.get("macro_f1")), number(mv.get("accuracy")), number(mv.get("balanced_accuracy")),
-                     *[interval(m.get(k), tci.get(k)) for k in ("accuracy", "macro_f1", "balanced_accuracy")],
-                     "✓" if n == chosen else ""])
+        rows.append(
+            [
+                n,
+                number(mv.get("macro_f1")),
+                number(mv.get("accuracy")),
+                number(mv.get("balanced_accuracy")),
+                *[interval(m.get(k), tci.get(k)) for k in ("accuracy", "macro_f1", "balanced_accuracy")],
+                "✓" if n == chosen else "",
+            ]
+        )
     any_ci = next(iter(ci.values()), None)
-    md += [markdown_table(rows), "", f"Rows in order of the {protocol} score. " + (
-        f"Intervals: percentile bootstrap over test images ({any_ci['n_boot']} resamples, seed {any_ci['seed']}). "
-        if any_ci else "") + selection_caveat(metrics, tag), ""]
+    md += [
+        markdown_table(rows),
+        "",
+        f"Rows in order of the {protocol} score. "
+        + (
+            f"Intervals: percentile bootstrap over test images ({any_ci['n_boot']} resamples, seed {any_ci['seed']}). "
+            if any_ci
+            else ""
+        )
+        + selection_caveat(metrics, tag),
+        "",
+    ]
 
     tuned = {n: m["tuning"] for n, m in methods.items() if m.get("tuning")}
     if tuned:
         rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
-        rows += [[n, ", ".join(f"{k.split('__')[-1]}={val}"
-                               for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()),
-                  number(t["valid"][sel["metric"]]),
-                  str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
-                  f"{t['search_seconds']:.1f} s"] for n, t in tuned.items()]
+        rows += [
+            [
+                n,
+                ", ".join(
+                    f"{k.split('__')[-1]}={val}"
+                    for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()
+                ),
+                number(t["valid"][sel["metric"]]),
+                str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
+                f"{t['search_seconds']:.1f} s",
+            ]
+            for n, t in tuned.items()
+        ]
         md += ["### Tuned hyperparameters", "", markdown_table(rows), ""]
 
     if metrics.get("mcnemar"):
         rows = [["comparison", "only the first right", "only the second right", "p-value", "test"]]
-        rows += [[k, str(t["b"]), str(t["c"]), p_value(t["p_value"]), "exact binomial" if t["method"] == "exact"
-                  else "chi-square, continuity-corrected"] for k, t in metrics["mcnemar"].items()]
-        md += ["### McNemar's test (test set)", "", "Paired correctness of the selected method against each of the "
-               "seed's procedures on the same test images.", "", markdown_table(rows), ""]
+        rows += [
+            [
+                k,
+                str(t["b"]),
+                str(t["c"]),
+                p_value(t["p_value"]),
+                "exact binomial" if t["method"] == "exact" else "chi-square, continuity-corrected",
+            ]
+            for k, t in metrics["mcnemar"].items()
+        ]
+        md += [
+            "### McNemar's test (test set)",
+            "",
+            "Paired correctness of the selected method against each of the seed's procedures on the same test images.",
+            "",
+            markdown_table(rows),
+            "",
+        ]
 
     rc = metrics.get("recall_changes")
     if rc:
         moved = [r for r in rc["classes"] if r["change"] != 0]
         rows = [["class", "support", f"{rc['baseline']} recall", f"{rc['method']} recall", "change"]]
-        rows += [[f"{r['index']} {r['class']}", str(r["support"]), number(r["baseline_recall"]), number(r["recall"]),
-                  f"{r['change']:+.3f}"] for r in moved[:10]]
-        md += ["### Per-class recall: largest changes", "",
-               f"Against **{rc['baseline']}**, the seed procedure better on validation. Classes with a handful of "
-               "test images move macro-F1 most; their recalls are a few images each."
-               + ("" if moved else " No class recall changed."), ""]
+        rows += [
+            [
+                f"{r['index']} {r['class']}",
+                str(r["support"]),
+                number(r["baseline_recall"]),
+                number(r["recall"]),
+                f"{r['change']:+.3f}",
+            ]
+            for r in moved[:10]
+        ]
+        md += [
+            "### Per-class recall: largest changes",
+            "",
+            f"Against **{rc['baseline']}**, the seed procedure better on validation. Classes with a handful of "
+            "test images move macro-F1 most; their recalls are a few images each."
+            + ("" if moved else " No class recall changed."),
+            "",
+        ]
         if moved:
             md += [markdown_table(rows), ""]
 
     eff = metrics.get("data_efficiency")
     if eff:
         rows = [["images per class (at most)", "training images", f"valid {METRIC_NAMES[eff['metric']]}", "draws"]]
-        rows += [[str(p["k"]), str(p["n_train"]),
-                  number(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
-                  str(len(p["scores"]))] for p in eff["points"]]
-        md += ["### Data efficiency", "", f"**{eff['method']}** with its chosen hyperparameters fixed, trained on at "
-               f"most k images per class (fewer where a class has fewer), sampled with seed {eff['seed']}; points "
-               f"below the full training set average {eff['repeats']} draws. Scored on validation.", "",
-               markdown_table(rows), ""]
+        rows += [
+            [
+                str(p["k"]),
+                str(p["n_train"]),
+                number(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
+                str(len(p["scores"])),
+            ]
+            for p in eff["points"]
+        ]
+        md += [
+            "### Data efficiency",
+            "",
+            f"**{eff['method']}** with its chosen hyperparameters fixed, trained on at "
+            f"most k images per class (fewer where a class has fewer), sampled with seed {eff['seed']}; points "
+            f"below the full training set average {eff['repeats']} draws. Scored on validation.",
+            "",
+            markdown_table(rows),
+            "",
+        ]
     md += [f"![{t}]({f})" for t, f in figs] + ([""] if figs else [])
     return md
 
 
 def leakage_section(leak: dict, max_listed: int = 10) -> list[str]:
     """The report's "Leakage check" section as markdown lines (metrics.json's `leakage`, from evaluation/leakage.py)."""
-    md = ["## Leakage check", "",
-          (f"Exact duplicates: same file content (hash). Near-duplicates: not exact, but the cosine similarity of the "
-           f"backbone features to the nearest image of the other split is at least {leak['threshold']:g}."), ""]
+    md = [
+        "## Leakage check",
+        "",
+        (
+            f"Exact duplicates: same file content (hash). Near-duplicates: not exact, but the cosine similarity of the "
+            f"backbone features to the nearest image of the other split is at least {leak['threshold']:g}."
+        ),
+        "",
+    ]
     sweep = sorted({t for c in leak["comparisons"].values() for t in c["near_at"]}, key=float)
     rows = [["images", "compared with", "exact", f"near (>= {leak['threshold']:g})", *[f">= {t}" for t in sweep]]]
     for name, c in leak["comparisons"].items():
         q, r = name.split("-")
-        rows.append([f"{q} ({c['n_query']})", f"{r} ({c['n_reference']})", str(c["exact"]), str(c["near"]),
-                     *[str(c["near_at"].get(t, "")) for t in sweep]])
+        rows.append(
+            [
+                f"{q} ({c['n_query']})",
+                f"{r} ({c['n_reference']})",
+                str(c["exact"]),
+                str(c["near"]),
+                *[str(c["near_at"].get(t, "")) for t in sweep],
+            ]
+        )
     md += [markdown_table(rows), ""]
     if leak["warning"]:
         md += [f"**Warning:** {leak['warning']}", ""]

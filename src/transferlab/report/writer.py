@@ -29,15 +29,27 @@ def versions() -> dict:
     import sklearn
     import timm
     import torch
-    return {"transferlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "scikit-learn": sklearn.__version__, "lightning": lightning.__version__}
+
+    return {
+        "transferlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "lightning": lightning.__version__,
+    }
 
 
 def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "device": device}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         import torch
+
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
@@ -45,8 +57,12 @@ def machine(device: str) -> dict:
 def method_metrics(res: dict) -> dict:
     test = res.get("test", {})
     m = {k: test.get(k) for k in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy")}
-    m.update(train_seconds=res["train_seconds"], predict_seconds=res.get("predict_seconds"),
-             per_class=test.get("per_class", {}), confusion_matrix=test.get("confusion_matrix"))
+    m.update(
+        train_seconds=res["train_seconds"],
+        predict_seconds=res.get("predict_seconds"),
+        per_class=test.get("per_class", {}),
+        confusion_matrix=test.get("confusion_matrix"),
+    )
     if "valid" in res:
         m["valid"] = {k: res["valid"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}
     m["train_note"] = res.get("train_note", "on cached features")
@@ -58,27 +74,48 @@ def method_metrics(res: dict) -> dict:
     if "cv" in res:  # fine-tuning under --cv K: its own pooled out-of-fold scores and their cost
         m["cv"] = res["cv"]
     est = res["estimator"]
-    m["params"] = {k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    m["params"] = {
+        k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))
+    }
     if hasattr(est, "best_params_"):  # a tuned head (selection.ValidationSearch): what it chose, from what
         m["tuning"] = est.summary()
     return m
 
 
-def write(out: Path, *, cfg: dict, dataset, backbone, splits, extract: dict, results: dict,
-          analysis: dict | None = None, leakage: dict | None = None, timings: dict | None = None) -> dict:
+def write(
+    out: Path,
+    *,
+    cfg: dict,
+    dataset,
+    backbone,
+    splits,
+    extract: dict,
+    results: dict,
+    analysis: dict | None = None,
+    leakage: dict | None = None,
+    timings: dict | None = None,
+) -> dict:
     """Write the run folder; `timings` (seconds per stage so far) goes to metrics.json's `timings` and report.md."""
     classes = dataset.classes
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
-        "backbone": backbone.name, "weights": backbone.weights, "weights_digest": backbone.weights_digest,
-        "input_size": list(backbone.input_size), "preprocessing": backbone.preprocessing(),
-        "seed": cfg["seed"], "classes": classes,
-        "n_train": len(splits["train"].y), "n_valid": len(splits["valid"].y), "n_test": len(splits["test"].y),
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "weights_digest": backbone.weights_digest,
+        "input_size": list(backbone.input_size),
+        "preprocessing": backbone.preprocessing(),
+        "seed": cfg["seed"],
+        "classes": classes,
+        "n_train": len(splits["train"].y),
+        "n_valid": len(splits["valid"].y),
+        "n_test": len(splits["test"].y),
         "counts": dataset.counts(),
         "extract": {k: v for k, v in extract.items() if k != "skipped"},
-        "skipped": extract["skipped"], "notes": dataset.notes,
+        "skipped": extract["skipped"],
+        "notes": dataset.notes,
         "methods": {n: method_metrics(r) for n, r in results.items()},
-        "versions": versions(), "machine": machine(extract["device"]),
+        "versions": versions(),
+        "machine": machine(extract["device"]),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         **(analysis or {}),  # selected, selection, ci, mcnemar, data_efficiency, recall_changes (analysis.py)
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
@@ -116,8 +153,12 @@ def _json_default(o):
 
 def class_distribution(out: Path, metrics: dict) -> tuple[str, str]:
     """plots/class_distribution.png; (caption, path relative to the run folder)."""
-    p = plots.plot_class_distribution(metrics["counts"], metrics["classes"],
-                                      layout.plot_path(out, "class_distribution.png"), title="Images per class and split")
+    p = plots.plot_class_distribution(
+        metrics["counts"],
+        metrics["classes"],
+        layout.plot_path(out, "class_distribution.png"),
+        title="Images per class and split",
+    )
     return "Class distribution", layout.relative(out, p)
 
 
@@ -137,11 +178,18 @@ def write_method(out: Path, name: str, res: dict, test, classes: list[str]) -> t
             w.writerows(zip(*hist.values()))
         p = plots.plot_learning_curves(hist, folder / layout.LEARNING_CURVES, title=f"{name}: learning curves")
         q = plots.plot_lr_schedule(hist, folder / layout.LR, title=f"{name}: learning rate")
-        curves += [(f"{name} learning curves", layout.relative(out, p)), (f"{name} learning rate", layout.relative(out, q))]
+        curves += [
+            (f"{name} learning curves", layout.relative(out, p)),
+            (f"{name} learning rate", layout.relative(out, q)),
+        ]
     if "test" in res:
         (folder / layout.REPORT_TSV).write_text(format_report(res["test"], classes) + "\n")
-        p = plots.plot_confusion_matrix(np.array(res["test"]["confusion_matrix"]), classes,
-                                        folder / layout.CONFUSION, title=f"{name}: confusion matrix (test)")
+        p = plots.plot_confusion_matrix(
+            np.array(res["test"]["confusion_matrix"]),
+            classes,
+            folder / layout.CONFUSION,
+            title=f"{name}: confusion matrix (test)",
+        )
         confusion.append((f"{name} confusion matrix", layout.relative(out, p)))
     if "test_pred" in res:
         write_predictions(folder / layout.PREDICTIONS, test, res, classes)
@@ -151,12 +199,20 @@ def write_method(out: Path, name: str, res: dict, test, classes: list[str]) -> t
 def console_summary(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
     table = Table(title=f"transferlab: {metrics['backbone']} {'x'.join(map(str, metrics['input_size']))}")
     for col in ("method", "accuracy", "macro-F1", "balanced acc.", "valid macro-F1", "train", "predict"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for n, m in metrics["methods"].items():
-        table.add_row(n + (" *" if n == metrics.get("selected") else ""), number(m["accuracy"]), number(m["macro_f1"]), number(m["balanced_accuracy"]),
-                      number(m.get("valid", {}).get("macro_f1")), seconds(m["train_seconds"]), seconds(m["predict_seconds"]))
+        table.add_row(
+            n + (" *" if n == metrics.get("selected") else ""),
+            number(m["accuracy"]),
+            number(m["macro_f1"]),
+            number(m["balanced_accuracy"]),
+            number(m.get("valid", {}).get("macro_f1")),
+            seconds(m["train_seconds"]),
+            seconds(m["predict_seconds"]),
+        )
     if metrics.get("selected"):
         table.caption = f"* selected on validation {metrics['selection']['metric']}"
     console = Console(stderr=False)
