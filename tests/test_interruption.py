@@ -170,7 +170,9 @@ def test_two_runs_share_one_cache_at_the_same_time(tmp_path, forty):
     assert a["paths"].tolist() == b["paths"].tolist()
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-6, atol=1e-7)
     assert _assert_chunks_intact(cache) >= 40
-    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix not in (".safetensors", ".json", ".lock", ".onnx")]
+    assert not [
+        p for p in cache.rglob("*") if p.is_file() and p.suffix not in (".safetensors", ".json", ".lock", ".onnx")
+    ]
     rc, out, _ = cli(*_extract_args(forty, cache, "--save", tmp_path / "third.npz"))
     assert rc == 0 and _counts(out) == (0, 40)
     np.testing.assert_allclose(np.load(tmp_path / "third.npz")["features"], a["features"], rtol=1e-6, atol=1e-7)
