@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -159,3 +160,24 @@ def test_study_bundle_and_onnx_agree_under_flip_features(tmp_path, flag):
         assert json.loads(meta["tta"]) is (method != "finetune")
         got = sess.run(["probabilities"], {"image": preprocess(paths, meta)})[0]
         np.testing.assert_allclose(got, proba, atol=1e-4, rtol=0)
+
+
+def test_registry_export_flags_are_what_export_does(data, tiny_backbone, tmp_path):
+    """Each registered feature head is exportable exactly when the registry says so: fitted and saved under its
+    method name, export succeeds for the `exportable` ones and is refused, naming the method, for the others."""
+    from transferlab.heads import registry
+
+    for name in registry.names():
+        info = registry.get(name)
+        if info.build is None:
+            continue
+        est = make_head(name, epochs=3)
+        kw = {"eval_set": (data["Xv"], data["yv"])} if "eval_set" in inspect.signature(est.fit).parameters else {}
+        est.fit(data["X"], data["y"], **kw)
+        bundle = save_bundle(tmp_path / name, est, tiny_backbone, data["ds"].classes, method=name)
+        assert json.loads((bundle / "config.json").read_text())["kind"] == info.kind
+        if info.exportable:
+            export_onnx(bundle, tmp_path / f"{name}.onnx")
+        else:
+            with pytest.raises(ExportError, match=f"method {name} "):
+                export_onnx(bundle, tmp_path / f"{name}.onnx")

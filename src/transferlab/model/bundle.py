@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..features.backbones import Backbone, BackboneError, load_backbone, state_dict_digest
+from ..heads import registry
 from ..heads.serialize import HEAD_FILES, HeadFormatError, jsonable, load_head, save_head
 
 FORMAT = "transferlab-bundle"
@@ -183,6 +184,7 @@ def save_bundle(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "method": method or head["class"],
+            "kind": registry.METHODS[method].kind if method in registry.METHODS else None,  # seed/tuned/...
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "classes": classes,
             "backbone": bb,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..heads import registry
 from ..heads.probes import FeatureTransform, LinearSVMHead, ShrinkageLDAHead
 from ..heads.views import ViewAugmented
 from .bundle import BundleError, Model, class_columns, load
@@ -227,6 +228,12 @@ def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     import onnx
 
     model = bundle if isinstance(bundle, Model) else load(bundle, weights=weights, device="cpu", precision="fp32")
+    info = registry.METHODS.get(model.config.get("method"))
+    if info is not None and not info.exportable:  # the registry says so before any graph is traced
+        raise ExportError(
+            f"method {info.name} ({info.description}) has no exact ONNX graph here; use transferlab.load(BUNDLE)."
+            f"predict_proba or `transferlab predict` for this head"
+        )
     head = head_module(model.estimator, model.classes)
     _check_head(head, model, model.backbone.num_features)
     full = _Full(model.backbone.model.float().cpu().eval(), head, tta=model.tta).eval()
