@@ -71,6 +71,27 @@ def cpu_threads(n: int):
 
 
 # export ---------------------------------------------------------------------------------------------------
+def trace_onnx(module, input_size, path, *, output: str, opset: int = ONNX_OPSET) -> None:
+    """`module` (input `image`, float32 NCHW at `input_size`) traced to ONNX at `path` with a dynamic batch axis and
+    one output named `output`; the one exporter call behind the backbone graphs here and `model.export`'s bundles."""
+    import torch
+
+    h, w = input_size
+    with warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) needs no onnxscript (not a dependency) and handles timm's models.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, h, w),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=[output],
+            dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
+        )
+
+
 def export_backbone_onnx(model, input_size, path, opset: int = ONNX_OPSET) -> Path:
     """Write `model`'s pooled-feature forward as ONNX at `path`: input `image` float32 (batch, 3, h, w), output
     `features` float32 (batch, d), batch axis dynamic. Written to a temporary file beside `path` and renamed, so
@@ -82,20 +103,8 @@ def export_backbone_onnx(model, input_size, path, opset: int = ONNX_OPSET) -> Pa
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     h, w = input_size
     try:
-        model = model.float().cpu().eval()
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            # The TorchScript exporter (dynamo=False) needs no onnxscript and handles timm's models.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (torch.zeros(1, 3, h, w),),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["image"],
-                output_names=["features"],
-                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-            )
+        with torch.inference_mode(False), torch.no_grad():
+            trace_onnx(model.float().cpu().eval(), (h, w), tmp, output="features", opset=opset)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

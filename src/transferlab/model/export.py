@@ -14,19 +14,17 @@ Every converted head is checked against the estimator's own `predict_proba` befo
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..features.runtime import ONNX_OPSET, trace_onnx
 from ..heads import registry
 from ..heads.probes import FeatureTransform, LinearSVMHead, ShrinkageLDAHead
 from ..heads.views import ViewAugmented
 from .bundle import BundleError, Model, class_columns, load
-
-ONNX_OPSET = 17
 
 
 class ExportError(BundleError):
@@ -237,22 +235,9 @@ def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     head = head_module(model.estimator, model.classes)
     _check_head(head, model, model.backbone.num_features)
     full = _Full(model.backbone.model.float().cpu().eval(), head, tta=model.tta).eval()
-    h, w = model.backbone.input_size
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript (not a dependency).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            full,
-            (torch.zeros(1, 3, h, w),),
-            str(out),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-        )
+    trace_onnx(full, model.backbone.input_size, out, output="probabilities", opset=opset)
     proto = onnx.load(str(out))
     for key, value in metadata(model).items():
         entry = proto.metadata_props.add()
