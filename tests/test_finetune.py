@@ -297,7 +297,7 @@ def test_ddp_two_cpu_processes_extract_and_fine_tune_like_one(data, tmp_path):
         args=(2, _free_port(), argv, str(tmp_path / "local"), paths),
         nprocs=2,
         join=False,
-        start_method="fork",
+        start_method="spawn",  # fork would copy a parent whose thread pools (OpenMP, ONNX Runtime) hold locks
     )
     deadline = time.time() + 900  # a guard against a hung process group, not a speed limit (a loaded CPU is slow)
     try:
@@ -454,7 +454,7 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(data, tmp
         args=(2, _free_port(), str(data.root), str(tmp_path / "ddp"), {**kw, "batch_size": 18}),
         nprocs=2,
         join=False,
-        start_method="fork",
+        start_method="spawn",  # fork would copy a parent whose thread pools (OpenMP, ONNX Runtime) hold locks
     )
     deadline = time.time() + 900  # a guard against a hung process group, not a speed limit
     try:
