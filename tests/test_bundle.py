@@ -274,6 +274,7 @@ def test_study_saves_bundles(tmp_path, small_folder):
         cache_dir=str(tmp_path / "cache"),
         progress=False,
         data_efficiency=False,
+        methods=["softmax", "svm"],
     )
     metrics = run_study(cfg)
     run = Path(cfg.out)

@@ -34,6 +34,7 @@ def two_runs(tmp_path_factory) -> list[Path]:
             progress=False,
             num_workers=0,
             valid_fraction=0.25,
+            methods=["softmax", "svm"],  # the seed's study
         )
         run_study(cfg)
         runs.append(Path(cfg.out))
@@ -91,6 +92,7 @@ def test_compare_chooses_on_what_each_run_selected_on(two_runs, tmp_path, capsys
         num_workers=0,
         valid_fraction=0.25,
         cv=3,
+        methods=["softmax", "svm"],
     )
     run_study(cfg)
     m = json.loads((tmp_path / "cv3" / "metrics.json").read_text())

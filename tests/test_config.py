@@ -49,6 +49,8 @@ def first_run(tmp_path_factory) -> tuple[Path, Path]:
                 "0.25",
                 "--seed",
                 "1",
+                "--methods",
+                "softmax,svm",
             ]
         )
         == 0

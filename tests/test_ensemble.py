@@ -123,8 +123,8 @@ def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(
 ):
     fitted = {}
 
-    def spy(name, cfg, splits, classes):
-        res = fit_method(name, cfg, splits, classes)
+    def spy(name, cfg, splits, classes, chosen=None):
+        res = fit_method(name, cfg, splits, classes, chosen)
         fitted[name] = (res, splits["test"].paths)
         return res
 

@@ -12,6 +12,7 @@ from transferlab.study import StudyConfig, run_study
 
 
 def _cfg(data, out, cache_dir, **kw):
+    kw.setdefault("methods", ["softmax", "svm"])  # the seed's study
     return StudyConfig(
         data=str(data),
         out=str(out),

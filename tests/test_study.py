@@ -25,6 +25,7 @@ TINY = [
 
 
 def _cfg(data, out, cache_dir, **kw):
+    kw.setdefault("methods", ["softmax", "svm"])  # the seed's study
     return StudyConfig(
         data=str(data),
         out=str(out),

@@ -293,6 +293,14 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         "instead of the validation split; final models are still fitted on train (default 0: off)",
     )
     p.add_argument(
+        "--selection",
+        choices=("auto", "repeated-cv", "validation", "kfold"),
+        default="auto",
+        help="how the method is chosen: repeated-cv (repeated stratified K-fold on train + valid, honest tuned "
+        "scores, one-SE rule), validation (the validation split), kfold (--cv K); auto: repeated-cv for "
+        "--methods auto, else validation (kfold with --cv)",
+    )
+    p.add_argument(
         "--no-data-efficiency",
         dest="data_efficiency",
         action="store_false",
@@ -318,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default="runs/study", help="report folder")
     run.add_argument(
-        "--methods", default="softmax,svm", help="comma-separated methods, or 'all' (" + _methods_help() + ")"
+        "--methods",
+        default="auto",
+        help="comma-separated methods, 'auto' (the default: the seed's two as baselines and the candidates, "
+        "chosen by repeated CV) or 'all' (" + _methods_help() + ")",
     )
     run.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs")
     _add_selection_args(run)
@@ -422,7 +433,7 @@ def _study_config(args, **over):
         **_finetune_options(args),
         **{
             k: getattr(args, k)
-            for k in ("tta", "flip_train", "cv", "select_metric", "data_efficiency", "dup_threshold")
+            for k in ("tta", "flip_train", "cv", "selection", "select_metric", "data_efficiency", "dup_threshold")
             if hasattr(args, k)
         },
         **over,
@@ -441,11 +452,13 @@ def cmd_run(args) -> int:
         _check_numbers(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
+    from .config import ConfigError, resolve_selection
     from .heads.registry import resolve_methods
 
     try:
+        cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
         cfg.methods = resolve_methods(cfg.methods)  # "all": every method in --methods all
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         raise DatasetError(str(exc)) from None
     _check_writable(cfg.out)
     _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)

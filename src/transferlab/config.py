@@ -36,7 +36,7 @@ class StudyConfig:
     out: str = "runs/study"
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["softmax", "svm"])
+    methods: list[str] = field(default_factory=lambda: ["auto"])  # auto: the seed's two + the default candidates
     epochs: int = 50
     seed: int = 0
     input_size: tuple[int, int] | None = None
@@ -60,12 +60,35 @@ class StudyConfig:
     select_metric: str = "macro_f1"  # validation metric that tunes heads and selects the method
     data_efficiency: bool = True  # the selected head's validation curve over images per class
     cv: int = 0  # >= 2: tune and select by k-fold CV over train + valid instead of the validation split
+    # how the method is chosen: "repeated-cv" (evaluation.crossval), "validation" (the validation split),
+    # "kfold" (--cv K); "auto": repeated-cv for the default methods (`auto`), else validation or kfold
+    selection: str = "auto"
     flip_train: bool = False  # heads also train on each training image's flipped features (predict on the mean)
     dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
 
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says why."""
+
+
+SELECTIONS = ("auto", "repeated-cv", "validation", "kfold")
+
+
+def resolve_selection(cfg: StudyConfig) -> str:
+    """The selection protocol `cfg` asks for, "auto" resolved (call before `methods` is resolved: "auto" among
+    the methods means the default run, which selects by repeated CV)."""
+    if cfg.selection not in SELECTIONS:
+        raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got '{cfg.selection}'")
+    kfold = bool(cfg.cv and cfg.cv >= 2)
+    if cfg.selection == "auto":
+        if kfold:
+            return "kfold"
+        return "repeated-cv" if "auto" in cfg.methods and not cfg.flip_train else "validation"
+    if cfg.selection == "repeated-cv" and (kfold or cfg.flip_train):
+        raise ConfigError("selection repeated-cv chooses its own folds and works on one view: drop --cv / --flip-train")
+    if cfg.selection == "kfold" and not kfold:
+        raise ConfigError("selection kfold needs --cv K (K >= 2)")
+    return cfg.selection
 
 
 def _plain(v):

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .config import StudyConfig
+from .config import StudyConfig, resolve_selection
 from .data.datasets import DatasetWarning, discover
 from .evaluation.metrics import evaluate, full_proba
 from .features.backbones import load_backbone
@@ -132,12 +132,43 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
     return found
 
 
-def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str]) -> dict:
-    """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator."""
+def _one_point(grid_point: dict) -> list[dict]:
+    return [{k: [v] for k, v in grid_point.items()}]
+
+
+def chosen_head(name: str, cfg: StudyConfig, params: dict):
+    """The head `name` with the hyperparameters repeated CV chose (`evaluation.crossval`): a tuned head searches
+    only that grid point, an ensemble's members are fixed at theirs; a seed head has none to set."""
+    kind = method_info(name).kind
+    est = make_head(name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, flip_train=cfg.flip_train)
+    if kind == "tuned":
+        est.set_params(param_grid=_one_point(params))
+    elif kind == "ensemble":
+        members = tuple(
+            (
+                m,
+                make_head(m, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric).set_params(
+                    param_grid=_one_point(p)
+                ),
+            )
+            for m, p in params.items()
+        )
+        est.set_params(members=members)
+    return est
+
+
+def fit_method(
+    name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str], chosen: dict | None = None
+) -> dict:
+    """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator. `chosen`:
+    the hyperparameters repeated CV chose for it (`chosen_head`)."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
-    est = make_head(
-        name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv, flip_train=cfg.flip_train
-    )
+    if chosen is not None:
+        est = chosen_head(name, cfg, chosen)
+    else:
+        est = make_head(
+            name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv, flip_train=cfg.flip_train
+        )
     if cfg.params.get(name):
         est.set_params(**cfg.params[name])
     heads = HeadCache(cfg.cache_dir)  # a head fitted on these very features before is loaded
@@ -174,6 +205,28 @@ def fit_method(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], cl
     return out
 
 
+def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar) -> dict:
+    """Repeated stratified CV over train + valid of the methods that have a fold path (`evaluation.crossval`);
+    the others (fine-tuning, the seed's softmax) are listed as `left_out` and reported as baselines."""
+    from .evaluation.crossval import cross_validate, plan, steps
+
+    tr, va = splits["train"], splits["valid"]
+    X, y = np.concatenate([tr.X, va.X]), np.concatenate([tr.y, va.y])
+    candidates = [m for m in cfg.methods if method_info(m).cv is not None]
+    folds = plan(y, cfg.seed)
+    task = bar.add_task(f"selection: {folds.describe()}", total=steps(candidates, folds))
+
+    def step(description: str) -> None:
+        bar.update(task, description=f"selection: {description}", advance=1)
+
+    out = cross_validate(
+        X, y, candidates, metric=cfg.select_metric, seed=cfg.seed, epochs=cfg.epochs, plan_=folds, on_step=step
+    )
+    bar.update(task, description=f"selection: {folds.describe()}")
+    out["left_out"] = [m for m in cfg.methods if m not in out["methods"]]
+    return out
+
+
 @contextmanager
 def _progress(enabled: bool):
     """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
@@ -196,7 +249,8 @@ def run_study(cfg: StudyConfig) -> dict:
     metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
     start = time.perf_counter()
     out = Path(cfg.out)
-    cfg.methods = resolve_methods(cfg.methods)  # "all": every head
+    cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
+    cfg.methods = resolve_methods(cfg.methods)  # "all": every head; "auto": the default run's
     _seed_everything(cfg.seed)
     ds = discover(
         cfg.data,
@@ -206,6 +260,13 @@ def run_study(cfg: StudyConfig) -> dict:
         allow_outside=cfg.allow_outside,
     )
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size)
+    if cfg.input_size is None:  # the images' typical aspect at the backbone's native scale, not a square
+        from dataclasses import replace
+
+        from .features.input_size import aspect_input_size, median_aspect
+
+        size = aspect_input_size(bb.input_size, median_aspect([s.path for s in ds.split("train")]))
+        bb = replace(bb, input_size=size)
     splits, extract_info = extract_splits(cfg, ds, bb)
     timings = {"extract": time.perf_counter() - start}
     if len(np.unique(splits["train"].y)) < 2:
@@ -219,9 +280,11 @@ def run_study(cfg: StudyConfig) -> dict:
     warn_untrained_classes(ds, splits, extract_info["skipped"])
     from .features.distributed import is_main
 
-    results = {}
+    results, cv_selection = {}, None
     with _progress(cfg.progress and is_main()) as bar:
         t0 = time.perf_counter()
+        if cfg.selection == "repeated-cv":
+            cv_selection = select_by_cv(cfg, splits, bar)
         task = bar.add_task("heads", total=len(cfg.methods))
         for name in cfg.methods:
             bar.update(task, description=f"heads: {name}")
@@ -231,7 +294,8 @@ def run_study(cfg: StudyConfig) -> dict:
 
                 results[name] = fit_finetune(cfg, splits, ds.classes, bb)
             else:
-                results[name] = fit_method(name, cfg, splits, ds.classes)
+                chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
+                results[name] = fit_method(name, cfg, splits, ds.classes, chosen)
             bar.advance(task)
         bar.update(task, description="heads")
         timings["heads"] = time.perf_counter() - t0
@@ -253,6 +317,7 @@ def run_study(cfg: StudyConfig) -> dict:
             efficiency=cfg.data_efficiency,
             cv=cfg.cv,
             cache=HeadCache(cfg.cache_dir),
+            cv_selection=cv_selection,
         )
         bar.advance(task)
         leakage = check_leakage(splits, threshold=cfg.dup_threshold)

@@ -67,12 +67,22 @@ def analyse(
     efficiency: bool = True,
     cv: int = 0,
     cache=None,
+    cv_selection: dict | None = None,
 ) -> dict:
-    """Selection (validation), data efficiency (train/valid), then test statistics; see the module doc."""
-    scores, protocol, left_out = selection_scores(results, splits, cv, seed, cache)
+    """Selection (validation, or `cv_selection`: `evaluation.crossval`'s repeated CV, done before the heads were
+    fitted), data efficiency (train/valid), then test statistics; see the module doc."""
+    if cv_selection is not None:
+        scores = {n: r["score"] for n, r in cv_selection["methods"].items()}
+        protocol, left_out = cv_selection["protocol"], cv_selection["left_out"]
+    else:
+        scores, protocol, left_out = selection_scores(results, splits, cv, seed, cache)
     if not scores:
         return {"selected": None, "selection": {"metric": metric, "note": "no validation split: nothing selected"}}
     selection = select_method(scores, metric)
+    if cv_selection is not None:  # the noise-aware rule's choice, and why, over the plain ranking
+        selection["method"] = cv_selection["method"]
+        selection["valid"] = scores[cv_selection["method"]]
+        selection["cv"] = {k: v for k, v in cv_selection.items() if k not in ("method", "left_out")}
     chosen = selection["method"]
     seeds = [m for m in registry.names("seed") if m in scores]
     baseline = select_method({m: scores[m] for m in seeds}, metric)["method"] if seeds else None

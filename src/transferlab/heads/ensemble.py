@@ -12,11 +12,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .inputs import eval_set_inputs, fit_inputs
+from .paths import EnsemblePath
 from .registry import register
 from .search import ValidationSearch, fixed, score
 from .tuned import TUNED, make_tuned
 
-ENSEMBLE_MEMBERS = ("svm_tuned", "logreg", "linear_svm", "softmax_tuned")
+ENSEMBLE_MEMBERS = ("svm_tuned", "logreg", "lda")
 
 
 class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
@@ -180,6 +181,8 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
     exportable=False,
     class_weights=True,
     cost="minutes",
+    default=True,
+    cv=EnsemblePath(ENSEMBLE_MEMBERS),
     description="soft vote (mean probabilities) of the tuned heads "
     + ", ".join(ENSEMBLE_MEMBERS)
     + "; nested under --cv",

@@ -23,7 +23,9 @@ class MethodInfo:
     scikit-learn estimator (None for end-to-end methods); `exportable`: its bundle exports to one ONNX graph;
     `class_weights`: it counters class imbalance (balanced weights or priors); `cost`: rough fitting time on
     cached features of a few thousand images ("seconds", "minutes"; "hours" for end-to-end on a CPU);
-    `in_all`: part of `--methods all`."""
+    `in_all`: part of `--methods all`; `cv`: how `evaluation.crossval` cross-validates it on features (a
+    `heads.paths.FoldPath`, or an `EnsemblePath` naming the members whose probabilities it averages; None: it is
+    not a candidate of the default selection); `default`: part of the default run (`--methods auto`)."""
 
     name: str
     kind: str
@@ -33,13 +35,24 @@ class MethodInfo:
     class_weights: bool
     cost: str
     in_all: bool = True
+    cv: object | None = None
+    default: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
 def register(
-    name: str, *, kind: str, description: str, exportable: bool, class_weights: bool, cost: str, in_all: bool = True
+    name: str,
+    *,
+    kind: str,
+    description: str,
+    exportable: bool,
+    class_weights: bool,
+    cost: str,
+    in_all: bool = True,
+    cv=None,
+    default: bool = False,
 ):
     """Decorator: declare the builder of method `name` (see `MethodInfo`)."""
     if kind not in KINDS:
@@ -48,7 +61,7 @@ def register(
     def deco(build):
         if name in METHODS:
             raise ValueError(f"method '{name}' is registered twice")
-        METHODS[name] = MethodInfo(name, kind, build, description, exportable, class_weights, cost, in_all)
+        METHODS[name] = MethodInfo(name, kind, build, description, exportable, class_weights, cost, in_all, cv, default)
         return build
 
     return deco
@@ -80,11 +93,13 @@ def get(name: str) -> MethodInfo:
 
 
 def resolve_methods(methods) -> list[str]:
-    """Method names with "all" expanded to every method in `--methods all`, in order, without repeats; an
-    unknown name is an error naming the known ones."""
+    """Method names with "all" expanded to every method in `--methods all` and "auto" to the default run's
+    (the seed's two and the default candidates), in order, without repeats; an unknown name is an error naming
+    the known ones."""
     out: list[str] = []
+    groups = {"all": [n for n in names() if METHODS[n].in_all], "auto": [n for n in names() if METHODS[n].default]}
     for m in methods:
-        for name in [n for n in names() if METHODS[n].in_all] if m == "all" else (m,):
+        for name in groups.get(m, (m,)):
             get(name)
             if name not in out:
                 out.append(name)

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 
+from .lbfgs import LBFGSLogisticRegression
+from .paths import FoldPath, generic_fold, lda_fold, logistic_fold, rbf_fold
 from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead
 from .registry import register
 from .search import ValidationSearch
@@ -38,6 +39,13 @@ class HeadSpec:
     cost: str = "seconds"
     posthoc: tuple[str, ...] = ()
     search_params: dict = field(default_factory=dict)
+    fold: Callable | None = None  # a fast fold path (`heads.paths`); None: `generic_fold`, one fit per point
+    proba: bool = True  # the fold path's scores are probabilities
+    default: bool = False  # a candidate of the default run
+
+    def path(self) -> FoldPath:
+        """How `evaluation.crossval` cross-validates this head over its grid."""
+        return FoldPath(self.grid, self.fold or generic_fold, self.proba, self.build)
 
 
 def _softmax(seed: int, epochs: int) -> Pipeline:
@@ -50,15 +58,20 @@ TUNED: dict[str, HeadSpec] = {
         cost="minutes",
         build=lambda seed, epochs: _pipe(KernelSVMHead(class_weight="balanced", seed=seed)),
         grid=[{"clf__C": [1.0, 10.0, 100.0], "clf__gamma_scale": [0.125, 0.25, 0.5, 1.0]}],
+        fold=rbf_fold,
+        proba=False,
+        default=True,
         search_params={"clf__probability": False},
         description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation",
     ),
     "logreg": HeadSpec(
         exportable=True,
-        cost="minutes",
-        build=lambda seed, epochs: _pipe(LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed)),
-        grid=[{"features__kind": ["standard", "pca_whiten"], "clf__C": [1e-3, 1e-2, 1e-1]}],
-        description="multinomial logistic regression (L-BFGS), class_weight=balanced; features x C on validation",
+        build=lambda seed, epochs: _pipe(LBFGSLogisticRegression(class_weight="balanced", max_iter=100)),
+        grid=[{"clf__C": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}],
+        fold=logistic_fold,
+        default=True,
+        description="multinomial logistic regression (full-batch L-BFGS in torch, warm-started along the C path), "
+        "standardised features, class_weight=balanced; C on validation",
     ),
     "linear_svm": HeadSpec(
         exportable=True,
@@ -72,6 +85,8 @@ TUNED: dict[str, HeadSpec] = {
         exportable=True,
         build=lambda seed, epochs: _pipe(ShrinkageLDAHead()),
         grid=[{"clf__class_weight": ["balanced", None]}],
+        fold=lda_fold,
+        default=True,
         description="linear discriminant analysis, Ledoit-Wolf shrinkage of the shared covariance, standardised "
         "features; class priors uniform (balanced) or as in train, on validation",
     ),
@@ -137,4 +152,6 @@ for _name, _spec in TUNED.items():
         exportable=_spec.exportable,
         class_weights=_spec.class_weights,
         cost=_spec.cost,
+        cv=_spec.path(),
+        default=_spec.default,
     )(partial(_build, _name))

@@ -54,6 +54,12 @@ def selection_caveat(metrics: dict, tag: str) -> str:
             + ", so validation scores are noisy, and a tuned head's score is the best of its grid, which "
             "flatters it a little."
         )
+    if metrics.get("selection", {}).get("cv"):
+        return (
+            "CV scores pool out-of-fold predictions of every train + valid image (averaged over repeats), so rare "
+            "classes weigh in with all their images. The `valid` numbers elsewhere in this report are the final "
+            "models' (fitted on train) on the validation split, which the CV also saw."
+        )
     return (
         "CV scores pool out-of-fold predictions of every train + valid image, so rare classes weigh in with "
         "all their images; a tuned head's score is still the best of its grid, which flatters it a little. "
@@ -77,14 +83,33 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
         else f"each grid point scored by {protocol} (pooled out-of-fold predictions), the chosen one then "
         "fitted on train"
     )
+    cvsel = sel.get("cv")
+    if cvsel:
+        c = cvsel["methods"][chosen]
+        headline = (
+            f"Selected: **{chosen}** by {protocol} ({cvsel['repeats']} repeat{'s' * (cvsel['repeats'] != 1)} of "
+            f"{cvsel['k']} folds) among {len(sel['ranking'])} methods: {cvsel['why']}. CV {name} "
+            f"{c['score'][sel['metric']]:.3f}. Every method's CV score is honest: a tuned head's grid point is "
+            "chosen for each fold on the other folds' out-of-fold predictions, so no score is a grid's maximum; "
+            "the ensemble is scored on the mean of its members' such predictions. The standard error (SE) of "
+            "each method's gap to the best is Nadeau and Bengio's, corrected for overlapping training sets. "
+            "Rule: among the methods within one SE of the best, the first in the preference order "
+            "(linear heads, LDA, the SVMs, the ensemble). Each chosen grid point (the best on all folds pooled) "
+            "was then fitted on train. Test labels played no part; test numbers below were computed once, "
+            "after selection."
+        )
+    else:
+        headline = (
+            f"Selected: **{chosen}**, the best {name} on the {protocol} of {len(sel['ranking'])} methods "
+            f"(macro-F1 {v['macro_f1']:.3f}, accuracy {v['accuracy']:.3f}, balanced accuracy "
+            f"{v['balanced_accuracy']:.3f}; ties broken by the other two, then by order). Tuned heads chose their "
+            f"hyperparameters the same way: {how}. Test labels "
+            "played no part; test numbers below were computed once, after selection."
+        )
     md = [
         "## Selection and statistics",
         "",
-        f"Selected: **{chosen}**, the best {name} on the {protocol} of {len(sel['ranking'])} methods "
-        f"(macro-F1 {v['macro_f1']:.3f}, accuracy {v['accuracy']:.3f}, balanced accuracy "
-        f"{v['balanced_accuracy']:.3f}; ties broken by the other two, then by order). Tuned heads chose their "
-        f"hyperparameters the same way: {how}. Test labels "
-        "played no part; test numbers below were computed once, after selection."
+        headline
         + (
             f" Not candidates (no score under this protocol): {', '.join(sel['left_out'])}."
             if sel.get("left_out")
@@ -106,6 +131,8 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
             "selected",
         ]
     ]
+    if cvsel:
+        rows[0].insert(2, "SE of gap to best")
     for n, _ in sel["ranking"]:
         m = methods[n]
         mv = sel.get("scores", {}).get(n) or m.get("valid", {})
@@ -120,6 +147,8 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
                 "✓" if n == chosen else "",
             ]
         )
+        if cvsel:
+            rows[-1].insert(2, number(cvsel["methods"][n]["se"]))
     any_ci = next(iter(ci.values()), None)
     md += [
         markdown_table(rows),

@@ -214,7 +214,8 @@ def console_summary(metrics: dict) -> None:
             seconds(m["predict_seconds"]),
         )
     if metrics.get("selected"):
-        table.caption = f"* selected on validation {metrics['selection']['metric']}"
+        sel = metrics["selection"]
+        table.caption = f"* selected on {sel.get('protocol', 'validation')} {sel['metric']}"
     console = Console(stderr=False)
     console.print(table)
     stages = metrics.get("timings") or {}

@@ -1,0 +1,145 @@
+"""Benchmark: does the default `transferlab run` choose well on data it has never seen? (issue 16)
+
+Run by hand, not in CI:
+    uv run python benchmarks/selection.py [--data-root ../shared/data] [--datasets boats16,imagewoof10,...]
+                                          [--cache-dir DIR] [--input-size HxW] [--tag NAME]
+
+For each dataset: `transferlab run DATA` with the defaults (methods `auto`, selection by repeated CV over
+train + valid, the aspect-aware input size unless --input-size), then, from its metrics.json:
+- the selected method and why (its CV score and the SE of its gap to the best), its test accuracy / macro-F1 /
+  balanced accuracy, and the seed procedures' (softmax, svm) on the same features;
+- the best method in hindsight (test macro-F1) and the regret (hindsight-best test macro-F1 - selected's);
+  the regret of the plain rule "best CV score" too, for comparison with the one-SE rule;
+- the time split: extraction (cold, from the run's own `extract.cold_seconds`), heads (CV + final fits),
+  analysis, report, total; and (heads + analysis) / cold extraction.
+Test labels are read here, after every run has finished: they played no part in any choice. Writes
+benchmarks/results/selection[_TAG].json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from transferlab.features.backbones import parse_size
+from transferlab.report.format import markdown_table
+from transferlab.study import StudyConfig, run_study
+
+RESULTS = Path(__file__).parent / "results"
+DATASETS = ("boats16", "imagewoof10", "brain_mri4", "intel_scenes6")
+
+
+def summarise(name: str, m: dict) -> dict:
+    """One dataset's row from a run's metrics.json."""
+    sel = m["selection"]
+    cv = sel["cv"]
+    methods = m["methods"]
+    chosen, best_cv = m["selected"], cv["best"]
+    hindsight = max(methods, key=lambda n: methods[n]["macro_f1"])
+    seeds = {s: methods[s] for s in ("softmax", "svm") if s in methods}
+    t = m["timings"]
+    cold = m["extract"].get("cold_seconds") or m["extract"]["seconds"]
+    return {
+        "dataset": name,
+        "input_size": m["input_size"],
+        "protocol": sel["protocol"],
+        "selected": chosen,
+        "why": cv["why"],
+        "cv": {n: {"score": r["score"][sel["metric"]], "se": r["se"]} for n, r in cv["methods"].items()},
+        "test": {n: {k: methods[n][k] for k in ("accuracy", "macro_f1", "balanced_accuracy")} for n in methods},
+        "hindsight": hindsight,
+        "regret": methods[hindsight]["macro_f1"] - methods[chosen]["macro_f1"],
+        "regret_best_cv_rule": methods[hindsight]["macro_f1"] - methods[best_cv]["macro_f1"],
+        "best_cv": best_cv,
+        "seed_best_macro_f1": max((s["macro_f1"] for s in seeds.values()), default=None),
+        "seed_best_accuracy": max((s["accuracy"] for s in seeds.values()), default=None),
+        "timings": {**t, "extract_cold": cold},
+        "heads_analysis_over_cold_extract": (t["heads"] + t["analysis"]) / cold if cold else None,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = [
+        "dataset",
+        "input",
+        "selected (CV macro-F1 ± SE)",
+        "test acc / macro-F1 / bal. acc",
+        "seed softmax / svm macro-F1",
+        "hindsight best (macro-F1)",
+        "regret",
+        "regret of 'best CV'",
+        "extract (cold) / heads / analysis / report / total s",
+        "(heads+analysis) / extract",
+    ]
+    out = [head]
+    for r in rows:
+        s, t = r["selected"], r["timings"]
+        te = r["test"][s]
+        out.append(
+            [
+                r["dataset"],
+                "x".join(map(str, r["input_size"])),
+                f"{s} ({r['cv'][s]['score']:.3f} ± {r['cv'][s]['se']:.3f})",
+                f"{te['accuracy']:.3f} / {te['macro_f1']:.3f} / {te['balanced_accuracy']:.3f}",
+                " / ".join(f"{r['test'][n]['macro_f1']:.3f}" for n in ("softmax", "svm") if n in r["test"]),
+                f"{r['hindsight']} ({r['test'][r['hindsight']]['macro_f1']:.3f})",
+                f"{r['regret']:.3f}",
+                f"{r['regret_best_cv_rule']:.3f} ({r['best_cv']})",
+                f"{t['extract_cold']:.0f} / {t['heads']:.0f} / {t['analysis']:.0f} / {t['report']:.0f} / {t['total']:.0f}",
+                f"{r['heads_analysis_over_cold_extract']:.2f}",
+            ]
+        )
+    return markdown_table(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--cache-dir", default=None, help="feature cache (default: a fresh temporary folder: cold)")
+    ap.add_argument("--input-size", default=None, help="force one HxW (default: the aspect-aware default)")
+    ap.add_argument("--out", default=None, help="keep the runs' report folders here")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets.split(","):
+            out = Path(args.out or tmp) / name
+            cfg = StudyConfig(
+                data=str(Path(args.data_root) / name),
+                out=str(out),
+                cache_dir=args.cache_dir or str(Path(tmp) / "cache"),
+                input_size=parse_size(args.input_size),
+                progress=False,
+            )
+            rows.append(summarise(name, run_study(cfg)))
+            print(table(rows[-1:]), flush=True)
+    regrets = [r["regret"] for r in rows]
+    summary = {
+        "max_regret": max(regrets),
+        "mean_regret": sum(regrets) / len(regrets),
+        "mean_regret_best_cv_rule": sum(r["regret_best_cv_rule"] for r in rows) / len(rows),
+        "never_below_seed_macro_f1": all(
+            r["test"][r["selected"]]["macro_f1"] >= r["seed_best_macro_f1"] for r in rows if r["seed_best_macro_f1"]
+        ),
+        "accuracy_within_0.01_of_seed": all(
+            r["test"][r["selected"]]["accuracy"] >= r["seed_best_accuracy"] - 0.01
+            for r in rows
+            if r["seed_best_accuracy"]
+        ),
+    }
+    print(table(rows))
+    print(json.dumps(summary, indent=1))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"selection{'_' + args.tag if args.tag else ''}.json"
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
+    path.write_text(json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The default selection: repeated stratified K-fold CV over train + valid, honest for tuned heads, noise-aware.
+
+`plan` picks K from the smallest class (at most 5) and the repeats from the data size (more repeats for small
+sets, where one split is noisiest). `cross_validate` fits every candidate's grid on every fold through its fold
+path (`heads.paths`; features standardised and kernels computed once per fold) and keeps each grid point's
+out-of-fold (OOF) scores. Then, for each method:
+
+- **honest OOF predictions**: for each fold, the grid point is chosen on the *other* folds' OOF predictions of
+  the same repeat, and that point's predictions are the fold's. A grid's maximum is never compared with
+  untuned scores: every method's CV score is the score of its whole tuning procedure on images it did not
+  choose on (a held-out fold per choice);
+- the **ensemble** (soft vote) is scored on the mean of its members' honest OOF probabilities, no extra fits
+  but one Platt scaling per fold for the SVM member;
+- the method's **CV score** is the select metric of its honest OOF predictions (pooled per repeat, averaged
+  over repeats), with a standard error: the Nadeau-Bengio corrected SE of its per-fold differences to the best
+  method (paired, corrected for the overlap of training sets across folds).
+
+The **rule** (`rule="one_se"`): among the methods whose CV score is within one such SE of the best, the first
+in `PREFERENCE` (see there); `rule="best"`: the best CV score. Seed methods are scored like the rest and can
+be chosen. The chosen hyperparameters of each tuned method are its best grid point on all OOF predictions
+pooled (its final model is fitted with them). Only train + valid go in: nothing here sees test data.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
+
+from ..heads import registry
+from ..heads.search import METRICS, score
+
+RULES = ("one_se", "best")
+
+
+@dataclass
+class Plan:
+    """K, repeats and the folds: (repeat, fit indices, held-out indices) for each of K x repeats folds."""
+
+    k: int
+    repeats: int
+    seed: int
+    folds: list[tuple[int, np.ndarray, np.ndarray]]
+
+    def describe(self) -> str:
+        r = f"{self.repeats} x " if self.repeats > 1 else ""
+        return f"{r}{self.k}-fold stratified CV on train + valid"
+
+
+def plan(y, seed: int = 0, k: int | None = None, repeats: int | None = None, rows: int = 3000) -> Plan:
+    """K = the smallest class's count, clipped to [2, 5]; repeats = rows // len(y), clipped to [1, 3]: three
+    repeats below 1000 images, where one split is noisiest, one from 1500 on, where heads cost most."""
+    y = np.asarray(y)
+    counts = np.unique(y, return_counts=True)[1]
+    k = int(k or np.clip(counts.min(), 2, 5))
+    repeats = int(repeats or np.clip(rows // max(len(y), 1), 1, 3))
+    folds = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
+        for r in range(repeats):
+            skf = StratifiedKFold(k, shuffle=True, random_state=seed + r)
+            folds += [(r, a, b) for a, b in skf.split(np.zeros(len(y)), y)]
+    return Plan(k, repeats, seed, folds)
+
+
+def steps(methods: list[str], plan_: Plan) -> int:
+    """How many times `cross_validate` calls `on_step` for these methods: once per fold per method with a fold
+    path, once per fold per ensemble member."""
+    n = 0
+    for name in methods:
+        cv = registry.get(name).cv
+        if cv is None:
+            continue
+        if registry.get(name).kind == "ensemble":
+            n += len(cv.members) + len([m for m in cv.members if m not in methods])
+        else:
+            n += 1
+    return n * len(plan_.folds)
+
+
+def _metric(y, pred, metric: str) -> float:
+    return score(y, pred)[metric]
+
+
+def _honest(S: np.ndarray, y: np.ndarray, plan_: Plan, metric: str) -> tuple[np.ndarray, list[int], int]:
+    """S: (G, R, n, k) OOF scores. Honest predictions (R, n), the point chosen for each fold, the point chosen on
+    everything (the final model's)."""
+    pred = S.argmax(axis=3)  # (G, R, n)
+    G = len(S)
+    honest = np.empty(pred.shape[1:], dtype=np.int64)
+    chosen = []
+    for r, _, held in plan_.folds:
+        other = np.ones(len(y), bool)
+        other[held] = False
+        g = 0 if G == 1 else int(np.argmax([_metric(y[other], pred[i, r, other], metric) for i in range(G)]))
+        chosen.append(g)
+        honest[r, held] = pred[g, r, held]
+    overall = (
+        0
+        if G == 1
+        else int(np.argmax([np.mean([_metric(y, pred[i, r], metric) for r in range(plan_.repeats)]) for i in range(G)]))
+    )
+    return honest, chosen, overall
+
+
+def cross_validate(
+    X,
+    y,
+    methods: list[str],
+    *,
+    metric: str = "macro_f1",
+    seed: int = 0,
+    epochs: int = 50,
+    plan_: Plan | None = None,
+    rule: str = "one_se",
+    on_step=None,
+) -> dict:
+    """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
+
+    Returns what metrics.json's `selection` holds (see the module doc): per method its CV `score` (the three
+    metrics), `fold_scores`, `se`, `params` (its final model's), `seconds`; the `method` chosen and `why`.
+    `on_step(description)` is called as work advances (the study's progress bar).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got '{rule}'")
+    X = np.asarray(X, dtype=np.float32)
+    classes, y = np.unique(np.asarray(y), return_inverse=True)
+    k = len(classes)
+    plan_ = plan_ or plan(y, seed)
+    step = on_step or (lambda _d: None)
+    out: dict[str, dict] = {}
+    honest: dict[str, np.ndarray] = {}
+    state: dict[str, tuple] = {}
+    extra: dict[str, dict] = {}  # members computed only for an ensemble
+    needed = list(methods)  # an ensemble's members are cross-validated for it even when not asked for
+    for name in methods:
+        info = registry.get(name)
+        if info.kind == "ensemble" and info.cv is not None:
+            needed += [m for m in info.cv.members if m not in needed]
+    for name in needed:
+        info = registry.get(name)
+        cv = info.cv
+        if cv is None or info.kind == "ensemble":
+            continue
+        t0 = time.perf_counter()
+        points = cv.points()
+        S = np.empty((len(points), plan_.repeats, len(y), k), dtype=np.float32)
+        with threadpool_limits(None):
+            for j, (r, a, b) in enumerate(plan_.folds):
+                step(f"CV {name}: fold {j + 1}/{len(plan_.folds)}")
+                for g, s in enumerate(cv.fold(X[a], y[a], X[b], k, points, seed=seed, epochs=epochs)):
+                    S[g, r, b] = s
+        hon, chosen, overall = _honest(S, y, plan_, metric)
+        state[name] = (S, chosen, points, cv)
+        info_out = {"params": points[overall], "grid_points": len(points), "seconds": time.perf_counter() - t0}
+        if name in methods:
+            honest[name], out[name] = hon, info_out
+        else:
+            extra[name] = info_out
+    for name in methods:  # ensembles: the mean of their members' honest OOF probabilities
+        info = registry.get(name)
+        if info.kind != "ensemble" or info.cv is None:
+            continue
+        members = [m for m in info.cv.members if m in state]
+        if not members:
+            continue
+        t0 = time.perf_counter()
+        P = np.zeros((plan_.repeats, len(y), k), dtype=np.float64)
+        for m in members:
+            S, chosen, points, cv = state[m]
+            for j, (r, a, b) in enumerate(plan_.folds):
+                step(f"CV {name}: {m} probabilities, fold {j + 1}/{len(plan_.folds)}")
+                P[r, b] += cv.probabilities(
+                    S[chosen[j], r, b], X[a], y[a], X[b], k, points[chosen[j]], seed=seed, epochs=epochs
+                )
+        honest[name] = P.argmax(axis=2)
+        out[name] = {
+            "params": {m: {**out, **extra}[m]["params"] for m in members},
+            "members": members,
+            "grid_points": 1,
+            "seconds": time.perf_counter() - t0,
+        }
+    if not honest:
+        raise ValueError(f"none of {', '.join(methods)} can be cross-validated on features")
+    for name, hon in honest.items():
+        per_repeat = [score(y, hon[r]) for r in range(plan_.repeats)]
+        out[name]["score"] = {m: float(np.mean([s[m] for s in per_repeat])) for m in METRICS}
+        out[name]["fold_scores"] = [_metric(y[b], hon[r, b], metric) for r, _, b in plan_.folds]
+    return {**decide(out, plan_, metric, rule, n=len(y)), "methods": out}
+
+
+# The order in which methods within one standard error of the best are preferred: the linear heads first
+# (one matrix product to predict, exportable to ONNX, calibrated probabilities), then LDA, the SVMs, and the
+# ensemble last (the costliest to run and not exportable). Methods not listed come after, in their order.
+PREFERENCE = ("logreg", "lda", "svm", "svm_tuned", "ensemble")
+
+
+def decide(out: dict, plan_: Plan, metric: str, rule: str, n: int) -> dict:
+    """The chosen method and why; sets each method's `se` (corrected SE of its difference to the best)."""
+    names = list(out)
+    best = max(names, key=lambda m: (out[m]["score"][metric], -names.index(m)))
+    fb = np.array(out[best]["fold_scores"])
+    n_held = n / plan_.k
+    for m in names:
+        d = fb - np.array(out[m]["fold_scores"])
+        J = len(d)
+        var = float(d.var(ddof=1)) if J > 1 else 0.0
+        out[m]["se"] = float(np.sqrt((1 / J + n_held / (n - n_held)) * var))  # Nadeau & Bengio (2003)
+        out[m]["gap"] = out[best]["score"][metric] - out[m]["score"][metric]
+    close = [m for m in names if out[m]["gap"] <= out[m]["se"]]
+    if rule == "best":
+        chosen = best
+        why = f"best CV {metric}"
+    else:
+        rank = {m: (PREFERENCE.index(m) if m in PREFERENCE else len(PREFERENCE) + names.index(m)) for m in close}
+        chosen = min(close, key=rank.get)
+        why = (
+            f"best CV {metric}"
+            if chosen == best
+            else f"within one standard error of the best ({best}: {out[best]['score'][metric]:.3f}; "
+            f"{chosen}: {out[chosen]['score'][metric]:.3f} +- {out[chosen]['se']:.3f}) and first in the "
+            f"preference order {', '.join(PREFERENCE)}"
+        )
+    return {
+        "method": chosen,
+        "best": best,
+        "why": why,
+        "within_one_se": close,
+        "rule": rule,
+        "metric": metric,
+        "protocol": plan_.describe(),
+        "k": plan_.k,
+        "repeats": plan_.repeats,
+    }

@@ -1,0 +1,176 @@
+"""Every grid point of a head on one cross-validation fold, at the cost of a few fits.
+
+A fold path maps (X_fit, y_fit, X_held, n_classes, points) to one score matrix per grid point, shape
+(len(X_held), n_classes), whose row-wise argmax is that point's prediction (columns of classes absent from
+y_fit hold -inf). `evaluation.crossval` calls them for each fold of its repeated CV. The fast paths compute
+what is shared across a grid once per fold and give exactly the model the study then fits:
+- `logistic_fold`: standardise once, one warm-started L-BFGS path over C (`heads.lbfgs`), probabilities;
+- `rbf_fold`: standardise (or not, for the seed's SVM) once, one distance matrix, one kernel per gamma reused
+  across C (`SVC(kernel="precomputed")`); decision values, not probabilities;
+- `lda_fold`: standardise once, each class's shrunk covariance once, both prior rules from them;
+- `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
+`fold_proba` gives a point's probabilities where the path gave decision values (the ensemble needs them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from scipy.special import softmax
+from sklearn.base import clone
+from sklearn.covariance import ledoit_wolf
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import ParameterGrid
+from sklearn.svm import SVC
+from sklearn.utils.class_weight import compute_sample_weight
+
+from .lbfgs import logistic_path
+from .probes import sq_distances, svc_probability_quiet
+
+
+def _standardise(Xf: np.ndarray, Xh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's transform (population std, constant columns left at scale 1), fitted on Xf."""
+    mu = Xf.mean(0, dtype=np.float64)
+    sd = Xf.std(0, dtype=np.float64)
+    sd[sd == 0] = 1.0
+    return ((Xf - mu) / sd).astype(np.float32), ((Xh - mu) / sd).astype(np.float32)
+
+
+def _full(scores: np.ndarray, present: np.ndarray, k: int) -> np.ndarray:
+    """Scores over the classes present in the fit part, placed in the columns of all k classes (-inf elsewhere)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim == 1:  # a binary decision value: score of present[1] minus present[0]
+        scores = np.stack([-scores, scores], axis=1) / 2
+    out = np.full((len(scores), k), -np.inf, dtype=np.float32)
+    out[:, present] = scores
+    return out
+
+
+def logistic_fold(Xf, yf, Xh, k, points, *, seed=0, max_iter=100):
+    """LBFGSLogisticRegression(C, class_weight="balanced", max_iter) after standardisation, every C of `points` in
+    one path (`max_iter`: the head's, so the fold's model is the one the study fits)."""
+    Xf, Xh = _standardise(Xf, Xh)
+    present, y_idx = np.unique(yf, return_inverse=True)
+    Cs = [p["clf__C"] for p in points]
+    path = logistic_path(
+        Xf, y_idx, len(present), Cs, sample_weight=compute_sample_weight("balanced", yf), max_iter=max_iter
+    )
+    return [_full(softmax(Xh @ W.T + b, axis=1), present, k) for W, b in path]
+
+
+def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced", seed=0):
+    """RBF SVC with gamma = gamma_scale / (d * var(X_fit)) for each (C, gamma_scale) of `points`: one distance
+    matrix per fold, one kernel per gamma. Decision values (one-vs-rest shape), argmax = SVC's prediction."""
+    if standardise:
+        Xf, Xh = _standardise(Xf, Xh)
+    present = np.unique(yf)
+    D, Dh = sq_distances(Xf, Xf), sq_distances(Xh, Xf)
+    var = float(Xf.var())
+    out: list = [None] * len(points)
+    by_gamma: dict[float, list[int]] = {}
+    for i, p in enumerate(points):
+        by_gamma.setdefault(float(p.get("clf__gamma_scale", 1.0)), []).append(i)
+    for gs, idx in by_gamma.items():
+        gamma = gs / (Xf.shape[1] * var) if var > 0 else gs
+        K, Kh = np.exp(-gamma * D, dtype=np.float64), np.exp(-gamma * Dh, dtype=np.float64)
+        for i in idx:
+            svc = SVC(kernel="precomputed", C=points[i].get("clf__C", 1.0), class_weight=class_weight)
+            svc.fit(K, yf)
+            out[i] = _full(svc.decision_function(Kh), present, k)  # binary: positive for present[1]
+    return out
+
+
+def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
+    """ShrinkageLDAHead (Ledoit-Wolf shrunk class covariances, lsqr) after standardisation, for each class prior
+    rule of `points` ("balanced": uniform; None: the fit part's frequencies): each class's shrunk covariance is
+    computed once and combined per rule, as `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")` does."""
+    Xf, Xh = _standardise(Xf, Xh)
+    Xf64 = Xf.astype(np.float64)
+    present, y_idx = np.unique(yf, return_inverse=True)
+    counts = np.bincount(y_idx).astype(np.float64)
+    means = np.stack([Xf64[y_idx == c].mean(0) for c in range(len(present))])
+    covs = [_shrunk_cov(Xf64[y_idx == c]) for c in range(len(present))]
+    out = []
+    for p in points:
+        priors = (
+            np.full(len(present), 1 / len(present))
+            if p.get("clf__class_weight") == "balanced"
+            else counts / counts.sum()
+        )
+        cov = sum(pi * C for pi, C in zip(priors, covs))
+        coef = scipy.linalg.solve(cov, means.T, assume_a="pos").T  # lsqr's lstsq solution: cov is shrunk, so SPD
+        intercept = -0.5 * np.einsum("kd,kd->k", means, coef) + np.log(priors)
+        out.append(_full(softmax(Xh @ coef.T + intercept, axis=1), present, k))
+    return out
+
+
+def _shrunk_cov(X: np.ndarray) -> np.ndarray:
+    """scikit-learn's LDA covariance with shrinkage="auto": Ledoit-Wolf on standardised columns, scaled back."""
+    if len(X) < 2:
+        return np.zeros((X.shape[1], X.shape[1]))
+    scale = X.std(0)
+    scale[scale == 0] = 1.0
+    s = ledoit_wolf((X - X.mean(0)) / scale)[0]
+    return scale[:, None] * s * scale[None, :]
+
+
+def generic_fold(estimator, Xf, yf, Xh, k, points):
+    """One clone of `estimator` per point (set_params), fitted on the fit part: its predict_proba (or decision values)."""
+    present = np.unique(yf)
+    out = []
+    for p in points:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            m = clone(estimator).set_params(**p).fit(Xf, yf)
+        s = m.predict_proba(Xh) if hasattr(m, "predict_proba") else m.decision_function(Xh)
+        out.append(_full(s, present, k))
+    return out
+
+
+def fold_proba(estimator, point: dict, Xf, yf, Xh, k) -> np.ndarray:
+    """Probabilities of one point on the held part: `estimator` with `point` and probability=True, fitted on Xf."""
+    m = clone(estimator).set_params(**point)
+    on = {n: True for n in m.get_params() if n.split("__")[-1] == "probability"}
+    with svc_probability_quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m.set_params(**on).fit(Xf, yf)
+    p = np.zeros((len(Xh), k), dtype=np.float32)
+    p[:, np.unique(yf)] = m.predict_proba(Xh)
+    return p
+
+
+@dataclass(frozen=True)
+class FoldPath:
+    """How `evaluation.crossval` cross-validates a method: its `grid` (scikit-learn ParameterGrid form), `fold`
+    (one of the functions above, keywords bound), `proba` (whether `fold`'s scores are probabilities) and
+    `build(seed, epochs)`, the estimator that `fold_proba` refits where they are not."""
+
+    grid: list
+    fold_fn: Callable
+    proba: bool
+    build: Callable | None = None
+
+    def points(self) -> list[dict]:
+        return list(ParameterGrid(self.grid))
+
+    def fold(self, Xf, yf, Xh, k, points, *, seed=0, epochs=50):
+        if self.fold_fn is generic_fold:
+            return generic_fold(self.build(seed, epochs), Xf, yf, Xh, k, points)
+        return self.fold_fn(Xf, yf, Xh, k, points, seed=seed)
+
+    def probabilities(self, scores, Xf, yf, Xh, k, point, *, seed=0, epochs=50) -> np.ndarray:
+        """Probabilities on the held part for one point, given that point's fold scores."""
+        if self.proba:
+            return np.nan_to_num(np.asarray(scores, dtype=np.float32), neginf=0.0)
+        return fold_proba(self.build(seed, epochs), point, Xf, yf, Xh, k)
+
+
+@dataclass(frozen=True)
+class EnsemblePath:
+    """An ensemble is cross-validated as the mean of its `members`' honest OOF probabilities (no fits of its own)."""
+
+    members: tuple[str, ...]

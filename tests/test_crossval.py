@@ -1,0 +1,273 @@
+"""The default selection (issue 16): fast fold paths that give the study's own models, honest repeated CV, the
+one-SE rule, the aspect-aware input size, and a default run that never reads test labels before selecting."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from transferlab.cli import main
+from transferlab.config import ConfigError, StudyConfig, resolve_selection
+from transferlab.evaluation.crossval import PREFERENCE, Plan, _honest, cross_validate, decide, plan
+from transferlab.features.backbones import load_backbone
+from transferlab.features.input_size import aspect_input_size, median_aspect
+from transferlab.heads import registry
+from transferlab.heads.lbfgs import LBFGSLogisticRegression, logistic_path
+from transferlab.heads.paths import generic_fold, lda_fold, logistic_fold, rbf_fold
+from transferlab.heads.tuned import TUNED
+from transferlab.study import run_study
+
+from .conftest import make_imagefolder
+from .test_selection import _shuffle_test_folders
+
+
+def _blobs(n=240, d=24, k=4, seed=0, rare=8):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    y[:rare] = k - 1
+    centres = rng.normal(size=(k, d)) * 1.5
+    X = (centres[y] + rng.normal(size=(n, d)) * 2.0).astype(np.float32)
+    return X, y
+
+
+# ------------------------------------------------------------------ the solver and the fold paths
+
+
+def test_lbfgs_logistic_regression_reaches_scikit_learns_optimum():
+    X, y = _blobs(300, 16, 4)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    for C in (1e-3, 1e-1):
+        ours = LBFGSLogisticRegression(C=C, class_weight="balanced", max_iter=500).fit(X, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = LogisticRegression(C=C, class_weight="balanced", max_iter=5000, tol=1e-8).fit(X, y)
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+        assert (ours.predict(X) == ref.predict(X)).mean() >= 0.99
+    binary = LBFGSLogisticRegression(C=1.0).fit(X, y % 2)
+    assert binary.coef_.shape == (1, X.shape[1]) and set(binary.predict(X)) <= {0, 1}
+
+
+def test_logistic_path_solves_each_C_as_a_fresh_solve_would():
+    X, y = _blobs(200, 12, 3)
+    warm = logistic_path(X, y, 3, [1e-3, 1e-2, 1e-1], max_iter=500, tol=1e-6)
+    for (W, b), C in zip(warm, [1e-3, 1e-2, 1e-1]):
+        ((W1, b1),) = logistic_path(X, y, 3, [C], max_iter=500, tol=1e-6)
+        np.testing.assert_allclose(W, W1, atol=1e-3)
+    # stronger regularisation, smaller weights: the path is not one solution repeated
+    assert np.linalg.norm(warm[0][0]) < np.linalg.norm(warm[2][0])
+
+
+@pytest.mark.parametrize("name", ["logreg", "lda", "svm_tuned"])
+def test_fast_fold_paths_give_the_models_the_study_fits(name):
+    X, y = _blobs()
+    spec = TUNED[name]
+    points = spec.path().points()
+    fast = {"logreg": logistic_fold, "lda": lda_fold, "svm_tuned": rbf_fold}[name](X[:180], y[:180], X[180:], 4, points)
+    for p, s in zip(points, fast):
+        model = spec.build(0, 50).set_params(**p).fit(X[:180], y[:180])
+        assert (s.argmax(1) == model.predict(X[180:])).mean() >= (0.98 if name == "logreg" else 1.0), p
+        if spec.proba:
+            np.testing.assert_allclose(s, model.predict_proba(X[180:]), atol=2e-3 if name == "logreg" else 1e-5)
+
+
+def test_seed_svm_fold_path_is_scikit_learns_rbf_svc():
+    X, y = _blobs()
+    (s,) = registry.get("svm").cv.fold(X[:180], y[:180], X[180:], 4, [{}])
+    ref = SVC(kernel="rbf").fit(X[:180], y[:180])
+    assert (s.argmax(1) == ref.predict(X[180:])).all()
+
+
+def test_a_class_missing_from_a_fold_gets_minus_inf_not_a_shifted_column():
+    X, y = _blobs()
+    keep = y[:180] != 2
+    (s,) = generic_fold(
+        make_pipeline(StandardScaler(), LogisticRegression()), X[:180][keep], y[:180][keep], X[180:], 4, [{}]
+    )
+    assert np.isneginf(s[:, 2]).all() and np.isfinite(s[:, [0, 1, 3]]).all()
+    assert set(s.argmax(1)) <= {0, 1, 3}
+
+
+# ------------------------------------------------------------------ honest CV and the rule
+
+
+def test_plan_takes_k_from_the_rarest_class_and_repeats_from_the_size():
+    y = np.repeat([0, 1, 2], [50, 40, 3])
+    p = plan(y)
+    assert p.k == 3 and p.repeats == 3 and len(p.folds) == 9
+    for r, a, b in p.folds:
+        assert len(np.intersect1d(a, b)) == 0 and len(a) + len(b) == len(y)
+    for r in range(3):  # every image held out exactly once per repeat
+        held = np.concatenate([b for rr, _, b in p.folds if rr == r])
+        assert sorted(held) == list(range(len(y)))
+    big = plan(np.arange(4000) % 10)
+    assert big.k == 5 and big.repeats == 1
+
+
+def test_each_fold_takes_the_grid_point_best_on_the_other_folds():
+    """Point 0 is right on fold 0 only, point 1 everywhere else: fold 0 must take point 1 (its choice is made on
+    the other folds), so no fold is scored with a point chosen on itself."""
+    y = np.array([0, 1] * 10)
+    folds = [(0, np.arange(10, 20), np.arange(10)), (0, np.arange(10), np.arange(10, 20))]
+    p = Plan(2, 1, 0, folds)
+    S = np.zeros((2, 1, 20, 2), dtype=np.float32)
+    S[0, 0, np.arange(10), y[:10]] = 1  # point 0: right on fold 0
+    S[0, 0, np.arange(10, 20), 1 - y[10:]] = 1  # wrong on fold 1
+    S[1, 0, np.arange(20), y] = 1  # point 1: right everywhere
+    S[1, 0, np.arange(5), 1 - y[:5]] = 1  # but half wrong on fold 0
+    S[1, 0, np.arange(5), y[:5]] = 0
+    honest, chosen, overall = _honest(S, y, p, "accuracy")
+    assert chosen == [1, 0]  # fold 0 chosen on fold 1 (point 1 wins there), fold 1 on fold 0 (point 0 wins)
+    assert (honest[0, :10] == S[1, 0, :10].argmax(1)).all() and (honest[0, 10:] == S[0, 0, 10:].argmax(1)).all()
+    assert overall == 1
+
+
+def test_tuned_cv_scores_are_not_grid_maxima_and_the_ensemble_votes_honest_members():
+    X, y = _blobs(200, 16, 4)
+    res = cross_validate(X, y, ["svm", "logreg", "lda", "svm_tuned", "ensemble"], metric="macro_f1", seed=0)
+    m = res["methods"]
+    assert set(m) == {"svm", "logreg", "lda", "svm_tuned", "ensemble"}
+    assert res["protocol"].endswith("-fold stratified CV on train + valid") and res["repeats"] == 3
+    for name, r in m.items():
+        assert 0 <= r["score"]["macro_f1"] <= 1 and r["se"] >= 0 and len(r["fold_scores"]) == 3 * res["k"]
+    assert m["ensemble"]["members"] == ["svm_tuned", "logreg", "lda"]
+    assert m["ensemble"]["params"]["logreg"] == m["logreg"]["params"]
+    assert res["method"] in res["within_one_se"] and res["best"] in res["within_one_se"]
+    # the same call again: the same folds, the same choice (nothing random left unseeded)
+    again = cross_validate(X, y, ["svm", "logreg", "lda", "svm_tuned", "ensemble"], metric="macro_f1", seed=0)
+    assert again["method"] == res["method"] and again["methods"]["svm_tuned"]["score"] == m["svm_tuned"]["score"]
+
+
+def test_an_ensemble_alone_cross_validates_its_members_without_reporting_them():
+    X, y = _blobs(160, 8, 3)
+    res = cross_validate(X, y, ["ensemble"])
+    assert list(res["methods"]) == ["ensemble"] and res["method"] == "ensemble"
+    assert set(res["methods"]["ensemble"]["params"]) == {"svm_tuned", "logreg", "lda"}
+
+
+def _scores(**fold_scores):
+    return {n: {"score": {"macro_f1": float(np.mean(f))}, "fold_scores": f} for n, f in fold_scores.items()}
+
+
+def test_one_se_rule_prefers_the_simpler_method_within_the_noise_and_not_beyond():
+    p = Plan(5, 1, 0, [None] * 5)
+    noisy = _scores(svm_tuned=[0.80, 0.90, 0.70, 0.85, 0.75], logreg=[0.79, 0.88, 0.72, 0.80, 0.76])
+    d = decide(noisy, p, "macro_f1", "one_se", n=500)
+    assert d["best"] == "svm_tuned" and d["method"] == "logreg" and "within one standard error" in d["why"]
+    assert PREFERENCE.index("logreg") < PREFERENCE.index("svm_tuned")
+    clear = _scores(svm_tuned=[0.90, 0.91, 0.89, 0.90, 0.92], logreg=[0.80, 0.80, 0.79, 0.81, 0.80])
+    assert decide(clear, p, "macro_f1", "one_se", n=500)["method"] == "svm_tuned"
+    assert decide(noisy, p, "macro_f1", "best", n=500)["method"] == "svm_tuned"
+
+
+# ------------------------------------------------------------------ the input size
+
+
+def test_aspect_input_size_keeps_the_short_side_native():
+    assert aspect_input_size((224, 224), 800 / 240) == (224, 736)
+    assert aspect_input_size((224, 224), 4 / 3) == (224, 288)
+    assert aspect_input_size((224, 224), 3 / 4) == (288, 224)
+    assert aspect_input_size((224, 224), 1.1) == (224, 224)  # within 15% of square
+    assert aspect_input_size((224, 224), 10.0) == (224, 896)  # clipped at 4:1
+    assert aspect_input_size((224, 224), None) == (224, 224)
+
+
+def test_median_aspect_reads_headers_and_skips_unreadable_files(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, size in enumerate([(300, 100), (320, 100), (200, 100)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert median_aspect(paths + [str(tmp_path / "bad.png")]) == pytest.approx(3.0)
+    assert median_aspect([str(tmp_path / "bad.png")]) is None
+
+
+# ------------------------------------------------------------------ the default run
+
+
+def test_selection_protocol_follows_the_methods_asked_for():
+    assert resolve_selection(StudyConfig(data="d")) == "repeated-cv"  # the default: methods auto
+    assert resolve_selection(StudyConfig(data="d", methods=["softmax", "svm"])) == "validation"  # the seed's study
+    assert resolve_selection(StudyConfig(data="d", cv=3)) == "kfold"
+    assert resolve_selection(StudyConfig(data="d", methods=["svm"], selection="repeated-cv")) == "repeated-cv"
+    with pytest.raises(ConfigError, match="drop --cv"):
+        resolve_selection(StudyConfig(data="d", selection="repeated-cv", cv=3))
+    assert set(registry.resolve_methods(["auto"])) == {"softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"}
+    for name in registry.resolve_methods(["auto"]):
+        assert registry.get(name).cv is not None or name == "softmax"  # the seed's softmax: a baseline only
+
+
+def _wide_data(root):
+    counts = {"train": {"ant": 16, "bee": 12, "cat": 9}, "test": {"ant": 5, "bee": 4, "cat": 4}}
+    return make_imagefolder(root, counts)  # 48x40 pictures: aspect 1.2
+
+
+def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path, cache_dir):
+    data = _wide_data(tmp_path / "data")
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "3", "--workers", "0"]
+    out = tmp_path / "run"
+    assert main(["run", str(data), "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress", *args]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["methods"]) == ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
+    sel = m["selection"]
+    assert sel["protocol"] == sel["cv"]["protocol"] and "stratified CV on train + valid" in sel["protocol"]
+    assert (
+        m["selected"] == sel["method"] and sel["left_out"] == ["softmax"] and sel["cv"]["best"] in sel["cv"]["methods"]
+    )
+    native = load_backbone("test_efficientnet", weights="random").input_size
+    assert tuple(m["input_size"]) == aspect_input_size(native, 48 / 40) != tuple(native)  # 1.2:1 images
+    for name in ("svm_tuned", "logreg", "lda"):  # the final models use the hyperparameters CV chose
+        chosen = sel["cv"]["methods"][name]["params"]
+        assert m["methods"][name]["tuning"]["best_params"] == chosen
+    report = (out / "report.md").read_text()
+    assert f"Selected: **{m['selected']}** by {sel['protocol']}" in report and "SE of gap to best" in report
+    assert m["config"]["selection"] == "repeated-cv"
+
+    wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder
+    cfg = StudyConfig(
+        data=str(wrong),
+        out=str(tmp_path / "run2"),
+        backbone="test_efficientnet",
+        weights="random",
+        epochs=3,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+    )
+    m2 = run_study(cfg)
+    assert m2["extract"]["computed"] == 0
+    assert m2["selected"] == m["selected"]
+
+    def no_times(cv):
+        return {**cv, "methods": {n: {k: v for k, v in r.items() if k != "seconds"} for n, r in cv["methods"].items()}}
+
+    assert no_times(m2["selection"]["cv"]) == no_times(sel["cv"])  # every CV score, SE and choice
+
+
+def test_seed_methods_alone_still_run_the_seed_study_on_the_validation_split(tmp_path, cache_dir):
+    data = _wide_data(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["run", str(data), "--out", str(out), "--methods", "softmax,svm", "--cache-dir", str(cache_dir)]
+    argv += [
+        "--backbone",
+        "test_efficientnet",
+        "--weights",
+        "random",
+        "--epochs",
+        "3",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selection"]["protocol"] == "validation split" and "cv" not in m["selection"]
+    assert list(m["methods"]) == ["softmax", "svm"]
