@@ -271,3 +271,25 @@ def test_seed_methods_alone_still_run_the_seed_study_on_the_validation_split(tmp
     m = json.loads((out / "metrics.json").read_text())
     assert m["selection"]["protocol"] == "validation split" and "cv" not in m["selection"]
     assert list(m["methods"]) == ["softmax", "svm"]
+
+
+class _Counting(LogisticRegression):
+    fits = 0
+
+    def fit(self, X, y, sample_weight=None):
+        type(self).fits += 1
+        return super().fit(X, y, sample_weight=sample_weight)
+
+
+def test_a_one_point_search_fits_its_model_once_and_scores_it_on_validation():
+    """The study fits each method at the point repeated CV chose as a one-point search: one fit, not a search fit
+    and a refit."""
+    from transferlab.heads.search import ValidationSearch, score
+
+    X, y = _blobs()
+    search = ValidationSearch(_Counting(), [{"C": [0.1]}], search_params={"max_iter": 5})
+    _Counting.fits = 0
+    search.fit(X[:180], y[:180], eval_set=(X[180:], y[180:]))
+    assert _Counting.fits == 1 and search.best_params_ == {"C": 0.1}
+    assert search.best_estimator_.max_iter == 100  # search-only settings do not reach the final model
+    assert search.best_valid_ == score(y[180:], search.predict(X[180:]))

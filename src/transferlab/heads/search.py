@@ -176,6 +176,9 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         X, y = fit_inputs(self, X, y)
         eval_set = eval_set_inputs(self, eval_set)
         folds = self._splits(X, y, eval_set)
+        points = list(ParameterGrid(self.param_grid))
+        if len(points) == 1 and self.validation_ == "validation split":  # nothing to choose: fit it once
+            return self._fit_only_point(points[0], X, y, folds[0], t0)
         search = dict(self.search_params or {})
         groups: dict[tuple, list[dict]] = {}
         for point in ParameterGrid(self.param_grid):
@@ -222,6 +225,19 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 self.best_estimator_ = clone(self.estimator).set_params(**self.best_params_).fit(X, y)
+        self.search_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _fit_only_point(self, point: dict, X, y, fold, t0: float):
+        """A one-point grid on a validation split (e.g. hyperparameters chosen by `evaluation.crossval`): the final
+        model (without search-only settings) is fitted once on (X, y) and scored on the validation split."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = clone(self.estimator).set_params(**point).fit(X, y)
+        s = score(fold[3], model.predict(fold[2]))
+        self.results_ = [{"params": point, "valid": s, "fit_seconds": time.perf_counter() - t0}]
+        self.best_params_, self.best_valid_, self.best_score_ = dict(point), s, s[self.scoring]
+        self.best_estimator_ = model
         self.search_seconds_ = time.perf_counter() - t0
         return self
 
