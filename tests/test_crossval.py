@@ -293,3 +293,32 @@ def test_a_one_point_search_fits_its_model_once_and_scores_it_on_validation():
     assert _Counting.fits == 1 and search.best_params_ == {"C": 0.1}
     assert search.best_estimator_.max_iter == 100  # search-only settings do not reach the final model
     assert search.best_valid_ == score(y[180:], search.predict(X[180:]))
+
+
+def test_kernel_heads_step_aside_above_their_size_and_the_ensemble_votes_without_them(monkeypatch):
+    """No head may need memory quadratic in the images: above KERNEL_MAX_ROWS fitting rows the RBF SVMs are not
+    cross-validated (their n x n kernels would not fit), with the reason, and the ensemble averages the rest."""
+    from transferlab.heads import paths
+
+    X, y = _blobs(160, 8, 3)
+    from dataclasses import replace
+
+    for name in ("svm", "svm_tuned"):
+        info = registry.get(name)
+        monkeypatch.setitem(registry.METHODS, name, replace(info, cv=replace(info.cv, max_rows=100)))
+    res = cross_validate(X, y, ["svm", "svm_tuned", "logreg", "ensemble"])
+    assert set(res["stepped_aside"]) == {"svm", "svm_tuned"} and "n² memory" in res["stepped_aside"]["svm"]
+    assert set(res["methods"]) == {"logreg", "ensemble"}
+    assert res["methods"]["ensemble"]["members"] == ["logreg", "lda"]
+    assert paths.KERNEL_MAX_ROWS >= 10000  # the default limit: kernels of 10k images (~1.2 GiB) still run
+
+
+def test_folds_in_two_processes_give_the_same_scores_and_choice_as_in_one():
+    X, y = _blobs(160, 8, 3)
+    methods = ["svm", "logreg", "lda", "svm_tuned", "ensemble"]
+    one = cross_validate(X, y, methods, n_jobs=1)
+    two = cross_validate(X, y, methods, n_jobs=2)
+    assert two["method"] == one["method"]
+    for name in methods:
+        assert two["methods"][name]["fold_scores"] == one["methods"][name]["fold_scores"], name
+        assert two["methods"][name]["params"] == one["methods"][name]["params"], name

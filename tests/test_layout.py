@@ -99,6 +99,7 @@ def test_readme_lists_exactly_the_registered_methods_with_kind_and_export():
         info = registry.get(name)
         assert cells[1] == info.kind, name
         assert cells[2] == ("yes" if info.exportable else "no"), name
+        assert cells[3] == ("no" if not info.default else "yes" if info.cv is not None else "baseline"), name
 
 
 def test_all_is_every_feature_method_and_unknown_names_are_refused():

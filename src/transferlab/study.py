@@ -223,7 +223,7 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar) -> dic
         X, y, candidates, metric=cfg.select_metric, seed=cfg.seed, epochs=cfg.epochs, plan_=folds, on_step=step
     )
     bar.update(task, description=f"selection: {folds.describe()}")
-    out["left_out"] = [m for m in cfg.methods if m not in out["methods"]]
+    out["left_out"] = [m for m in cfg.methods if m not in out["methods"] and m not in out["stepped_aside"]]
     return out
 
 
@@ -285,6 +285,10 @@ def run_study(cfg: StudyConfig) -> dict:
         t0 = time.perf_counter()
         if cfg.selection == "repeated-cv":
             cv_selection = select_by_cv(cfg, splits, bar)
+            for name, reason in cv_selection["stepped_aside"].items():  # kernel heads on very large sets
+                cfg.methods.remove(name)
+                ds.notes.append(f"{name} not run: {reason}")
+                warnings.warn(f"{name} not run: {reason}", DatasetWarning, stacklevel=2)
         task = bar.add_task("heads", total=len(cfg.methods))
         for name in cfg.methods:
             bar.update(task, description=f"heads: {name}")

@@ -56,6 +56,12 @@ def selection_scores(
     return scores, f"{cv}-fold CV on train + valid", left_out
 
 
+def efficiency_repeats(method: str) -> int:
+    """Draws per point of the data-efficiency curve: 3, or 1 for an ensemble (every draw refits all its members,
+    Platt scaling included: three draws cost it a minute on a few thousand images)."""
+    return 1 if registry.get(method).kind == "ensemble" else 3
+
+
 def analyse(
     results: dict,
     splits: dict,
@@ -95,9 +101,16 @@ def analyse(
         curve = _memo(
             cache,
             results[chosen],
-            f"data_efficiency-{metric}-{seed}",
+            f"data_efficiency-{metric}-{seed}-r{efficiency_repeats(chosen)}",
             lambda: data_efficiency(
-                results[chosen]["estimator"], _fit_X(tr), tr.y, va.X, va.y, metric=metric, seed=seed
+                results[chosen]["estimator"],
+                _fit_X(tr),
+                tr.y,
+                va.X,
+                va.y,
+                metric=metric,
+                seed=seed,
+                repeats=efficiency_repeats(chosen),
             ),
         )
         out["data_efficiency"] = {"method": chosen, **curve}

@@ -10,6 +10,8 @@ what is shared across a grid once per fold and give exactly the model the study 
 - `lda_fold`: standardise once, each class's shrunk covariance once, both prior rules from them;
 - `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
 `fold_proba` gives a point's probabilities where the path gave decision values (the ensemble needs them).
+Kernel paths hold n x n matrices: above `KERNEL_MAX_ROWS` fitting images their methods step aside (the study says
+so in its notes) rather than exhaust memory; the linear heads and LDA need memory linear in the images.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from .lbfgs import logistic_path
 from .probes import sq_distances, svc_probability_quiet
+
+KERNEL_MAX_ROWS = 12000  # ~1.6 GiB of kernel matrices per fold
 
 
 def _standardise(Xf: np.ndarray, Xh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +157,14 @@ class FoldPath:
     fold_fn: Callable
     proba: bool
     build: Callable | None = None
+    max_rows: int | None = None  # above this many fitting rows the method steps aside (memory ~ rows²)
+
+    def too_big(self, rows: int) -> str | None:
+        """Why the method steps aside at `rows` fitting rows (None: it does not)."""
+        if self.max_rows is None or rows <= self.max_rows:
+            return None
+        gib = rows * rows * 12 / 2**30  # a float32 distance matrix and a float64 kernel
+        return f"{rows} fitting images need {gib:.0f} GiB of kernel matrices (n² memory); the limit is {self.max_rows}"
 
     def points(self) -> list[dict]:
         return list(ParameterGrid(self.grid))

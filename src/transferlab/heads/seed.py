@@ -21,7 +21,7 @@ from sklearn.utils.metaestimators import available_if
 from torch import nn
 
 from .inputs import eval_set_inputs, fit_inputs, predict_inputs
-from .paths import FoldPath, rbf_fold
+from .paths import KERNEL_MAX_ROWS, FoldPath, rbf_fold
 from .probes import svc_probability_quiet, writable
 from .registry import register
 from .views import ViewAugmented
@@ -240,7 +240,11 @@ def seed_softmax(*, seed: int = 0, epochs: int = 50, flip_train: bool = False, *
     cost="seconds",
     default=True,
     cv=FoldPath(
-        [{}], partial(rbf_fold, standardise=False, class_weight=None), False, lambda seed, epochs: seed_svm(seed)
+        [{}],
+        partial(rbf_fold, standardise=False, class_weight=None),
+        False,
+        lambda seed, epochs: seed_svm(seed),
+        max_rows=KERNEL_MAX_ROWS,
     ),
     description="the seed's Model 2: SVC(kernel=\"rbf\") with scikit-learn's defaults",
 )

@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 
 from .lbfgs import LBFGSLogisticRegression
-from .paths import FoldPath, generic_fold, lda_fold, logistic_fold, rbf_fold
+from .paths import KERNEL_MAX_ROWS, FoldPath, generic_fold, lda_fold, logistic_fold, rbf_fold
 from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDAHead
 from .registry import register
 from .search import ValidationSearch
@@ -43,9 +43,11 @@ class HeadSpec:
     proba: bool = True  # the fold path's scores are probabilities
     default: bool = False  # a candidate of the default run
 
+    max_rows: int | None = None  # the fold path steps aside above this many fitting images (`heads.paths`)
+
     def path(self) -> FoldPath:
         """How `evaluation.crossval` cross-validates this head over its grid."""
-        return FoldPath(self.grid, self.fold or generic_fold, self.proba, self.build)
+        return FoldPath(self.grid, self.fold or generic_fold, self.proba, self.build, self.max_rows)
 
 
 def _softmax(seed: int, epochs: int) -> Pipeline:
@@ -61,6 +63,7 @@ TUNED: dict[str, HeadSpec] = {
         fold=rbf_fold,
         proba=False,
         default=True,
+        max_rows=KERNEL_MAX_ROWS,
         search_params={"clf__probability": False},
         description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation",
     ),

@@ -87,15 +87,18 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     if cvsel:
         c = cvsel["methods"][chosen]
         headline = (
-            f"Selected: **{chosen}** by {protocol} ({cvsel['repeats']} repeat{'s' * (cvsel['repeats'] != 1)} of "
-            f"{cvsel['k']} folds) among {len(sel['ranking'])} methods: {cvsel['why']}. CV {name} "
+            f"Selected: **{chosen}** by {protocol} among {len(sel['ranking'])} methods: {cvsel['why']}. CV {name} "
             f"{c['score'][sel['metric']]:.3f}. Every method's CV score is honest: a tuned head's grid point is "
             "chosen for each fold on the other folds' out-of-fold predictions, so no score is a grid's maximum; "
             "the ensemble is scored on the mean of its members' such predictions. The standard error (SE) of "
             "each method's gap to the best is Nadeau and Bengio's, corrected for overlapping training sets. "
-            "Rule: among the methods within one SE of the best, the first in the preference order "
-            "(linear heads, LDA, the SVMs, the ensemble). Each chosen grid point (the best on all folds pooled) "
-            "was then fitted on train. Test labels played no part; test numbers below were computed once, "
+            + (
+                "Rule: the best honest CV score (the SEs say how far apart the methods really are). "
+                if cvsel.get("rule") == "best"
+                else "Rule: among the methods within one SE of the best, the first in the preference order "
+                "(linear heads, LDA, the SVMs, the ensemble). "
+            )
+            + "Each chosen grid point (the best on all folds pooled) was then fitted on train. Test labels played no part; test numbers below were computed once, "
             "after selection."
         )
     else:
