@@ -322,3 +322,29 @@ def test_folds_in_two_processes_give_the_same_scores_and_choice_as_in_one():
     for name in methods:
         assert two["methods"][name]["fold_scores"] == one["methods"][name]["fold_scores"], name
         assert two["methods"][name]["params"] == one["methods"][name]["params"], name
+
+
+def test_input_size_auto_compares_sizes_by_cv_without_test_labels(tmp_path, cache_dir):
+    data = make_imagefolder(tmp_path / "data", {"train": {"ant": 10, "bee": 9}, "test": {"ant": 4, "bee": 4}})
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
+    args += ["--methods", "logreg,lda", "--input-size", "auto", "--cache-dir", str(cache_dir), "--no-progress"]
+    assert main(["run", str(data), "--out", str(tmp_path / "run"), *args]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    native = load_backbone("test_efficientnet", weights="random").input_size
+    sizes = [tuple(s["size"]) for s in m["input_size_selection"]["sizes"]]
+    assert sizes == [aspect_input_size(native, 48 / 40), tuple(native)]
+    best = max(m["input_size_selection"]["sizes"], key=lambda s: s["score"])
+    assert m["input_size"] == m["input_size_selection"]["chosen"] == best["size"]
+    assert m["selection"]["protocol"].endswith("stratified CV on train + valid")
+    assert any(n.startswith(f"input size {'x'.join(map(str, best['size']))} chosen by") for n in m["notes"])
+
+    wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # test labels wrong: the same sizes, scores, choice
+    assert main(["run", str(wrong), "--out", str(tmp_path / "run2"), *args]) == 0
+    m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert m2["input_size_selection"] == m["input_size_selection"] and m2["selected"] == m["selected"]
+
+
+def test_input_size_auto_needs_the_repeated_cv():
+    with pytest.raises(ConfigError, match="input-size auto"):
+        resolve_selection(StudyConfig(data="d", input_size="auto", cv=3))
+    assert resolve_selection(StudyConfig(data="d", input_size="auto", methods=["svm"])) == "repeated-cv"

@@ -114,7 +114,12 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
         help=f"timm model name, e.g. resnet50.tv_in1k (default {DEFAULT_BACKBONE}; offline: {', '.join(EMBEDDED)})",
     )
     p.add_argument("--weights", help="local weights file (.safetensors or .pth, loaded without pickle), or 'random'")
-    p.add_argument("--input-size", help="HxW fed to the backbone, e.g. 120x400 (default: the model's pretrained size)")
+    p.add_argument(
+        "--input-size",
+        help="HxW fed to the backbone, e.g. 224x224 (default: the training images' median aspect at the model's "
+        "pretrained scale, e.g. 224x736 for 800x240 images); run: 'auto' also tries the pretrained square and "
+        "keeps the size with the better repeated-CV score",
+    )
     _add_runtime_args(p)
 
 
@@ -418,7 +423,7 @@ def _study_config(args, **over):
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         epochs=args.epochs,
         seed=args.seed,
-        input_size=parse_size(args.input_size),
+        input_size="auto" if str(args.input_size).lower() == "auto" else parse_size(args.input_size),
         precision=args.precision,
         device=args.device,
         runtime=args.runtime,

@@ -39,7 +39,7 @@ class StudyConfig:
     methods: list[str] = field(default_factory=lambda: ["auto"])  # auto: the seed's two + the default candidates
     epochs: int = 50
     seed: int = 0
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[int, int] | str | None = None  # None: aspect-aware (features.input_size); "auto": by CV
     precision: str = "auto"
     device: str = "auto"
     runtime: str = "auto"  # frozen backbone: auto (ONNX Runtime on CPU, torch on CUDA/MPS), torch, onnxruntime
@@ -80,6 +80,15 @@ def resolve_selection(cfg: StudyConfig) -> str:
     if cfg.selection not in SELECTIONS:
         raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got '{cfg.selection}'")
     kfold = bool(cfg.cv and cfg.cv >= 2)
+    if cfg.input_size == "auto":
+        chosen = (
+            cfg.selection if cfg.selection != "auto" else ("repeated-cv" if not kfold and not cfg.flip_train else "")
+        )
+        if chosen != "repeated-cv":
+            raise ConfigError(
+                "--input-size auto chooses by the default repeated CV: drop --cv, --flip-train, --selection"
+            )
+        return "repeated-cv"
     if cfg.selection == "auto":
         if kfold:
             return "kfold"
@@ -187,7 +196,9 @@ def load(path) -> dict:
     elif methods is not None and not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list or a mapping of method -> hyperparameters")
     size = kw.get("input_size")
-    if isinstance(size, str):
+    if isinstance(size, str) and size.lower() == "auto":
+        kw["input_size"] = "auto"
+    elif isinstance(size, str):
         kw["input_size"] = parse_size(size)
     elif isinstance(size, (list, tuple)):
         if len(size) != 2:

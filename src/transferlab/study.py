@@ -227,6 +227,35 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar) -> dic
     return out
 
 
+def choose_input_size(cfg: StudyConfig, ds, bb, sizes: list[tuple[int, int]]):
+    """`--input-size auto`: features at each size (cached), the default selection's repeated CV at each (train +
+    valid only), and the size whose best method has the best CV score. Returns the chosen size's backbone,
+    features, extraction info and CV selection, and what was compared (metrics.json's `input_size_selection`)."""
+    from dataclasses import replace
+
+    tried = []
+    for size in sizes:
+        b = replace(bb, input_size=size)
+        sp, info = extract_splits(cfg, ds, b)
+        with _progress(cfg.progress) as bar:
+            sel = select_by_cv(cfg, sp, bar)
+        tried.append((b, sp, info, sel))
+    metric = cfg.select_metric
+
+    def best(sel: dict) -> float:
+        return sel["methods"][sel["best"]]["score"][metric]
+
+    b, sp, info, sel = max(tried, key=lambda t: best(t[3]))  # ties: the first, the aspect-aware size
+    compared = [
+        {"size": list(t[0].input_size), "best": t[3]["best"], "score": best(t[3]), "cold_seconds": t[2]["cold_seconds"]}
+        for t in tried
+    ]
+    listing = "; ".join(f"{'x'.join(map(str, c['size']))}: {c['best']} {c['score']:.3f}" for c in compared)
+    note = f"input size {'x'.join(map(str, b.input_size))} chosen by {sel['protocol']} ({metric}; {listing})"
+    info["seconds"] = sum(t[2]["seconds"] for t in tried)  # every size's extraction is part of this run's cost
+    return b, sp, info, sel, {"chosen": list(b.input_size), "metric": metric, "sizes": compared, "note": note}
+
+
 @contextmanager
 def _progress(enabled: bool):
     """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
@@ -259,15 +288,23 @@ def run_study(cfg: StudyConfig) -> dict:
         test_fraction=cfg.test_fraction,
         allow_outside=cfg.allow_outside,
     )
-    bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size)
-    if cfg.input_size is None:  # the images' typical aspect at the backbone's native scale, not a square
+    auto_size = cfg.input_size == "auto"
+    bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=None if auto_size else cfg.input_size)
+    cv_selection = size_choice = None
+    if cfg.input_size is None or auto_size:  # the images' typical aspect at the backbone's native scale
         from dataclasses import replace
 
         from .features.input_size import aspect_input_size, median_aspect
 
-        size = aspect_input_size(bb.input_size, median_aspect([s.path for s in ds.split("train")]))
-        bb = replace(bb, input_size=size)
-    splits, extract_info = extract_splits(cfg, ds, bb)
+        aspect = aspect_input_size(bb.input_size, median_aspect([s.path for s in ds.split("train")]))
+        sizes = list(dict.fromkeys([aspect, tuple(bb.input_size)])) if auto_size else [aspect]
+        if len(sizes) == 1:
+            bb = replace(bb, input_size=sizes[0])
+        else:  # --input-size auto: the same repeated CV at each size, the best CV score wins
+            bb, splits, extract_info, cv_selection, size_choice = choose_input_size(cfg, ds, bb, sizes)
+            ds.notes.append(size_choice["note"])
+    if size_choice is None:
+        splits, extract_info = extract_splits(cfg, ds, bb)
     timings = {"extract": time.perf_counter() - start}
     if len(np.unique(splits["train"].y)) < 2:
         from .data.datasets import DatasetError
@@ -280,10 +317,10 @@ def run_study(cfg: StudyConfig) -> dict:
     warn_untrained_classes(ds, splits, extract_info["skipped"])
     from .features.distributed import is_main
 
-    results, cv_selection = {}, None
+    results = {}
     with _progress(cfg.progress and is_main()) as bar:
         t0 = time.perf_counter()
-        if cfg.selection == "repeated-cv":
+        if cfg.selection == "repeated-cv" and cv_selection is None:
             cv_selection = select_by_cv(cfg, splits, bar)
             for name, reason in cv_selection["stepped_aside"].items():  # kernel heads on very large sets
                 cfg.methods.remove(name)
@@ -323,6 +360,8 @@ def run_study(cfg: StudyConfig) -> dict:
             cache=HeadCache(cfg.cache_dir),
             cv_selection=cv_selection,
         )
+        if size_choice:
+            analysis["input_size_selection"] = {k: v for k, v in size_choice.items() if k != "note"}
         bar.advance(task)
         leakage = check_leakage(splits, threshold=cfg.dup_threshold)
         bar.advance(task)
