@@ -139,7 +139,9 @@ def test_sigkill_mid_extraction_resumes_from_intact_chunks(tmp_path, forty):
 def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path, forty):
     cache = tmp_path / "cache"
     args = [a if a != "0" else "1" for a in _extract_args(forty, cache)]  # one DataLoader worker, as by default
-    proc = _start(tmp_path, args, slow=0.15, start_new_session=True)
+    # 0.5 s per batch of 2: 20 batches take >= 5 s even over two ONNX Runtime lanes, so the signal sent after the
+    # first chunk lands mid-extraction on a fast or a loaded machine (at 0.15 s a busy CI machine once finished first)
+    proc = _start(tmp_path, args, slow=0.5, start_new_session=True)
     _wait_for_chunks(proc, cache, 1)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     out, err = proc.communicate(timeout=120)
