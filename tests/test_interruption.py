@@ -136,16 +136,25 @@ def test_sigkill_mid_extraction_resumes_from_intact_chunks(tmp_path, forty):
     np.testing.assert_allclose(resumed["features"], fresh["features"], rtol=1e-5, atol=1e-6)
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: SIGINT's default action, unblocked, as an interactive shell starts a command."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path, forty):
     cache = tmp_path / "cache"
     args = [a if a != "0" else "1" for a in _extract_args(forty, cache)]  # one DataLoader worker, as by default
     # 0.5 s per batch of 2: 20 batches take >= 5 s even over two ONNX Runtime lanes, so the signal sent after the
     # first chunk lands mid-extraction on a fast or a loaded machine (at 0.15 s a busy CI machine once finished first)
-    proc = _start(tmp_path, args, slow=0.5, start_new_session=True)
+    # The child starts with SIGINT as a terminal gives it: default action, unblocked. A signal ignored or blocked in
+    # the parent would be inherited (a full CI run once had the child finish with exit 0, the signal never seen).
+    parent = f"parent: SIGINT handler {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
+    proc = _start(tmp_path, args, slow=0.5, start_new_session=True, preexec_fn=_terminal_sigint)
     _wait_for_chunks(proc, cache, 1)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"{err}\n{parent}"
     assert "interrupted" in err and "rerun the same command to resume" in err
     assert "Traceback" not in err + out
     kept = _assert_chunks_intact(cache)

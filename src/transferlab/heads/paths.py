@@ -27,6 +27,7 @@ from sklearn.base import clone
 from sklearn.covariance import ledoit_wolf
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import ParameterGrid
+from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
@@ -37,11 +38,9 @@ KERNEL_MAX_ROWS = 12000  # ~1.6 GiB of kernel matrices per fold
 
 
 def _standardise(Xf: np.ndarray, Xh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's transform (population std, constant columns left at scale 1), fitted on Xf."""
-    mu = Xf.mean(0, dtype=np.float64)
-    sd = Xf.std(0, dtype=np.float64)
-    sd[sd == 0] = 1.0
-    return ((Xf - mu) / sd).astype(np.float32), ((Xh - mu) / sd).astype(np.float32)
+    """The tuned heads' `FeatureTransform("standard")`, fitted on Xf once per fold, applied to both parts."""
+    scaler = StandardScaler().fit(Xf)
+    return scaler.transform(Xf).astype(np.float32), scaler.transform(Xh).astype(np.float32)
 
 
 def _full(scores: np.ndarray, present: np.ndarray, k: int) -> np.ndarray:
