@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from joblib import Parallel, delayed
-from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ..heads import registry
-from ..heads.search import METRICS, score
+from ..heads.search import METRICS, cv_folds, score
 
 RULES = ("one_se", "best")
 
@@ -63,12 +61,7 @@ def plan(y, seed: int = 0, k: int | None = None, repeats: int | None = None, row
     counts = np.unique(y, return_counts=True)[1]
     k = int(k or np.clip(counts.min(), 2, 5))
     repeats = int(repeats or np.clip(rows // max(len(y), 1), 1, 3))
-    folds = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
-        for r in range(repeats):
-            skf = StratifiedKFold(k, shuffle=True, random_state=seed + r)
-            folds += [(r, a, b) for a, b in skf.split(np.zeros(len(y)), y)]
+    folds = [(r, a, b) for r in range(repeats) for a, b in cv_folds(y, k, seed + r)]
     return Plan(k, repeats, seed, folds)
 
 

@@ -84,13 +84,9 @@ class LBFGSLogisticRegression(LogisticRegression):
         if sample_weight is not None:
             sw = sw * np.asarray(sample_weight, dtype=np.float64)
         sw = sw * len(y) / sw.sum() if sw.sum() > 0 else sw
-        threads = torch.get_num_threads()
-        try:
-            ((W, b),) = logistic_path(
-                X, y_idx, k, [self.C], sample_weight=sw, max_iter=self.max_iter, tol=min(self.tol, 1e-4)
-            )
-        finally:
-            torch.set_num_threads(threads)
+        ((W, b),) = logistic_path(
+            X, y_idx, k, [self.C], sample_weight=sw, max_iter=self.max_iter, tol=min(self.tol, 1e-4)
+        )
         if k == 2:  # scikit-learn's binary form: one row, the difference of the two classes' logits
             W, b = W[1:] - W[:1], b[1:] - b[:1]
         self.coef_ = W.astype(X.dtype)
