@@ -8,10 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
+from threadpoolctl import threadpool_info
 
 from transferlab.cli import main
 from transferlab.config import ConfigError, StudyConfig, resolve_selection
@@ -52,6 +54,22 @@ def test_lbfgs_logistic_regression_reaches_scikit_learns_optimum():
         assert (ours.predict(X) == ref.predict(X)).mean() >= 0.99
     binary = LBFGSLogisticRegression(C=1.0).fit(X, y % 2)
     assert binary.coef_.shape == (1, X.shape[1]) and set(binary.predict(X)) <= {0, 1}
+
+
+def test_lbfgs_logistic_regression_weighs_explicit_sample_weights_as_scikit_learn_does():
+    # scikit-learn's objective is 0.5 ||W||^2 + C * sum_i s_i * CE_i with the sample weights as given: doubling
+    # every weight is doubling C. The fit once rescaled the weights to sum to n, which undid that.
+    X, y = _blobs(300, 16, 4)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    sw = np.random.default_rng(1).uniform(0.5, 4.0, len(y))
+    ours = LBFGSLogisticRegression(C=1e-2, max_iter=500).fit(X, y, sample_weight=sw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression(C=1e-2, max_iter=5000, tol=1e-8).fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+    doubled = LBFGSLogisticRegression(C=1e-2, max_iter=500).fit(X, y, sample_weight=2 * sw)
+    twice_c = LBFGSLogisticRegression(C=2e-2, max_iter=500).fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(doubled.coef_, twice_c.coef_, atol=1e-3)
 
 
 def test_logistic_path_solves_each_C_as_a_fresh_solve_would():
@@ -313,15 +331,17 @@ def test_kernel_heads_step_aside_above_their_size_and_the_ensemble_votes_without
     assert paths.KERNEL_MAX_ROWS >= 10000  # the default limit: kernels of 10k images (~1.2 GiB) still run
 
 
-def test_folds_in_two_processes_give_the_same_scores_and_choice_as_in_one():
+def test_folds_in_two_threads_give_the_same_scores_and_choice_as_in_one():
     X, y = _blobs(160, 8, 3)
     methods = ["svm", "logreg", "lda", "svm_tuned", "ensemble"]
+    threads, pools = torch.get_num_threads(), threadpool_info()
     one = cross_validate(X, y, methods, n_jobs=1)
     two = cross_validate(X, y, methods, n_jobs=2)
     assert two["method"] == one["method"]
     for name in methods:
         assert two["methods"][name]["fold_scores"] == one["methods"][name]["fold_scores"], name
         assert two["methods"][name]["params"] == one["methods"][name]["params"], name
+    assert torch.get_num_threads() == threads and threadpool_info() == pools  # the budget is given back
 
 
 def test_input_size_auto_compares_sizes_by_cv_without_test_labels(tmp_path, cache_dir):

@@ -84,7 +84,7 @@ def test_onnx_matches_transferlab_probabilities(data, tiny_backbone, tmp_path, h
 
 def test_export_refuses_non_linear_heads(data, tiny_backbone, tmp_path, capsys):
     bundle = save_bundle(tmp_path / "svm", seed_svm().fit(data["X"], data["y"]), tiny_backbone, data["ds"].classes)
-    with pytest.raises(ExportError, match="SVC is not a linear softmax head"):
+    with pytest.raises(ExportError, match="KernelSVMHead is not a linear softmax head"):
         export_onnx(bundle, tmp_path / "svm.onnx")
     assert main(["export", str(bundle), "--onnx", str(tmp_path / "svm.onnx")]) == 2
     assert "transferlab predict" in capsys.readouterr().err

@@ -72,6 +72,22 @@ def test_same_seed_same_head_other_seed_differs():
     assert not np.array_equal(a.coef_, c.coef_)
 
 
+def test_softmax_fit_draws_its_init_from_its_own_generator_not_the_global_stream():
+    # Heads are fitted side by side in threads (data-efficiency draws, CV folds): a fit that seeded torch's
+    # global RNG could interleave with another's draws. The layer starts as after torch.manual_seed(seed).
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    head = SoftmaxHead(epochs=0, seed=5).fit(X, y)
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())  # the global stream is untouched
+    torch.manual_seed(5)
+    reference = torch.nn.Linear(8, 3)
+    np.testing.assert_array_equal(head.coef_, reference.weight.detach().numpy())
+    np.testing.assert_array_equal(head.intercept_, reference.bias.detach().numpy())
+
+
 def test_logit_adjustment_and_balanced_weights_favour_rare_class():
     X, y = _blobs(n_per=(200, 10), d=2, seed=3)
     plain = SoftmaxHead(epochs=20, lr=1e-2, seed=0).fit(X, y)

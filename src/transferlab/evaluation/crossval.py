@@ -26,16 +26,13 @@ pooled (its final model is fitted with them). Only train + valid go in: nothing 
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
-from joblib import Parallel, delayed
-from threadpoolctl import threadpool_limits
 
 from ..heads import registry
 from ..heads.search import METRICS, cv_folds, score
+from .threads import budget, default_jobs, thread_map
 
 RULES = ("one_se", "best")
 
@@ -65,28 +62,13 @@ def plan(y, seed: int = 0, k: int | None = None, repeats: int | None = None, row
     return Plan(k, repeats, seed, folds)
 
 
-PARALLEL_BYTES = 4_000_000
+def _fold(cv, X, y, a, b, k, points, **kw):
+    """One fold of a method's path; its parts are taken here, in the task, so that no copy waits in a queue."""
+    return cv.fold(X[a], y[a], X[b], k, points, **kw)
 
 
-def _run_task(fn, args, kw, threads: int):
-    """One fold's work in a worker: its thread budget for BLAS, OpenMP and torch."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(threads):
-            return fn(*args, **kw)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _map(tasks: list, n_jobs: int):
-    """The tasks' results in order, as they finish (joblib processes when n_jobs > 1, else in-process)."""
-    if n_jobs <= 1:
-        return (fn(*args, **kw) for fn, args, kw in tasks)
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    return Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_run_task)(fn, a, kw, threads) for fn, a, kw in tasks)
+def _probabilities(cv, scores, X, y, a, b, k, point, **kw):
+    return cv.probabilities(scores, X[a], y[a], X[b], k, point, **kw)
 
 
 def steps(methods: list[str], plan_: Plan) -> int:
@@ -147,8 +129,7 @@ def cross_validate(
     Returns what metrics.json's `selection` holds (see the module doc): per method its CV `score` (the three
     metrics), `fold_scores`, `se`, `params` (its final model's), `seconds`; the `method` chosen and `why`.
     `on_step(description)` is called as work advances (the study's progress bar). Folds run in `n_jobs`
-    processes (default: one per core, up to the number of folds, for features of 4 MB and more; below, process
-    start-up costs more than it saves), each with cores // n_jobs BLAS/OpenMP/torch threads.
+    threads (default: one per core, up to the number of folds), each with cores // n_jobs BLAS/OpenMP/torch threads.
     """
     if metric not in METRICS:
         raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
@@ -170,32 +151,35 @@ def cross_validate(
             needed += [m for m in info.cv.members if m not in needed]
     stepped_aside: dict[str, str] = {}
     rows = max(len(a) for _, a, _ in plan_.folds)
-    jobs = (
-        n_jobs
-        if n_jobs is not None
-        else (min(os.cpu_count() or 1, len(plan_.folds)) if X.nbytes >= PARALLEL_BYTES else 1)
-    )
+    jobs = n_jobs if n_jobs is not None else default_jobs(len(plan_.folds))
+    paths: dict[str, tuple] = {}  # every fold of every method in one stream of tasks: no core idles between methods
     for name in needed:
         info = registry.get(name)
-        cv = info.cv
-        if cv is None or info.kind == "ensemble":
+        if info.cv is None or info.kind == "ensemble":
             continue
-        reason = cv.too_big(rows)
+        reason = info.cv.too_big(rows)
         if reason:
             stepped_aside[name] = reason
             continue
-        t0 = time.perf_counter()
-        points = cv.points()
-        S = np.empty((len(points), plan_.repeats, len(y), k), dtype=np.float32)
-        tasks = [(cv.fold, (X[a], y[a], X[b], k, points), {"seed": seed, "epochs": epochs}) for _, a, b in plan_.folds]
-        for j, scores in enumerate(_map(tasks, jobs)):
+        points = info.cv.points()
+        paths[name] = (info.cv, points, np.empty((len(points), plan_.repeats, len(y), k), dtype=np.float32))
+    tasks, labels = [], []
+    for name, (cv, points, _) in paths.items():
+        for j, (_, a, b) in enumerate(plan_.folds):
+            tasks.append((_fold, (cv, X, y, a, b, k, points), {"seed": seed, "epochs": epochs}))
+            labels.append((name, j))
+    seconds = dict.fromkeys(paths, 0.0)
+    with budget(jobs):
+        for (name, j), (scores, sec) in zip(labels, thread_map(tasks, jobs)):
             r, _, b = plan_.folds[j]
             step(f"CV {name}: fold {j + 1}/{len(plan_.folds)}")
+            seconds[name] += sec
             for g, s in enumerate(scores):
-                S[g, r, b] = s
+                paths[name][2][g, r, b] = s
+    for name, (cv, points, S) in paths.items():
         hon, chosen, overall = _honest(S, y, plan_, metric)
         state[name] = (S, chosen, points, cv)
-        info_out = {"params": points[overall], "grid_points": len(points), "seconds": time.perf_counter() - t0}
+        info_out = {"params": points[overall], "grid_points": len(points), "seconds": seconds[name]}
         if name in methods:
             honest[name], out[name] = hon, info_out
         else:
@@ -207,28 +191,27 @@ def cross_validate(
         members = [m for m in info.cv.members if m in state]
         if not members:
             continue
-        t0 = time.perf_counter()
         P = np.zeros((plan_.repeats, len(y), k), dtype=np.float64)
+        tasks, labels = [], []
         for m in members:
             S, chosen, points, cv = state[m]
-            tasks = [
-                (
-                    cv.probabilities,
-                    (S[chosen[j], r, b], X[a], y[a], X[b], k, points[chosen[j]]),
-                    {"seed": seed, "epochs": epochs},
-                )
-                for j, (r, a, b) in enumerate(plan_.folds)
-            ]
-            for j, p in enumerate(_map(tasks, jobs)):
+            for j, (r, a, b) in enumerate(plan_.folds):
+                args = (cv, S[chosen[j], r, b], X, y, a, b, k, points[chosen[j]])
+                tasks.append((_probabilities, args, {"seed": seed, "epochs": epochs}))
+                labels.append((m, j))
+        spent = 0.0
+        with budget(jobs):
+            for (m, j), (p, sec) in zip(labels, thread_map(tasks, jobs)):
                 r, _, b = plan_.folds[j]
                 step(f"CV {name}: {m} probabilities, fold {j + 1}/{len(plan_.folds)}")
                 P[r, b] += p
+                spent += sec
         honest[name] = P.argmax(axis=2)
         out[name] = {
             "params": {m: {**out, **extra}[m]["params"] for m in members},
             "members": members,
             "grid_points": 1,
-            "seconds": time.perf_counter() - t0,
+            "seconds": spent,
         }
     if not honest:
         raise ValueError(f"none of {', '.join(methods)} can be cross-validated on features")

@@ -6,15 +6,14 @@ chosen head, its hyperparameters fixed, on k images per class and scores it on v
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import threadpool_limits
 
 from ..heads.search import METRICS, fixed, rank_key, score
+from .threads import budget, default_jobs, thread_map
 
 DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -45,48 +44,55 @@ def data_efficiency(
     seed: int = 0,
     ks=DATA_EFFICIENCY_KS,
     repeats: int = 3,
+    n_jobs: int | None = None,
 ) -> dict:
     """Validation `metric` when the head (its chosen hyperparameters fixed) trains on k images per class.
 
     Each class contributes min(k, its count) images, sampled with `seed`; points whose sample is not the
-    whole training set are averaged over `repeats` draws. The last point is all training images.
+    whole training set are averaged over `repeats` draws. The last point is all training images. The draws are
+    fitted in `n_jobs` threads (default: one per core; `evaluation.threads`).
     """
     y_train = np.asarray(y_train)
     classes, counts = np.unique(y_train, return_counts=True)
     cap = int(counts.max())
     ks = sorted({k for k in ks if k < cap} | {cap})
     base = fixed(estimator)
+    draws = [(k, r) for k in ks for r in range(1 if k >= cap else repeats)]
+    tasks = []
+    for k, r in draws:
+        rng = np.random.default_rng([seed, k, r])
+        idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
+        tasks.append((_fit_score, (base, X_train, y_train, idx, X_valid, y_valid, metric), {}))
+    jobs = default_jobs(len(tasks)) if n_jobs is None else n_jobs
+    with budget(jobs):  # the draws are independent fits: side by side on the cores
+        done = list(thread_map(tasks, jobs))
     points = []
-    with threadpool_limits(1):
-        for k in ks:
-            points.append(
-                _efficiency_point(
-                    base, X_train, y_train, X_valid, y_valid, classes, counts, k, k >= cap, metric, seed, repeats
-                )
-            )
+    for k in ks:
+        mine = [res for (kk, _), res in zip(draws, done) if kk == k]
+        scores = [s for (s, err), _ in mine if err is None]
+        errors = [err for (s, err), _ in mine if err is not None]
+        points.append(
+            {
+                "k": k,
+                "n_train": int(np.minimum(counts, k).sum()),
+                "score": float(np.mean(scores)) if scores else None,
+                "scores": scores,
+                "seconds": float(sum(sec for _, sec in mine)),  # fitting time, summed over the draws
+                **({"error": errors[0]} if errors else {}),
+            }
+        )
     return {"metric": metric, "seed": seed, "repeats": repeats, "params": _scalar_params(base), "points": points}
 
 
-def _efficiency_point(base, X_train, y_train, X_valid, y_valid, classes, counts, k, full, metric, seed, repeats):
-    scores, errors, t0 = [], [], time.perf_counter()
-    for r in range(1 if full else repeats):
-        rng = np.random.default_rng([seed, k, r])
-        idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model = clone(base).fit(X_train[idx], y_train[idx])
-            scores.append(score(y_valid, model.predict(X_valid))[metric])
-        except ValueError as exc:  # e.g. more neighbours than images at k=1
-            errors.append(str(exc))
-    return {
-        "k": k,
-        "n_train": int(np.minimum(counts, k).sum()),
-        "score": float(np.mean(scores)) if scores else None,
-        "scores": scores,
-        "seconds": time.perf_counter() - t0,
-        **({"error": errors[0]} if errors else {}),
-    }
+def _fit_score(base, X_train, y_train, idx, X_valid, y_valid, metric: str) -> tuple[float | None, str | None]:
+    """One draw: a clone of the head fitted on the rows `idx`, its validation score (or why it could not fit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = clone(base).fit(X_train[idx], y_train[idx])
+        return score(y_valid, model.predict(X_valid))[metric], None
+    except ValueError as exc:  # e.g. more neighbours than images at k=1
+        return None, str(exc)
 
 
 def _scalar_params(est) -> dict:
