@@ -302,7 +302,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", "repeated-cv", "validation", "kfold"),
         default="auto",
         help="how the method is chosen: repeated-cv (repeated stratified K-fold on train + valid, honest tuned "
-        "scores, one-SE rule), validation (the validation split), kfold (--cv K); auto: repeated-cv for "
+        "scores, the best CV score wins), validation (the validation split), kfold (--cv K); auto: repeated-cv for "
         "--methods auto, else validation (kfold with --cv)",
     )
     p.add_argument(
