@@ -84,7 +84,7 @@ def test_config_yaml_is_resolved(first_run):
     assert cfg["input_size"] == [32, 40] and cfg["precision"] in ("fp32", "bf16")  # 'auto' resolved
     assert cfg["seed"] == 1 and cfg["epochs"] == 3 and cfg["valid_fraction"] == 0.25
     assert list(cfg["methods"]) == ["softmax", "svm"]
-    assert cfg["methods"]["softmax"]["lr"] == pytest.approx(1e-4) and cfg["methods"]["svm"]["kernel"] == "rbf"
+    assert cfg["methods"]["softmax"]["lr"] == pytest.approx(1e-4) and cfg["methods"]["svm"]["gamma_scale"] == 1.0
     assert "seed" not in cfg["methods"]["softmax"] and "random_state" not in cfg["methods"]["svm"]  # set by `seed`
     assert "out" not in cfg and "progress" not in cfg
 

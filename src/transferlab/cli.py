@@ -69,6 +69,17 @@ def _number(convert, ok, what: str):
 
 
 _positive_int = _number(int, lambda n: n >= 1, "a positive integer")
+
+
+def _duration(text: str) -> float:
+    from .evaluation.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 _count = _number(int, lambda n: n >= 0, "an integer >= 0")
 _seed = _number(int, lambda n: 0 <= n < 2**32, "a seed in [0, 2**32)")
 _folds = _number(int, lambda n: n == 0 or n >= 2, "0 (off) or a number of folds >= 2")
@@ -298,6 +309,21 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         "instead of the validation split; final models are still fitted on train (default 0: off)",
     )
     p.add_argument(
+        "--preset",
+        choices=("quick", "best"),
+        default="quick",
+        help="quick (default): heads on the frozen features; best: also end-to-end fine-tuning (`finetune`), "
+        "scored by the same CV on its first repeat's folds (hours on a CPU: see --time-budget)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="wall time for the run, e.g. 90s, 10m, 1.5h: after extraction, work runs cheapest first and what "
+        "would not fit is skipped and listed in the report (default: no limit)",
+    )
+    p.add_argument(
         "--selection",
         choices=("auto", "repeated-cv", "validation", "kfold"),
         default="auto",
@@ -438,7 +464,17 @@ def _study_config(args, **over):
         **_finetune_options(args),
         **{
             k: getattr(args, k)
-            for k in ("tta", "flip_train", "cv", "selection", "select_metric", "data_efficiency", "dup_threshold")
+            for k in (
+                "tta",
+                "flip_train",
+                "cv",
+                "selection",
+                "select_metric",
+                "data_efficiency",
+                "dup_threshold",
+                "preset",
+                "time_budget",
+            )
             if hasattr(args, k)
         },
         **over,
@@ -457,12 +493,16 @@ def cmd_run(args) -> int:
         _check_numbers(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
-    from .config import ConfigError, resolve_selection
+    from .config import ConfigError, resolve_selection, with_preset
+    from .evaluation.budget import parse_duration
     from .heads.registry import resolve_methods
 
     try:
+        cfg.methods = with_preset(cfg.methods, cfg.preset)
         cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
         cfg.methods = resolve_methods(cfg.methods)  # "all": every method in --methods all
+        if cfg.time_budget is not None:
+            cfg.time_budget = parse_duration(cfg.time_budget)  # a config file may say "10m"
     except (ValueError, ConfigError) as exc:
         raise DatasetError(str(exc)) from None
     _check_writable(cfg.out)

@@ -65,10 +65,24 @@ class StudyConfig:
     selection: str = "auto"
     flip_train: bool = False  # heads also train on each training image's flipped features (predict on the mean)
     dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
+    preset: str = "quick"  # quick: frozen-feature heads (the default run); best: adds `finetune`, on the same folds
+    time_budget: float | None = None  # seconds of wall time for the run (evaluation.budget); None: unlimited
 
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says why."""
+
+
+# What each preset adds to the default run (`--methods auto`): quick, its frozen-feature heads only; best,
+# end-to-end fine-tuning too, scored by the same repeated CV (on its first repeat's folds) and chosen only if better.
+PRESETS = {"quick": (), "best": ("finetune",)}
+
+
+def with_preset(methods: list[str], preset: str) -> list[str]:
+    """`methods` with what `preset` adds (to the default run; an explicit method list gets it too)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    return list(methods) + [m for m in PRESETS[preset] if m not in methods]
 
 
 SELECTIONS = ("auto", "repeated-cv", "validation", "kfold")

@@ -24,8 +24,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .config import StudyConfig, resolve_selection
+from .config import StudyConfig, resolve_selection, with_preset
 from .data.datasets import DatasetWarning, discover
+from .evaluation.budget import TimeBudget, parse_duration
 from .evaluation.metrics import evaluate, full_proba
 from .features.backbones import load_backbone
 from .features.extract import extract_features
@@ -205,26 +206,96 @@ def fit_method(
     return out
 
 
-def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar) -> dict:
+def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget=None, backbone=None) -> dict:
     """Repeated stratified CV over train + valid of the methods that have a fold path (`evaluation.crossval`);
-    the others (fine-tuning, the seed's softmax) are listed as `left_out` and reported as baselines."""
-    from .evaluation.crossval import cross_validate, plan, steps
+    `finetune` (`--preset best`) on the first repeat's folds, its scores paired with the heads' on those folds.
+    The others (the seed's softmax) are listed as `left_out` and reported as baselines. `budget`
+    (`evaluation.budget.TimeBudget`): selection stops at its CV share; what did not fit is in `out_of_time`."""
+    from .evaluation.budget import CV_SHARE
+    from .evaluation.crossval import cross_validate, decide, plan, steps
 
     tr, va = splits["train"], splits["valid"]
     X, y = np.concatenate([tr.X, va.X]), np.concatenate([tr.y, va.y])
     candidates = [m for m in cfg.methods if method_info(m).cv is not None]
     folds = plan(y, cfg.seed)
-    task = bar.add_task(f"selection: {folds.describe()}", total=steps(candidates, folds))
+    deadline = budget.until(CV_SHARE) if budget is not None else None
+    finetune = "finetune" in cfg.methods
+    task = bar.add_task(f"selection: {folds.describe()}", total=steps(candidates, folds) + (folds.k if finetune else 0))
 
     def step(description: str) -> None:
         bar.update(task, description=f"selection: {description}", advance=1)
 
     out = cross_validate(
-        X, y, candidates, metric=cfg.select_metric, seed=cfg.seed, epochs=cfg.epochs, plan_=folds, on_step=step
+        X,
+        y,
+        candidates,
+        metric=cfg.select_metric,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        plan_=folds,
+        on_step=step,
+        deadline=deadline,
     )
+    if finetune:
+        scored = _finetune_cv(cfg, splits, folds, backbone, deadline, step)
+        if isinstance(scored, str):
+            out["out_of_time"]["finetune"] = scored
+        else:
+            out["methods"]["finetune"] = scored
+            out.update(decide(out["methods"], folds, cfg.select_metric, out["rule"], n=len(y)))
     bar.update(task, description=f"selection: {folds.describe()}")
-    out["left_out"] = [m for m in cfg.methods if m not in out["methods"] and m not in out["stepped_aside"]]
+    gone = set(out["methods"]) | set(out["stepped_aside"]) | set(out["out_of_time"])
+    out["left_out"] = [m for m in cfg.methods if m not in gone]
     return out
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
+    """`finetune`'s CV entry on the first repeat's K folds (`finetune.tuner.cross_val_predict`, the same folds:
+    `heads.search.cv_folds` with the same seed): its score, per-fold scores, seconds. A string (why) instead when
+    the deadline passes first: after each fold, the time per fold projects the rest and the final fit."""
+    import time as _time
+    from dataclasses import replace
+
+    from .finetune.tuner import cross_val_predict
+    from .heads.search import METRICS, score
+
+    if deadline is not None and _time.perf_counter() > deadline:
+        return "the time budget's share for selection was spent before fine-tuning's CV could start"
+    tr, va = splits["train"], splits["valid"]
+    paths, y = list(tr.paths) + list(va.paths), np.concatenate([tr.y, va.y])
+    t0 = _time.perf_counter()
+
+    def on_fold(i: int, _pred) -> None:
+        step(f"CV finetune: fold {i + 1}/{folds.k}")
+        if deadline is None:
+            return
+        per_fold = (_time.perf_counter() - t0) / (i + 1)
+        eta = _time.perf_counter() + per_fold * (folds.k - i - 1)
+        if eta > deadline:
+            raise _OutOfTime(
+                f"{folds.k} fine-tunings at {per_fold:.0f} s each would have ended {eta - deadline:.0f} s past the "
+                "time budget's share for selection"
+            )
+
+    try:
+        pred = cross_val_predict(
+            replace(cfg, cv=folds.k), paths, y, np.concatenate([tr.X, va.X]), backbone, on_fold=on_fold
+        )
+    except _OutOfTime as exc:
+        return str(exc)
+    held = [b for r, _, b in folds.folds if r == 0]
+    return {
+        "score": {m: float(v) for m, v in score(y, pred).items() if m in METRICS},
+        "fold_scores": [float(score(y[b], pred[b])[cfg.select_metric]) for b in held],
+        "params": {},
+        "grid_points": 1,
+        "seconds": _time.perf_counter() - t0,
+        "folds": f"the first repeat's {folds.k} folds",
+    }
 
 
 def choose_input_size(cfg: StudyConfig, ds, bb, sizes: list[tuple[int, int]]):
@@ -256,6 +327,50 @@ def choose_input_size(cfg: StudyConfig, ds, bb, sizes: list[tuple[int, int]]):
     return b, sp, info, sel, {"chosen": list(b.input_size), "metric": metric, "sizes": compared, "note": note}
 
 
+def _fit_order(methods: list[str], cv_selection: dict | None) -> list[str]:
+    """Final fits: the selected method first, then the seed baselines, then the rest by CV score (best first)."""
+    if not cv_selection:
+        return list(methods)
+    scores = cv_selection["methods"]
+    metric = cv_selection["metric"]
+
+    def key(m: str):
+        chosen = m == cv_selection["method"]
+        seed = method_info(m).kind == "seed"
+        return (not chosen, not seed, -scores.get(m, {}).get("score", {}).get(metric, -1.0), methods.index(m))
+
+    return sorted(methods, key=key)
+
+
+def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
+    """A final fit's expected cost: one CV fold of it (a fold fits 1 - 1/K of the images; a grid's fold fits
+    every point, the final fit one: an overestimate). 0 when CV did not time it (it is then tried)."""
+    r = (cv_selection or {}).get("methods", {}).get(name)
+    if not r or not r.get("seconds"):
+        return 0.0
+    k, repeats = cv_selection["k"], cv_selection["repeats"]
+    return r["seconds"] / (k if name == "finetune" else k * repeats)
+
+
+def _efficiency_fits(budget, results: dict, cv_selection: dict | None, notes: list[str]) -> bool:
+    """Whether the data-efficiency curve fits the time left: about 10 points x its draws of the selected head,
+    each at most its full fit, shared by the cores."""
+    if budget.seconds is None or not results:
+        return True
+    from .evaluation.analysis import efficiency_repeats
+    from .evaluation.threads import default_jobs
+
+    chosen = (cv_selection or {}).get("method") or next(iter(results))
+    if chosen not in results:
+        return True
+    draws = 10 * efficiency_repeats(chosen)
+    expected = results[chosen].get("train_seconds", 0.0) * draws / default_jobs(draws)
+    if budget.fits(expected):
+        return True
+    notes.append(budget.skip("data-efficiency curve", f"~{expected:.0f} s expected; the time budget had less left"))
+    return False
+
+
 @contextmanager
 def _progress(enabled: bool):
     """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
@@ -277,7 +392,9 @@ def run_study(cfg: StudyConfig) -> dict:
 
     metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
     start = time.perf_counter()
+    budget = TimeBudget(None if cfg.time_budget is None else parse_duration(cfg.time_budget), start=start)
     out = Path(cfg.out)
+    cfg.methods = with_preset(cfg.methods, cfg.preset)  # --preset best: fine-tuning joins the default run
     cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head; "auto": the default run's
     _seed_everything(cfg.seed)
@@ -321,14 +438,24 @@ def run_study(cfg: StudyConfig) -> dict:
     with _progress(cfg.progress and is_main()) as bar:
         t0 = time.perf_counter()
         if cfg.selection == "repeated-cv" and cv_selection is None:
-            cv_selection = select_by_cv(cfg, splits, bar)
-            for name, reason in cv_selection["stepped_aside"].items():  # kernel heads on very large sets
-                cfg.methods.remove(name)
-                ds.notes.append(f"{name} not run: {reason}")
-                warnings.warn(f"{name} not run: {reason}", DatasetWarning, stacklevel=2)
+            cv_selection = select_by_cv(cfg, splits, bar, budget=budget, backbone=bb)
+        for name, reason in (cv_selection or {}).get("stepped_aside", {}).items():  # kernel heads on very large sets
+            cfg.methods.remove(name)
+            ds.notes.append(f"{name} not run: {reason}")
+            warnings.warn(f"{name} not run: {reason}", DatasetWarning, stacklevel=2)
+        for name, reason in (cv_selection or {}).get("out_of_time", {}).items():  # --time-budget
+            cfg.methods.remove(name)
+            ds.notes.append(budget.skip(name, reason))
         task = bar.add_task("heads", total=len(cfg.methods))
-        for name in cfg.methods:
+        for name in _fit_order(cfg.methods, cv_selection):
             bar.update(task, description=f"heads: {name}")
+            expected = _expected_fit_seconds(name, cv_selection)
+            if name != (cv_selection or {}).get("method") and not budget.fits(expected):
+                ds.notes.append(
+                    budget.skip(name, f"its final fit (~{expected:.0f} s expected) did not fit the time budget")
+                )
+                bar.advance(task)
+                continue
             _seed_everything(cfg.seed)
             if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
                 from .finetune.tuner import fit_method as fit_finetune
@@ -338,6 +465,8 @@ def run_study(cfg: StudyConfig) -> dict:
                 chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
                 results[name] = fit_method(name, cfg, splits, ds.classes, chosen)
             bar.advance(task)
+        results = {n: results[n] for n in cfg.methods if n in results}  # the report's order
+        cfg.methods = list(results)
         bar.update(task, description="heads")
         timings["heads"] = time.perf_counter() - t0
         if not is_main():  # several processes: only global rank 0 writes the report
@@ -349,19 +478,22 @@ def run_study(cfg: StudyConfig) -> dict:
         t0 = time.perf_counter()
         task = bar.add_task("analysis: selection, statistics, leakage", total=2)
         _seed_everything(cfg.seed)
+        efficiency = cfg.data_efficiency and _efficiency_fits(budget, results, cv_selection, ds.notes)
         analysis = analyse(
             results,
             splits,
             ds.classes,
             metric=cfg.select_metric,
             seed=cfg.seed,
-            efficiency=cfg.data_efficiency,
+            efficiency=efficiency,
             cv=cfg.cv,
             cache=HeadCache(cfg.cache_dir),
             cv_selection=cv_selection,
         )
         if size_choice:
             analysis["input_size_selection"] = {k: v for k, v in size_choice.items() if k != "note"}
+        if budget.seconds is not None:
+            analysis["budget"] = budget.summary()
         bar.advance(task)
         leakage = check_leakage(splits, threshold=cfg.dup_threshold)
         bar.advance(task)

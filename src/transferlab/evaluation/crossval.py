@@ -26,15 +26,17 @@ pooled (its final model is fitted with them). Only train + valid go in: nothing 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..heads import registry
 from ..heads.search import METRICS, cv_folds, score
-from .threads import budget, default_jobs, thread_map
+from .threads import default_jobs, thread_budget, thread_map
 
 RULES = ("one_se", "best")
+COST_RANK = {"seconds": 0, "minutes": 1, "hours": 2}
 
 
 @dataclass
@@ -62,8 +64,11 @@ def plan(y, seed: int = 0, k: int | None = None, repeats: int | None = None, row
     return Plan(k, repeats, seed, folds)
 
 
-def _fold(cv, X, y, a, b, k, points, **kw):
-    """One fold of a method's path; its parts are taken here, in the task, so that no copy waits in a queue."""
+def _fold(cv, X, y, a, b, k, points, name=None, dropped=(), **kw):
+    """One fold of a method's path; its parts are taken here, in the task, so that no copy waits in a queue.
+    None at once when the method was dropped (`dropped`: shared with the loop that drops methods)."""
+    if name in dropped:
+        return None
     return cv.fold(X[a], y[a], X[b], k, points, **kw)
 
 
@@ -123,6 +128,7 @@ def cross_validate(
     rule: str = "best",
     on_step=None,
     n_jobs: int | None = None,
+    deadline: float | None = None,
 ) -> dict:
     """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
 
@@ -130,6 +136,10 @@ def cross_validate(
     metrics), `fold_scores`, `se`, `params` (its final model's), `seconds`; the `method` chosen and `why`.
     `on_step(description)` is called as work advances (the study's progress bar). Folds run in `n_jobs`
     threads (default: one per core, up to the number of folds), each with cores // n_jobs BLAS/OpenMP/torch threads.
+    Methods run cheapest first (registry cost, then grid size). `deadline` (a `time.perf_counter()` value, from
+    `--time-budget`): once a method's finished folds project its CV past it, that method and every costlier one
+    are dropped (`out_of_time`: method -> why; an ensemble whose members' probabilities would start after it
+    too). The cheapest method always runs to the end.
     """
     if metric not in METRICS:
         raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
@@ -163,19 +173,38 @@ def cross_validate(
             continue
         points = info.cv.points()
         paths[name] = (info.cv, points, np.empty((len(points), plan_.repeats, len(y), k), dtype=np.float32))
+    order = sorted(paths, key=lambda n: (COST_RANK.get(registry.get(n).cost, len(COST_RANK)), len(paths[n][1])))
+    paths = {n: paths[n] for n in order}  # cheapest first: under a deadline, the cheap candidates are scored
+    dropped: dict[str, str] = {}  # method -> why it was dropped for the deadline
     tasks, labels = [], []
     for name, (cv, points, _) in paths.items():
         for j, (_, a, b) in enumerate(plan_.folds):
-            tasks.append((_fold, (cv, X, y, a, b, k, points), {"seed": seed, "epochs": epochs}))
+            kw = {"seed": seed, "epochs": epochs, "name": name, "dropped": dropped}
+            tasks.append((_fold, (cv, X, y, a, b, k, points), kw))
             labels.append((name, j))
-    seconds = dict.fromkeys(paths, 0.0)
-    with budget(jobs):
+    seconds, done = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0)
+    n_folds = len(plan_.folds)
+    with thread_budget(jobs):
         for (name, j), (scores, sec) in zip(labels, thread_map(tasks, jobs)):
+            if scores is None:  # dropped
+                continue
             r, _, b = plan_.folds[j]
-            step(f"CV {name}: fold {j + 1}/{len(plan_.folds)}")
+            step(f"CV {name}: fold {j + 1}/{n_folds}")
             seconds[name] += sec
+            done[name] += 1
             for g, s in enumerate(scores):
                 paths[name][2][g, r, b] = s
+            if deadline is not None and name != order[0] and name not in dropped:
+                eta = time.perf_counter() + seconds[name] / done[name] * (n_folds - done[name]) / jobs
+                if eta > deadline:  # this method and every costlier one after it
+                    later = order[order.index(name) + 1 :]
+                    dropped[name] = (
+                        f"its {plan_.describe()} would have ended {eta - deadline:.0f} s past the time budget"
+                    )
+                    for m in later:
+                        dropped.setdefault(m, f"costlier than {name}, which did not fit the time budget")
+    for name in dropped:
+        del paths[name]
     for name, (cv, points, S) in paths.items():
         hon, chosen, overall = _honest(S, y, plan_, metric)
         state[name] = (S, chosen, points, cv)
@@ -190,6 +219,11 @@ def cross_validate(
             continue
         members = [m for m in info.cv.members if m in state]
         if not members:
+            if any(m in dropped for m in info.cv.members):
+                dropped[name] = "none of its members fitted the time budget"
+            continue
+        if deadline is not None and time.perf_counter() > deadline:
+            dropped[name] = "the time budget's share for selection was spent before its members' probabilities"
             continue
         P = np.zeros((plan_.repeats, len(y), k), dtype=np.float64)
         tasks, labels = [], []
@@ -200,7 +234,7 @@ def cross_validate(
                 tasks.append((_probabilities, args, {"seed": seed, "epochs": epochs}))
                 labels.append((m, j))
         spent = 0.0
-        with budget(jobs):
+        with thread_budget(jobs):
             for (m, j), (p, sec) in zip(labels, thread_map(tasks, jobs)):
                 r, _, b = plan_.folds[j]
                 step(f"CV {name}: {m} probabilities, fold {j + 1}/{len(plan_.folds)}")
@@ -219,7 +253,13 @@ def cross_validate(
         per_repeat = [score(y, hon[r]) for r in range(plan_.repeats)]
         out[name]["score"] = {m: float(np.mean([s[m] for s in per_repeat])) for m in METRICS}
         out[name]["fold_scores"] = [_metric(y[b], hon[r, b], metric) for r, _, b in plan_.folds]
-    return {**decide(out, plan_, metric, rule, n=len(y)), "methods": out, "stepped_aside": stepped_aside}
+    out_of_time = {m: why for m, why in dropped.items() if m in methods}
+    return {
+        **decide(out, plan_, metric, rule, n=len(y)),
+        "methods": out,
+        "stepped_aside": stepped_aside,
+        "out_of_time": out_of_time,
+    }
 
 
 # The order in which methods within one standard error of the best are preferred: the linear heads first
@@ -234,9 +274,10 @@ def decide(out: dict, plan_: Plan, metric: str, rule: str, n: int) -> dict:
     best = max(names, key=lambda m: (out[m]["score"][metric], -names.index(m)))
     fb = np.array(out[best]["fold_scores"])
     n_held = n / plan_.k
-    for m in names:
-        d = fb - np.array(out[m]["fold_scores"])
-        J = len(d)
+    for m in names:  # paired on the folds both have: all of them, or the first repeat's (fine-tuning's, see study)
+        fm = np.array(out[m]["fold_scores"])
+        J = min(len(fb), len(fm))
+        d = fb[:J] - fm[:J]
         var = float(d.var(ddof=1)) if J > 1 else 0.0
         out[m]["se"] = float(np.sqrt((1 / J + n_held / (n - n_held)) * var))  # Nadeau & Bengio (2003)
         out[m]["gap"] = out[best]["score"][metric] - out[m]["score"][metric]

@@ -13,7 +13,7 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
 from ..heads.search import METRICS, fixed, rank_key, score
-from .threads import budget, default_jobs, thread_map
+from .threads import default_jobs, thread_budget, thread_map
 
 DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -64,7 +64,7 @@ def data_efficiency(
         idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
         tasks.append((_fit_score, (base, X_train, y_train, idx, X_valid, y_valid, metric), {}))
     jobs = default_jobs(len(tasks)) if n_jobs is None else n_jobs
-    with budget(jobs):  # the draws are independent fits: side by side on the cores
+    with thread_budget(jobs):  # the draws are independent fits: side by side on the cores
         done = list(thread_map(tasks, jobs))
     points = []
     for k in ks:

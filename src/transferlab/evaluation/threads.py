@@ -24,7 +24,7 @@ def default_jobs(n_tasks: int) -> int:
 
 
 @contextmanager
-def budget(n_jobs: int):
+def thread_budget(n_jobs: int):
     """Each of `n_jobs` concurrent tasks gets cores // n_jobs BLAS, OpenMP and torch threads (restored after)."""
     if n_jobs <= 1:
         yield
@@ -46,7 +46,7 @@ def _timed(fn, args, kw):
 
 def thread_map(tasks: list, n_jobs: int):
     """(result, seconds) of each (fn, args, kwargs) task, in order, as they finish: in `n_jobs` threads, or
-    in-process for one. Run it inside `budget(n_jobs)`."""
+    in-process for one. Run it inside `thread_budget(n_jobs)`."""
     if n_jobs <= 1:
         return (_timed(*t) for t in tasks)
     return Parallel(n_jobs=n_jobs, backend="threading", return_as="generator")(delayed(_timed)(*t) for t in tasks)

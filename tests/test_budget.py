@@ -1,0 +1,138 @@
+"""--time-budget and --preset (issue 16): work runs cheapest first, what does not fit is skipped and said."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from transferlab.cli import main
+from transferlab.config import ConfigError, with_preset
+from transferlab.evaluation.budget import TimeBudget, parse_duration
+from transferlab.evaluation.crossval import cross_validate, decide, plan
+
+from .conftest import make_imagefolder
+
+
+def _blobs(n=200, d=16, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    X = (rng.normal(size=(k, d))[y] * 1.5 + rng.normal(size=(n, d))).astype(np.float32)
+    return X, y
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("10m", 600), ("1.5h", 5400), (45, 45)])
+def test_durations_parse_to_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["10x", "", "-5m", "0", "m", "1h30"])
+def test_bad_durations_are_refused_naming_the_value(text):
+    with pytest.raises(ValueError, match="time budget"):
+        parse_duration(text)
+
+
+def test_time_budget_flag_is_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "data", "--time-budget", "ten minutes"])
+    assert "ten minutes" in capsys.readouterr().err
+
+
+def test_presets_add_fine_tuning_to_the_default_run_only_for_best():
+    assert with_preset(["auto"], "quick") == ["auto"]
+    assert with_preset(["auto"], "best") == ["auto", "finetune"]
+    assert with_preset(["auto", "finetune"], "best") == ["auto", "finetune"]
+    with pytest.raises(ConfigError, match="fastest"):
+        with_preset(["auto"], "fastest")
+
+
+def test_a_passed_deadline_keeps_the_cheapest_method_and_drops_the_costlier_ones_with_reasons():
+    X, y = _blobs()
+    methods = ["svm_tuned", "logreg", "svm", "lda", "ensemble"]
+    free = cross_validate(X, y, methods, n_jobs=1)
+    assert free["out_of_time"] == {} and set(free["methods"]) == set(methods)
+    late = cross_validate(X, y, methods, n_jobs=1, deadline=time.perf_counter() - 1)
+    assert set(late["methods"]) == {"svm"}  # the seed's SVM: cost "seconds", one grid point, cheapest
+    assert late["method"] == "svm"
+    assert set(late["out_of_time"]) == {"svm_tuned", "logreg", "lda", "ensemble"}
+    assert "past the time budget" in late["out_of_time"]["lda"]  # the first costlier one: its projection
+    assert "costlier than lda" in late["out_of_time"]["svm_tuned"]
+    # what did run is scored exactly as without a deadline
+    assert late["methods"]["svm"]["fold_scores"] == free["methods"]["svm"]["fold_scores"]
+
+
+def test_methods_scored_on_fewer_folds_are_paired_on_the_folds_they_share():
+    y = np.arange(60) % 3
+    p = plan(y, 0, k=3, repeats=2)
+    out = {
+        "a": {"score": {"macro_f1": 0.8}, "fold_scores": [0.8, 0.7, 0.9, 0.8, 0.8, 0.8]},
+        "finetune": {"score": {"macro_f1": 0.9}, "fold_scores": [0.9, 0.8, 1.0]},
+    }
+    d = decide(out, p, "macro_f1", "best", n=60)
+    assert d["method"] == "finetune"
+    assert out["a"]["se"] == pytest.approx(0.0)  # differences on the first 3 folds: 0.1 each, no variance
+
+
+def test_time_budget_object_reports_what_it_skipped():
+    b = TimeBudget(None)
+    assert b.left() == float("inf") and b.until(0.5) is None and b.summary() is None
+    b = TimeBudget(10.0, start=time.perf_counter() - 20)
+    assert b.left() < 0 and not b.fits(1.0)
+    assert b.skip("lda", "late") == "lda skipped: late"
+    assert b.summary()["skipped"] == [{"what": "lda", "why": "late"}]
+
+
+def test_a_run_over_its_budget_still_selects_fits_and_reports_and_lists_what_it_skipped(tmp_path, cache_dir):
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"ant": 14, "bee": 12, "cat": 10}, "test": {"ant": 4, "bee": 4, "cat": 4}}
+    )
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
+    args += ["--cache-dir", str(cache_dir), "--no-progress", "--input-size", "32x32"]
+    assert main(["run", str(data), "--out", str(tmp_path / "free"), *args]) == 0
+    free = json.loads((tmp_path / "free" / "metrics.json").read_text())
+    assert "budget" not in free and set(free["methods"]) == {"softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"}
+
+    assert main(["run", str(data), "--out", str(tmp_path / "tight"), "--time-budget", "0.001s", *args]) == 0
+    m = json.loads((tmp_path / "tight" / "metrics.json").read_text())
+    skipped = {s["what"]: s["why"] for s in m["budget"]["skipped"]}
+    assert m["budget"]["seconds"] == pytest.approx(0.001)
+    assert m["selected"] in m["methods"]  # something is always selected, fitted and reported
+    assert set(m["selection"]["cv"]["methods"]) == {"svm"}  # the cheapest candidate only
+    assert {"logreg", "lda", "svm_tuned", "ensemble", "data-efficiency curve"} <= set(skipped)
+    assert set(m["methods"]) | set(skipped) >= set(free["methods"])
+    assert all(any(n.startswith(f"{w} skipped: ") for n in m["notes"]) for w in skipped)
+    assert "data_efficiency" not in m
+    assert (tmp_path / "tight" / "report.html").exists()
+
+
+def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_heads(tmp_path):
+    from transferlab.study import StudyConfig, run_study
+
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"ant": 6, "bee": 5, "cat": 4}, "test": {"ant": 2, "bee": 2, "cat": 2}}
+    )
+    cfg = StudyConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        preset="best",
+        epochs=2,
+        num_workers=0,
+        progress=False,
+        data_efficiency=False,
+        cache_dir=str(tmp_path / "cache"),
+        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
+    )
+    m = run_study(cfg)
+    cv = m["selection"]["cv"]
+    ft = cv["methods"]["finetune"]
+    k = cv["k"]
+    assert len(ft["fold_scores"]) == k and cv["repeats"] * k == len(cv["methods"]["logreg"]["fold_scores"])
+    assert ft["folds"] == f"the first repeat's {k} folds" and ft["seconds"] > 0
+    assert "finetune" in m["methods"] and m["selected"] in cv["methods"]
+    assert "se" in ft and "finetune" not in m["selection"]["left_out"]
+    assert not list((tmp_path / "run" / "methods" / "finetune" / "cv").rglob("*.ckpt"))
