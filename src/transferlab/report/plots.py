@@ -85,6 +85,9 @@ def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> 
     return _save(fig, path)
 
 
+MAX_CONFUSION_INCHES = 14.0
+
+
 def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normalize: bool = True) -> Path:
     """Confusion matrix (rows = true class), colour = row-normalised share, cells annotated with counts."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -95,7 +98,7 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
             shown = np.where(support[:, None] > 0, cm / support[:, None], 0.0)
     else:
         shown = cm
-    size = max(5.0, 0.55 * k + 3.5)
+    size = min(max(5.0, 0.55 * k + 3.5), MAX_CONFUSION_INCHES)  # 101 classes: 14 in, not 59 in (a 6000 px PNG)
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, shown.max()))
@@ -116,8 +119,9 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
                         color="white" if dark else "black",
                     )
     names = [f"{i} {c}" for i, c in enumerate(classes)]
-    ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
-    ax.set_yticks(range(k), [f"{n} (n={int(s)})" for n, s in zip(names, support)], fontsize=8)
+    font = 8 if k <= 40 else max(3.0, 8 * 40 / k)  # many classes: smaller labels on the capped figure
+    ax.set_xticks(range(k), names, rotation=45 if k <= 40 else 90, ha="right", rotation_mode="anchor", fontsize=font)
+    ax.set_yticks(range(k), [f"{n} (n={int(s)})" for n, s in zip(names, support)], fontsize=font)
     ax.set_xticks(np.arange(k + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(k + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="lightgrey", linewidth=0.5)
