@@ -168,7 +168,7 @@ print(before, status("VmHWM:"), ex.features.nbytes / 2**20)
     return {"peak_mib": peak, "before_extraction_mib": before, "features_mib": feats}
 
 
-def runtime_rows(bb, paths, tmp: Path, repeats: int) -> dict:
+def runtime_rows(bb, paths, tmp: Path, repeats: int, runtimes=("torch", "onnxruntime")) -> dict:
     """Row 7: raw forward per runtime on one pre-decoded batch, and cold extraction per runtime from files."""
     import shutil
 
@@ -195,7 +195,7 @@ def runtime_rows(bb, paths, tmp: Path, repeats: int) -> dict:
         return time.perf_counter() - t
 
     precisions = ["fp32"] + (["bf16"] if _cpu_has_native_bf16() else [])
-    for p in precisions:
+    for p in precisions if "torch" in runtimes else []:
         raw[f"torch eager {p} bs64 ({torch.get_num_threads()} threads)"] = n / timed(
             lambda p=p: raw_forward_seconds(bb, x, p, 64)
         )
@@ -213,7 +213,7 @@ def runtime_rows(bb, paths, tmp: Path, repeats: int) -> dict:
         )
     fastest = max(raw, key=raw.get)
     cold: dict[str, dict] = {}
-    settings = [("torch", p) for p in precisions] + [("onnxruntime", "fp32")]
+    settings = [("torch", p) for p in precisions if "torch" in runtimes] + [("onnxruntime", "fp32")]
     for rt, p in settings:
         secs = []
         for r in range(repeats):
@@ -247,6 +247,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", default="1,2,3,4,5,6,7")
     ap.add_argument("--runtime-images", type=int, default=128, help="images in row 7 (first of the subset)")
+    ap.add_argument(
+        "--row7-runtimes",
+        default="torch,onnxruntime",
+        help="row 7: the runtimes timed (onnxruntime alone skips torch's slow rows; its raw forwards are always timed)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-test", type=int, default=None, help="cap the test images (quick checks only)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (speed_TAG.json)")
@@ -395,7 +400,7 @@ def main() -> None:
         )
 
     if 7 in rows:
-        r7 = runtime_rows(bb, paths[: args.runtime_images], tmp, args.repeats)
+        r7 = runtime_rows(bb, paths[: args.runtime_images], tmp, args.repeats, args.row7_runtimes.split(","))
         results["row7"] = r7
         print(f"row 7 at {size}, {r7['images']} images, {r7['cores']} cores, load {r7['loadavg_after']}:")
         for k, v in r7["raw_images_per_s"].items():

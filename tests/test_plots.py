@@ -88,6 +88,14 @@ def test_confusion_matrix_large_unannotated(tmp_path):
     check_png(plots.plot_confusion_matrix(cm, [f"c{i}" for i in range(25)], tmp_path / "cm25.png"))
 
 
+def test_confusion_matrix_of_101_classes_stays_a_readable_size(tmp_path):
+    # one per method in every report (and embedded in report.html): 101 classes once drew a 59-inch, ~6000 px figure
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 3, (101, 101)) + np.diag(rng.integers(5, 30, 101))
+    w, h = check_png(plots.plot_confusion_matrix(cm, [f"class_{i}" for i in range(101)], tmp_path / "cm101.png"))
+    assert max(w, h) <= (plots.MAX_CONFUSION_INCHES + 4) * plots.DPI
+
+
 def test_class_distribution(tmp_path):
     rng = np.random.default_rng(1)
     counts = {

@@ -87,7 +87,7 @@ def _loss_grad(theta, Xt, yt, wt, k: int, lam: float) -> tuple[float, np.ndarray
 
 
 class LBFGSLogisticRegression(LogisticRegression):
-    """scikit-learn's `LogisticRegression` (multinomial, L2) fitted by `logistic_path`'s torch L-BFGS.
+    """scikit-learn's `LogisticRegression` (multinomial, L2) fitted by `logistic_path`'s L-BFGS.
 
     Hyperparameters, fitted attributes (`coef_`, `intercept_`, `classes_`, `n_iter_`) and prediction are
     `LogisticRegression`'s; only `C`, `class_weight`, `max_iter` and `tol` are read by `fit` (L2 penalty, with an

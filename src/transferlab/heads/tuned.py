@@ -73,7 +73,7 @@ TUNED: dict[str, HeadSpec] = {
         grid=[{"clf__C": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}],
         fold=logistic_fold,
         default=True,
-        description="multinomial logistic regression (full-batch L-BFGS in torch, warm-started along the C path), "
+        description="multinomial logistic regression (full-batch L-BFGS, warm-started along the C path), "
         "standardised features, class_weight=balanced; C on validation",
     ),
     "linear_svm": HeadSpec(
