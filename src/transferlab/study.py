@@ -257,24 +257,23 @@ def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
     """`finetune`'s CV entry on the first repeat's K folds (`finetune.tuner.cross_val_predict`, the same folds:
     `heads.search.cv_folds` with the same seed): its score, per-fold scores, seconds. A string (why) instead when
     the deadline passes first: after each fold, the time per fold projects the rest and the final fit."""
-    import time as _time
     from dataclasses import replace
 
     from .finetune.tuner import cross_val_predict
     from .heads.search import METRICS, score
 
-    if deadline is not None and _time.perf_counter() > deadline:
+    if deadline is not None and time.perf_counter() > deadline:
         return "the time budget's share for selection was spent before fine-tuning's CV could start"
     tr, va = splits["train"], splits["valid"]
     paths, y = list(tr.paths) + list(va.paths), np.concatenate([tr.y, va.y])
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
 
     def on_fold(i: int, _pred) -> None:
         step(f"CV finetune: fold {i + 1}/{folds.k}")
         if deadline is None:
             return
-        per_fold = (_time.perf_counter() - t0) / (i + 1)
-        eta = _time.perf_counter() + per_fold * (folds.k - i - 1)
+        per_fold = (time.perf_counter() - t0) / (i + 1)
+        eta = time.perf_counter() + per_fold * (folds.k - i - 1)
         if eta > deadline:
             raise _OutOfTime(
                 f"{folds.k} fine-tunings at {per_fold:.0f} s each would have ended {eta - deadline:.0f} s past the "
@@ -293,7 +292,7 @@ def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
         "fold_scores": [float(score(y[b], pred[b])[cfg.select_metric]) for b in held],
         "params": {},
         "grid_points": 1,
-        "seconds": _time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,
         "folds": f"the first repeat's {folds.k} folds",
     }
 

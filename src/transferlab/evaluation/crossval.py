@@ -133,8 +133,8 @@ def cross_validate(
     """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
 
     Returns what metrics.json's `selection` holds (see the module doc): per method its CV `score` (the three
-    metrics), `fold_scores`, `se`, `params` (its final model's), `seconds`; the `method` chosen and `why`.
-    `on_step(description)` is called as work advances (the study's progress bar). Folds run in `n_jobs`
+    metrics), `fold_scores`, `se`, `params` (its final model's), `seconds` (its folds' fitting time, summed over
+    the threads); the `method` chosen and `why`. `on_step(description)` is called as work advances (the study's progress bar). Folds run in `n_jobs`
     threads (default: one per core, up to the number of folds), each with cores // n_jobs BLAS/OpenMP/torch threads.
     Methods run cheapest first (registry cost, then grid size). `deadline` (a `time.perf_counter()` value, from
     `--time-budget`): once a method's finished folds project its CV past it, that method and every costlier one
