@@ -136,3 +136,26 @@ def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_he
     assert "finetune" in m["methods"] and m["selected"] in cv["methods"]
     assert "se" in ft and "finetune" not in m["selection"]["left_out"]
     assert not list((tmp_path / "run" / "methods" / "finetune" / "cv").rglob("*.ckpt"))
+
+
+def test_methods_scored_by_cv_whose_final_fit_was_skipped_are_reported_without_test_numbers(
+    tmp_path, cache_dir, monkeypatch
+):
+    # CV finished, then the time left fitted no other final fit: the report lists every CV score, test numbers
+    # only for what was fitted (it once raised KeyError for the skipped ones)
+    monkeypatch.setattr(TimeBudget, "fits", lambda self, expected: False)
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"ant": 14, "bee": 12, "cat": 10}, "test": {"ant": 4, "bee": 4, "cat": 4}}
+    )
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
+    args += ["--cache-dir", str(cache_dir), "--no-progress", "--input-size", "32x32", "--time-budget", "1h"]
+    assert main(["run", str(data), "--out", str(tmp_path / "run"), *args]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scored = set(m["selection"]["cv"]["methods"])
+    assert scored == {"svm", "svm_tuned", "logreg", "lda", "ensemble"}
+    assert set(m["methods"]) == {m["selected"]}  # the selected method is always fitted; the rest were skipped
+    skipped = {s["what"] for s in m["budget"]["skipped"]}
+    assert scored - {m["selected"]} <= skipped and "softmax" in skipped
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert all(f"| {n} |" in report for n in scored)
+    assert "total" in m["timings"] and (tmp_path / "run" / "report.html").exists()

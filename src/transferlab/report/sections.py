@@ -137,7 +137,7 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     if cvsel:
         rows[0].insert(2, "SE of gap to best")
     for n, _ in sel["ranking"]:
-        m = methods[n]
+        m = methods.get(n, {})  # scored by CV, final fit skipped (--time-budget): CV scores, no test numbers
         mv = sel.get("scores", {}).get(n) or m.get("valid", {})
         tci = ci.get(n) or {}
         rows.append(
