@@ -16,6 +16,16 @@ from transferlab.evaluation.crossval import cross_validate, decide, plan
 from .conftest import make_imagefolder
 
 
+def _small_run(tmp_path, cache_dir):
+    """A 3-class image folder and the CLI arguments of a quick default run on it (random tiny backbone)."""
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"ant": 14, "bee": 12, "cat": 10}, "test": {"ant": 4, "bee": 4, "cat": 4}}
+    )
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
+    args += ["--cache-dir", str(cache_dir), "--no-progress", "--input-size", "32x32"]
+    return data, args
+
+
 def _blobs(n=200, d=16, k=3, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % k
@@ -85,11 +95,7 @@ def test_time_budget_object_reports_what_it_skipped():
 
 
 def test_a_run_over_its_budget_still_selects_fits_and_reports_and_lists_what_it_skipped(tmp_path, cache_dir):
-    data = make_imagefolder(
-        tmp_path / "data", {"train": {"ant": 14, "bee": 12, "cat": 10}, "test": {"ant": 4, "bee": 4, "cat": 4}}
-    )
-    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
-    args += ["--cache-dir", str(cache_dir), "--no-progress", "--input-size", "32x32"]
+    data, args = _small_run(tmp_path, cache_dir)
     assert main(["run", str(data), "--out", str(tmp_path / "free"), *args]) == 0
     free = json.loads((tmp_path / "free" / "metrics.json").read_text())
     assert "budget" not in free and set(free["methods"]) == {"softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"}
@@ -144,11 +150,8 @@ def test_methods_scored_by_cv_whose_final_fit_was_skipped_are_reported_without_t
     # CV finished, then the time left fitted no other final fit: the report lists every CV score, test numbers
     # only for what was fitted (it once raised KeyError for the skipped ones)
     monkeypatch.setattr(TimeBudget, "fits", lambda self, expected: False)
-    data = make_imagefolder(
-        tmp_path / "data", {"train": {"ant": 14, "bee": 12, "cat": 10}, "test": {"ant": 4, "bee": 4, "cat": 4}}
-    )
-    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "2", "--workers", "0"]
-    args += ["--cache-dir", str(cache_dir), "--no-progress", "--input-size", "32x32", "--time-budget", "1h"]
+    data, args = _small_run(tmp_path, cache_dir)
+    args += ["--time-budget", "1h"]
     assert main(["run", str(data), "--out", str(tmp_path / "run"), *args]) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     scored = set(m["selection"]["cv"]["methods"])
