@@ -12,7 +12,7 @@ import torch
 from transferlab.data.datasets import discover
 from transferlab.features import runtime as R
 from transferlab.features.backbones import load_backbone
-from transferlab.features.extract import extract_features, resolve_runtime
+from transferlab.features.extract import ImageFiles, TensorBatches, collate, extract_features, resolve_runtime
 
 
 def _paths(folder, n=8):
@@ -25,6 +25,24 @@ def _both(paths, bb, tmp_path):
         paths, bb, cache_dir=tmp_path / "torch", progress=False, runtime="torch", precision="fp32", num_workers=0
     )
     return ort, pt
+
+
+@pytest.mark.parametrize("view", ["plain", "hflip"])
+def test_lane_batches_are_bit_identical_to_the_torch_path(small_folder, tiny_backbone, tmp_path, view):
+    """The ONNX Runtime lanes prepare images in place on a reused buffer; every value must equal timm's
+    transform + collate (the DataLoader path), unreadable files must be reported the same way, and a
+    smaller batch after a larger one must not carry stale rows."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = _paths(small_folder, 7)
+    paths.insert(3, str(broken))
+    batches = TensorBatches(paths, tiny_backbone.transform(), view)
+    files = ImageFiles(paths, tiny_backbone.transform(), view)
+    for idx in (range(0, 6), range(6, 8), range(2, 5)):
+        x, ok, failed = batches(idx)
+        ref, ref_ok, ref_failed = collate([files[i] for i in idx])
+        assert torch.equal(x, ref) and ok == ref_ok and failed == ref_failed
+    assert batches(range(3, 4)) == (None, [], [(3, files[3][2])])
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet"])
