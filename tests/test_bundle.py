@@ -287,3 +287,24 @@ def test_study_saves_bundles(tmp_path, small_folder):
         model = transferlab.load(run / "models" / name, cache_dir=cfg.cache_dir)
         pred = model.predict(test_paths)  # the study's own test predictions, from the saved bundle
         assert np.mean(pred == np.array(labels)) == pytest.approx(metrics["methods"][name]["accuracy"])
+
+
+def test_no_cache_keeps_the_exported_graph_and_no_features(trained, tiny_backbone, tmp_path, monkeypatch):
+    """cache_dir=False (`predict --no-cache`) caches no feature, but the ONNX graph is exported once into the
+    usual cache and reused: it used to be exported into the throwaway folder on every call."""
+    from transferlab.features import runtime as R
+
+    usual = tmp_path / "usual-cache"
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(usual))
+    exports = []
+    real = R.export_backbone_onnx
+    monkeypatch.setattr(R, "export_backbone_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    bundle = save_bundle(tmp_path / "b", _fit("softmax", trained), tiny_backbone, trained["ds"].classes)
+    paths = trained["ds"].paths("test")[:3]
+    model = transferlab.load(bundle, cache_dir=False)
+    first = model.predict_proba(paths)
+    ex = model.extract(paths)
+    assert ex.runtime == "onnxruntime" and ex.computed == 3 and ex.from_cache == 0
+    np.testing.assert_allclose(model.predict_proba(paths), first, atol=1e-6)
+    assert len(exports) == 1 and len(list((usual / "onnx").glob("*.onnx"))) == 1
+    assert sorted(p.name for p in usual.iterdir()) == ["onnx"]  # no feature folder

@@ -282,16 +282,19 @@ def extract_features(
     strict: bool = False,
     description: str = "features",
     runtime: str = "auto",
+    graph_dir=None,
 ) -> Extraction:
     """Features for `paths` (in order, unreadable ones skipped), computing only what the cache lacks.
 
-    `batch_size` None: per runtime (ONNX Runtime lanes ORT_BATCH_SIZE each, torch TORCH_BATCH_SIZE)."""
+    `batch_size` None: per runtime (ONNX Runtime lanes ORT_BATCH_SIZE each, torch TORCH_BATCH_SIZE).
+    `graph_dir`: the cache folder whose onnx/ keeps the exported graph, if not `cache_dir` (a throwaway
+    feature cache still reuses the graph exported before)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got '{view}'")
     start = time.perf_counter()
     dev = resolve_device(device)
     cache_dir = cache_dir or default_cache_dir()
-    plan = plan_features(backbone, cache_dir, runtime, dev, precision, view)
+    plan = plan_features(backbone, graph_dir or cache_dir, runtime, dev, precision, view)
     prec = plan.precision
     runtime_key = "torch" if plan.runtime == "torch" or plan.prepared.shares_key else "onnxruntime"
     cache = FeatureCache(

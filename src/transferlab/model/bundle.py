@@ -394,6 +394,7 @@ class Model:
             progress=progress,
             strict=strict,
             runtime=self.runtime,
+            graph_dir=self._graph_dir,
         )
         ex = None
         if paths:
@@ -431,6 +432,14 @@ class Model:
         ex.computed += len(pil_rows)
         return ex
 
+    @property
+    def _graph_dir(self):
+        """Where the exported ONNX graph is kept: the feature cache, or the usual one when features are not
+        cached (cache_dir=False), so `predict --no-cache` does not export the graph again on every call."""
+        from ..features.cache import default_cache_dir
+
+        return self.cache_dir or default_cache_dir()
+
     def _pil_features(self, images) -> np.ndarray:
         """Features of in-memory images, through the same runtime as files (ONNX Runtime on CPU where it runs,
         one call at a time with all cores as its threads, torch's and BLAS's held at one meanwhile)."""
@@ -443,8 +452,7 @@ class Model:
         from ..features.extract import TORCH_BATCH_SIZE, forward_features, plan_features, resolve_device
 
         dev = resolve_device(self.device)
-        graphs = None if self.cache_dir is False else self.cache_dir  # the exported graph: the usual cache
-        plan = plan_features(self.backbone, graphs, self.runtime, dev, self.precision)
+        plan = plan_features(self.backbone, self._graph_dir, self.runtime, dev, self.precision)
         transform = self.backbone.transform()
         if plan.runtime == "onnxruntime":
             session = plan.prepared.session(threads=ort_runtime.cores())
