@@ -368,3 +368,25 @@ def test_input_size_auto_needs_the_repeated_cv():
     with pytest.raises(ConfigError, match="input-size auto"):
         resolve_selection(StudyConfig(data="d", input_size="auto", cv=3))
     assert resolve_selection(StudyConfig(data="d", input_size="auto", methods=["svm"])) == "repeated-cv"
+
+
+def test_score_equals_scikit_learns_metrics():
+    """`score` counts one confusion matrix instead of calling scikit-learn; it must give scikit-learn's numbers,
+    also with predicted classes absent from y_true, classes never predicted, and string labels."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from transferlab.heads.search import score
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 7, 200), rng.integers(0, 9, 200)) for _ in range(20)]
+    cases += [(np.array(["a", "b", "b", "c"]), np.array(["b", "b", "d", "c"])), (np.array([3, 3]), np.array([3, 3]))]
+    for t, p in cases:
+        present = np.unique(t)
+        s = score(t, p)
+        assert s["macro_f1"] == pytest.approx(
+            f1_score(t, p, labels=present, average="macro", zero_division=0), abs=1e-12
+        )
+        assert s["accuracy"] == pytest.approx(accuracy_score(t, p), abs=1e-12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(t, p), abs=1e-12)

@@ -123,8 +123,8 @@ def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(
 ):
     fitted = {}
 
-    def spy(name, cfg, splits, classes, chosen=None):
-        res = fit_method(name, cfg, splits, classes, chosen)
+    def spy(name, cfg, splits, classes, chosen=None, **kw):
+        res = fit_method(name, cfg, splits, classes, chosen, **kw)
         fitted[name] = (res, splits["test"].paths)
         return res
 
@@ -164,3 +164,37 @@ def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(
     np.testing.assert_array_equal(model.predict(test_paths), classes[res["test_pred"]])
     with pytest.raises(ExportError, match="method ensemble .*of the tuned heads svm_tuned"):  # the registry says so
         export_onnx(out / "models" / "ensemble", tmp_path / "ensemble.onnx")
+
+
+def test_the_study_ensemble_votes_with_the_members_it_fitted_alone_instead_of_refitting_them(data, tmp_path):
+    """Final fits: the ensemble comes after its members (`_fit_order`) and reuses their fitted heads when their
+    hyperparameters are the ones CV chose for it; the vote is the same as with members refitted inside it."""
+    from transferlab.config import StudyConfig
+
+    (Xt, yt), (Xv, yv) = data
+    splits = {
+        "train": SplitFeatures(Xt, yt, [""] * len(yt)),
+        "valid": SplitFeatures(Xv, yv, [""] * len(yv)),
+        "test": SplitFeatures(Xv, yv, [""] * len(yv)),
+    }
+    cfg = StudyConfig(data="", out=str(tmp_path), epochs=EPOCHS, cache_dir=str(tmp_path / "cache"))
+    classes = ["a", "b", "c"]
+    params = {
+        "svm_tuned": {"clf__C": 10.0, "clf__gamma_scale": 0.5},
+        "logreg": {"clf__C": 0.1},
+        "lda": {"clf__class_weight": None},
+    }
+    cv_sel = {"method": "ensemble", "metric": "macro_f1", "methods": {"ensemble": {"score": {"macro_f1": 0.9}}}}
+    order = study_module._fit_order(["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"], cv_sel)
+    assert order.index("ensemble") > max(order.index(m) for m in ENSEMBLE_MEMBERS) and order[0] == "svm_tuned"
+    alone = {m: study_module.fit_method(m, cfg, splits, classes, params[m]) for m in ENSEMBLE_MEMBERS}
+    prefit = {m: r["estimator"] for m, r in alone.items()}
+    voted = study_module.fit_method("ensemble", cfg, splits, classes, params, prefit=prefit)["estimator"]
+    assert voted.reused_ == list(ENSEMBLE_MEMBERS) and all(a is b for a, b in zip(voted.members_, prefit.values()))
+    refit = study_module.chosen_head("ensemble", cfg, params).fit(Xt, yt, eval_set=(Xv, yv))
+    assert refit.reused_ == []
+    np.testing.assert_allclose(voted.predict_proba(Xv), refit.predict_proba(Xv), atol=1e-6)
+    # a member fitted with other hyperparameters is not reused
+    other = study_module.fit_method("logreg", cfg, splits, classes, {"clf__C": 0.01})["estimator"]
+    again = study_module.chosen_head("ensemble", cfg, params).fit(Xt, yt, eval_set=(Xv, yv), prefit={"logreg": other})
+    assert again.reused_ == []

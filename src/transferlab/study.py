@@ -159,10 +159,16 @@ def chosen_head(name: str, cfg: StudyConfig, params: dict):
 
 
 def fit_method(
-    name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], classes: list[str], chosen: dict | None = None
+    name: str,
+    cfg: StudyConfig,
+    splits: dict[str, SplitFeatures],
+    classes: list[str],
+    chosen: dict | None = None,
+    prefit: dict | None = None,
 ) -> dict:
     """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator. `chosen`:
-    the hyperparameters repeated CV chose for it (`chosen_head`)."""
+    the hyperparameters repeated CV chose for it (`chosen_head`). `prefit`: for an ensemble, the study's fitted
+    heads by name, which it votes with as they are where they are its members at the same hyperparameters."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
     if chosen is not None:
         est = chosen_head(name, cfg, chosen)
@@ -185,8 +191,9 @@ def fit_method(
             "train_note": f"fitted head loaded from the cache in {time.perf_counter() - t0:.2f} s",
         }
     else:
+        kw = {"prefit": prefit} if prefit and "prefit" in inspect.signature(est.fit).parameters else {}
         if "eval_set" in inspect.signature(est.fit).parameters:
-            est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y))
+            est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y), **kw)
         else:
             est.fit(tr.fit_X, tr.y)
         out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
@@ -327,18 +334,26 @@ def choose_input_size(cfg: StudyConfig, ds, bb, sizes: list[tuple[int, int]]):
 
 
 def _fit_order(methods: list[str], cv_selection: dict | None) -> list[str]:
-    """Final fits: the selected method first, then the seed baselines, then the rest by CV score (best first)."""
+    """Final fits: the selected method first, then the seed baselines, then the rest by CV score (best first);
+    an ensemble's members that are methods of the run come just before it, so it votes with their fits."""
     if not cv_selection:
-        return list(methods)
-    scores = cv_selection["methods"]
-    metric = cv_selection["metric"]
+        order = list(methods)
+    else:
+        scores = cv_selection["methods"]
+        metric = cv_selection["metric"]
 
-    def key(m: str):
-        chosen = m == cv_selection["method"]
-        seed = method_info(m).kind == "seed"
-        return (not chosen, not seed, -scores.get(m, {}).get("score", {}).get(metric, -1.0), methods.index(m))
+        def key(m: str):
+            chosen = m == cv_selection["method"]
+            seed = method_info(m).kind == "seed"
+            return (not chosen, not seed, -scores.get(m, {}).get("score", {}).get(metric, -1.0), methods.index(m))
 
-    return sorted(methods, key=key)
+        order = sorted(methods, key=key)
+    out: list[str] = []
+    for m in order:
+        info = method_info(m)
+        members = info.cv.members if info.kind == "ensemble" and info.cv is not None else ()
+        out += [x for x in members if x in methods and x not in out] + ([m] if m not in out else [])
+    return out
 
 
 def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
@@ -462,7 +477,8 @@ def run_study(cfg: StudyConfig) -> dict:
                 results[name] = fit_finetune(cfg, splits, ds.classes, bb)
             else:
                 chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
-                results[name] = fit_method(name, cfg, splits, ds.classes, chosen)
+                prefit = {m: r["estimator"] for m, r in results.items()}
+                results[name] = fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit)
             bar.advance(task)
         results = {n: results[n] for n in cfg.methods if n in results}  # the report's order
         cfg.methods = list(results)

@@ -20,6 +20,11 @@ from .tuned import TUNED, make_tuned
 ENSEMBLE_MEMBERS = ("svm_tuned", "logreg", "lda")
 
 
+def _same_params(a, b) -> bool:
+    """The same estimator class with the same hyperparameters, nested ones included (as the head cache keys them)."""
+    return type(a) is type(b) and a.__repr__(N_CHAR_MAX=10**9) == b.__repr__(N_CHAR_MAX=10**9)
+
+
 class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
     """Soft vote: the mean of the member heads' `predict_proba` (equal weights); predicts its argmax.
 
@@ -85,22 +90,32 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
             raise ValueError(f"ensemble members must be distinct and at least one, got {names}")
         return out
 
-    def fit(self, X, y, eval_set: tuple | None = None):
+    def fit(self, X, y, eval_set: tuple | None = None, prefit: dict | None = None):
+        """`prefit`: {member name: estimator already fitted on exactly these X, y and eval_set}, e.g. the study's
+        final fit of that method; it is used as it is when its hyperparameters equal the member's (the same
+        repr), so a vote of heads the study fitted anyway costs no refit. Anything else is fitted here."""
         t0 = time.perf_counter()
         X, y = fit_inputs(self, X, y)
         eval_set = eval_set_inputs(self, eval_set)
         self.classes_ = np.unique(y)
         members = self._build()
         fitted = []
-        for name, est in members:
-            kw = (
-                {"eval_set": eval_set}
-                if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters
-                else {}
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                est.fit(X, y, **kw)
+        self.reused_ = []
+        for i, (name, est) in enumerate(members):
+            done = (prefit or {}).get(name)
+            if done is not None and _same_params(done, est):
+                members[i] = (name, done)
+                est = done
+                self.reused_.append(name)
+            else:
+                kw = (
+                    {"eval_set": eval_set}
+                    if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters
+                    else {}
+                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    est.fit(X, y, **kw)
             if not np.array_equal(np.asarray(est.classes_), self.classes_):
                 raise ValueError(
                     f"ensemble member {name} learned classes {list(est.classes_)}, not {list(self.classes_)}"

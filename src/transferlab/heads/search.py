@@ -24,7 +24,6 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import ParameterGrid
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
@@ -37,16 +36,24 @@ METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 
 
 def score(y_true, y_pred) -> dict[str, float]:
-    """Accuracy, macro-F1 and balanced accuracy over the classes present in y_true (as `evaluate` does)."""
+    """Accuracy, macro-F1 and balanced accuracy over the classes present in y_true (as `evaluate` does).
+
+    The same numbers as scikit-learn's `f1_score(labels=present, average="macro", zero_division=0)`,
+    `accuracy_score` and `balanced_accuracy_score` (tested), from one confusion count: CV scores every grid point
+    of every fold this way, where scikit-learn's input checks cost ~14 ms a call."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = np.unique(y_true)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        bal = balanced_accuracy_score(y_true, y_pred)
+    labels, codes = np.unique(np.concatenate([y_true.ravel(), y_pred.ravel()]), return_inverse=True)
+    t, p = codes[: y_true.size], codes[y_true.size :]
+    n = len(labels)
+    support = np.bincount(t, minlength=n)
+    predicted = np.bincount(p, minlength=n)
+    tp = np.bincount(t[t == p], minlength=n)
+    present = support > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])  # 2TP / (2TP + FP + FN)
     return {
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(bal),
+        "macro_f1": float(f1.mean()) if present.any() else 0.0,
+        "accuracy": float(tp.sum() / max(y_true.size, 1)),
+        "balanced_accuracy": float((tp[present] / support[present]).mean()) if present.any() else 0.0,
     }
 
 
