@@ -390,3 +390,32 @@ def test_score_equals_scikit_learns_metrics():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(t, p), abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Only one sample available")  # scikit-learn's, on the one-image class
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("priors", [None, "uniform"])
+def test_fitted_lda_is_scikit_learns_shrinkage_lda(k, priors):
+    """`heads.lda.fitted_lda` computes scikit-learn's lsqr + Ledoit-Wolf LDA with one product per class and a
+    Cholesky solve; it must hold the same attributes (a scikit-learn upgrade that adds one fails here) and
+    numbers, also with a constant column, a one-image class and more columns than images."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from transferlab.heads.lda import fitted_lda
+
+    rng = np.random.default_rng(k)
+    for n, d in ((300, 20), (40, 64)):
+        y = np.r_[rng.integers(0, k, n - 1), k - 1 if k > 2 else 1]
+        y[:k] = np.arange(k)
+        X = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, d) + y[:, None] * rng.normal(size=d)
+        X[:, 3] = 2.5  # a constant column
+        if n == 40:
+            y[-1], y[:-1] = k, np.resize(np.arange(k), n - 1)  # class k has one image
+        p = None if priors is None else np.full(len(np.unique(y)), 1 / len(np.unique(y)))
+        ours = fitted_lda(X, y, p)
+        ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto", priors=p).fit(X, y)
+        assert set(vars(ours)) == set(vars(ref))
+        for name in ("classes_", "priors_", "means_", "covariance_", "coef_", "intercept_"):
+            np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-7, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-9)
+        assert ours._n_features_out == ref._n_features_out and ours.n_features_in_ == ref.n_features_in_

@@ -7,6 +7,7 @@ defaults reproduce the seed's study (softmax head vs RBF SVM) on the embedded ba
 from __future__ import annotations
 
 import inspect
+import random
 import time
 import warnings
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,9 +52,11 @@ class SplitFeatures:
 
 
 def _seed_everything(seed: int) -> None:
-    from lightning.pytorch import seed_everything
-
-    seed_everything(seed, workers=True, verbose=False)
+    """Python's, NumPy's and torch's global generators, which Lightning's `seed_everything` seeds, without
+    importing Lightning (~1.3 s) into a run that trains nothing with it; fine-tuning seeds through it itself."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], dict]:

@@ -7,7 +7,7 @@ what is shared across a grid once per fold and give exactly the model the study 
 - `logistic_fold`: standardise once, one warm-started L-BFGS path over C (`heads.lbfgs`), probabilities;
 - `rbf_fold`: standardise (or not, for the seed's SVM) once, one distance matrix, one kernel per gamma reused
   across C (`SVC(kernel="precomputed")`); decision values, not probabilities;
-- `lda_fold`: standardise once, each class's shrunk covariance once, both prior rules from them;
+- `lda_fold`: standardise once, each class's shrunk covariance once (`heads.lda`), both prior rules from them;
 - `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
 `fold_proba` gives a point's probabilities where the path gave decision values (the ensemble needs them).
 Kernel paths hold n x n matrices: above `KERNEL_MAX_ROWS` fitting images their methods step aside (the study says
@@ -21,10 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 from scipy.special import softmax
 from sklearn.base import clone
-from sklearn.covariance import ledoit_wolf
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import ParameterGrid
 from sklearn.preprocessing import StandardScaler
@@ -32,6 +30,7 @@ from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
 from .lbfgs import logistic_path
+from .lda import lda_coefficients, pooled_covariances
 from .probes import sq_distances, svc_probability_quiet
 
 KERNEL_MAX_ROWS = 12000  # ~1.6 GiB of kernel matrices per fold
@@ -90,35 +89,20 @@ def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced"
 def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
     """ShrinkageLDAHead (Ledoit-Wolf shrunk class covariances, lsqr) after standardisation, for each class prior
     rule of `points` ("balanced": uniform; None: the fit part's frequencies): each class's shrunk covariance is
-    computed once and combined per rule, as `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")` does."""
+    computed once and added into one pooled covariance per rule (`heads.lda`, scikit-learn's numbers)."""
     Xf, Xh = _standardise(Xf, Xh)
-    Xf64 = Xf.astype(np.float64)
     present, y_idx = np.unique(yf, return_inverse=True)
     counts = np.bincount(y_idx).astype(np.float64)
-    means = np.stack([Xf64[y_idx == c].mean(0) for c in range(len(present))])
-    covs = [_shrunk_cov(Xf64[y_idx == c]) for c in range(len(present))]
+    rules = [
+        np.full(len(present), 1 / len(present)) if p.get("clf__class_weight") == "balanced" else counts / counts.sum()
+        for p in points
+    ]
+    means, pooled = pooled_covariances(Xf.astype(np.float64), y_idx, rules)
     out = []
-    for p in points:
-        priors = (
-            np.full(len(present), 1 / len(present))
-            if p.get("clf__class_weight") == "balanced"
-            else counts / counts.sum()
-        )
-        cov = sum(pi * C for pi, C in zip(priors, covs))
-        coef = scipy.linalg.solve(cov, means.T, assume_a="pos").T  # lsqr's lstsq solution: cov is shrunk, so SPD
-        intercept = -0.5 * np.einsum("kd,kd->k", means, coef) + np.log(priors)
+    for priors, cov in zip(rules, pooled):
+        coef, intercept = lda_coefficients(means, cov, priors)
         out.append(_full(softmax(Xh @ coef.T + intercept, axis=1), present, k))
     return out
-
-
-def _shrunk_cov(X: np.ndarray) -> np.ndarray:
-    """scikit-learn's LDA covariance with shrinkage="auto": Ledoit-Wolf on standardised columns, scaled back."""
-    if len(X) < 2:
-        return np.zeros((X.shape[1], X.shape[1]))
-    scale = X.std(0)
-    scale[scale == 0] = 1.0
-    s = ledoit_wolf((X - X.mean(0)) / scale)[0]
-    return scale[:, None] * s * scale[None, :]
 
 
 def generic_fold(estimator, Xf, yf, Xh, k, points):

@@ -24,6 +24,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.metaestimators import available_if
 
 from .inputs import fit_inputs, predict_inputs, validate_data
+from .lda import fitted_lda
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
 
@@ -206,7 +207,10 @@ class ShrinkageLDAHead(ClassifierMixin, BaseEstimator):
             priors = w / w.sum()
         else:
             priors = np.full(k, 1.0 / k) if self.class_weight == "balanced" else None
-        self.lda_ = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage, priors=priors).fit(X, y)
+        if isinstance(self.shrinkage, str) and self.shrinkage == "auto":  # scikit-learn's model, fitted faster
+            self.lda_ = fitted_lda(X, y, priors)
+        else:
+            self.lda_ = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage, priors=priors).fit(X, y)
         self.classes_ = self.lda_.classes_
         return self
 
