@@ -1,12 +1,13 @@
 """scikit-learn's shrinkage LDA (`solver="lsqr", shrinkage="auto"`), fitted at a third of its cost.
 
 scikit-learn computes each class's Ledoit-Wolf covariance on standardised columns with three d x d products
-(`empirical_covariance`, and two in `ledoit_wolf_shrinkage`), then solves the pooled covariance with `lstsq`
-(an SVD). The same numbers come from one product per class: with Z the class's centred rows, G = Z'Z and
-sigma^2 = diag(G) / n, the shrinkage needs only the squared Frobenius norm of the standardised G and the rows'
-squared norms, and the shrunk covariance scaled back is (1 - a) G / n + a mu diag(sigma^2). The pooled
-covariance, shrunk and so positive definite, is solved by Cholesky. Classes are accumulated one at a time, so
-memory is a few d x d matrices whatever the number of classes. `fitted_lda` returns a real
+(`empirical_covariance`, and two in `ledoit_wolf_shrinkage`), adds them up weighted by the priors, and solves the
+pooled covariance with `lstsq` (an SVD). The same numbers come cheaper: with Z_c a class's centred rows and
+sigma_c^2 their column variances, its shrunk covariance scaled back is (1 - a_c) Z_c'Z_c / n_c + a_c mu_c
+diag(sigma_c^2), so the pooled covariance is one product of all rows, each weighted, plus a diagonal; the shrinkage
+a_c needs only the class's Gram matrix (n_c x n_c when the class has fewer rows than columns) and its rows' norms.
+The pooled covariance, shrunk and so positive definite, is solved by Cholesky. Memory: the centred rows and one
+d x d matrix per prior rule, whatever the number of classes. `fitted_lda` returns a real
 `LinearDiscriminantAnalysis` holding exactly the attributes its own `fit` sets (tested against it), so
 prediction, probabilities and serialisation stay scikit-learn's.
 """
@@ -18,42 +19,50 @@ import scipy.linalg
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 
-def _class_shrunk_cov(Z: np.ndarray) -> np.ndarray:
-    """Ledoit-Wolf shrunk covariance of centred rows Z on standardised columns, scaled back (scikit-learn's
-    `discriminant_analysis._cov(X, "auto")`)."""
-    n, d = Z.shape
-    G = Z.T @ Z
-    if n < 2:  # scikit-learn: one row has no spread; its covariance is zero (a single-image class)
-        return np.zeros((d, d))
-    var = np.diag(G) / n
-    scale = np.sqrt(var)
-    scale[scale == 0] = 1.0
-    inv = 1.0 / scale
-    trace = var * inv**2  # the standardised columns' variances: 1, or 0 for a constant column
+def _shrinkage(W: np.ndarray, trace: np.ndarray) -> tuple[float, float]:
+    """`ledoit_wolf_shrinkage` of standardised centred rows W (n, d) whose columns' variances are `trace`, and mu
+    (the mean variance, the scale of the identity it shrinks toward)."""
+    n, d = W.shape
+    gram = W @ W.T if n < d else W.T @ W  # the same squared Frobenius norm, from the smaller product
+    delta_ = np.square(gram).sum() / n**2
+    beta_ = np.square(np.square(W).sum(axis=1)).sum()  # sum of (X2' X2): each row's squared norm, squared
     mu = trace.sum() / d
-    delta_ = np.square(G * inv[:, None] * inv[None, :]).sum() / n**2  # ||standardised G / n||_F^2
-    beta_ = np.square(np.square(Z * inv).sum(axis=1)).sum()  # sum of (X2' X2): each row's squared norm, squared
     beta = (beta_ / n - delta_) / (d * n)
     delta = (delta_ - 2 * mu * trace.sum() + d * mu**2) / d
     beta = min(beta, delta)
-    shrinkage = 0.0 if beta == 0 else beta / delta
-    out = (1 - shrinkage) / n * G
-    out[np.diag_indices(d)] += shrinkage * mu * scale**2
-    return out
+    return 0.0 if beta == 0 else beta / delta, mu
 
 
 def pooled_covariances(X: np.ndarray, y_idx: np.ndarray, prior_sets: list[np.ndarray]) -> tuple[np.ndarray, list]:
     """Class means (k, d) and, for each vector of class priors, the prior-weighted sum of the classes' shrunk
-    covariances (scikit-learn's `_class_cov`). X float64, y_idx in 0..k-1, every class present."""
-    k = len(prior_sets[0])
-    means = np.empty((k, X.shape[1]))
-    pooled = [np.zeros((X.shape[1], X.shape[1])) for _ in prior_sets]
+    covariances (scikit-learn's `_class_cov`). X float64, y_idx in 0..k-1, every class present.
+
+    Class c's shrunk covariance scaled back is (1 - a_c) Z_c'Z_c / n_c + a_c mu_c diag(sigma_c^2), so a pooled one
+    is one product of all centred rows, each weighted by sqrt(prior_c (1 - a_c) / n_c), plus a diagonal: no d x d
+    matrix per class. a_c needs only the class's Gram matrix, n_c x n_c when the class has fewer rows than d."""
+    k, d = len(prior_sets[0]), X.shape[1]
+    means = np.empty((k, d))
+    Z = np.empty_like(X)
+    a, mu, var = np.zeros(k), np.zeros(k), np.zeros((k, d))
     for c in range(k):
-        Xc = X[y_idx == c]
-        means[c] = Xc.mean(axis=0)
-        cov = _class_shrunk_cov(Xc - means[c])
-        for acc, priors in zip(pooled, prior_sets):
-            acc += priors[c] * cov
+        rows = y_idx == c
+        means[c] = X[rows].mean(axis=0)
+        Zc = Z[rows] = X[rows] - means[c]
+        n = len(Zc)
+        var[c] = np.square(Zc).sum(axis=0) / n
+        if n < 2:  # scikit-learn: one row has no spread; its covariance is zero (a single-image class)
+            continue
+        scale = np.sqrt(var[c])
+        scale[scale == 0] = 1.0
+        a[c], mu[c] = _shrinkage(Zc / scale, var[c] / scale**2)
+    n_c = np.bincount(y_idx, minlength=k)
+    pooled = []
+    for priors in prior_sets:
+        weight = np.sqrt(priors * (1 - a) / n_c)[y_idx]
+        Zw = Z * weight[:, None]
+        cov = Zw.T @ Zw
+        cov[np.diag_indices(d)] += (priors * a * mu) @ np.where(var > 0, var, 1.0)
+        pooled.append(cov)
     return means, pooled
 
 
