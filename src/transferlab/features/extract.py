@@ -172,6 +172,17 @@ def plan_features(
     return Plan("torch", prec, backbone.cache_key(prec, view))
 
 
+def _read(path, prepare):
+    """`(prepare(decoded RGB image), "")`, or `(None, why)`: an unreadable file or an image the transform fails on
+    is skipped with its reason, never fatal to the run."""
+    try:
+        return prepare(load_rgb(path)), ""
+    except ImageError as exc:
+        return None, exc.reason
+    except Exception as exc:
+        return None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
 class ImageFiles(Dataset):
     """Image files as (tensor after `transform`, flipped for view "hflip", index, "") or (None, index, reason)."""
 
@@ -182,13 +193,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            x = self.transform(load_rgb(self.paths[i]))
-            reason = ""
-        except ImageError as exc:
-            x, reason = None, exc.reason
-        except Exception as exc:  # a transform failing on an odd image must not stop the run
-            x, reason = None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+        x, reason = _read(self.paths[i], self.transform)
         if x is not None and self.view == "hflip":
             x = torch.flip(x, dims=[-1])
         return x, i, reason
@@ -216,8 +221,7 @@ class TensorBatches:
         self.std = torch.as_tensor(normalize.std, dtype=torch.float32).view(-1, 1, 1)
         self.local = threading.local()
 
-    def _image(self, i) -> np.ndarray:
-        img = load_rgb(self.paths[i])
+    def _pixels(self, img) -> np.ndarray:
         for step in self.pil:
             img = step(img)
         if self.view == "hflip":  # flipping the pixels before the per-pixel arithmetic is the same as after
@@ -227,13 +231,12 @@ class TensorBatches:
     def __call__(self, indices):
         ok, failed, rows = [], [], []
         for i in indices:
-            try:
-                rows.append(self._image(i))
+            pixels, reason = _read(self.paths[i], self._pixels)
+            if pixels is None:
+                failed.append((i, reason))
+            else:
+                rows.append(pixels)
                 ok.append(i)
-            except ImageError as exc:
-                failed.append((i, exc.reason))
-            except Exception as exc:  # as ImageFiles: an odd image must not stop the run
-                failed.append((i, f"cannot preprocess ({type(exc).__name__}: {exc})"))
         if not rows:
             return None, ok, failed
         h, w, c = rows[0].shape
