@@ -398,17 +398,18 @@ def test_score_equals_scikit_learns_metrics():
 def test_fitted_lda_is_scikit_learns_shrinkage_lda(k, priors):
     """`heads.lda.fitted_lda` computes scikit-learn's lsqr + Ledoit-Wolf LDA with one product per class and a
     Cholesky solve; it must hold the same attributes (a scikit-learn upgrade that adds one fails here) and
-    numbers, also with a constant column, a one-image class and more columns than images."""
+    numbers, also with a constant column, a one-image class, more columns than images and a single column."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     from transferlab.heads.lda import fitted_lda
 
     rng = np.random.default_rng(k)
-    for n, d in ((300, 20), (40, 64)):
+    for n, d in ((300, 20), (40, 64), (30, 1)):
         y = np.r_[rng.integers(0, k, n - 1), k - 1 if k > 2 else 1]
         y[:k] = np.arange(k)
         X = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, d) + y[:, None] * rng.normal(size=d)
-        X[:, 3] = 2.5  # a constant column
+        if d > 3:
+            X[:, 3] = 2.5  # a constant column
         if n == 40:
             y[-1], y[:-1] = k, np.resize(np.arange(k), n - 1)  # class k has one image
         p = None if priors is None else np.full(len(np.unique(y)), 1 / len(np.unique(y)))
@@ -419,3 +420,18 @@ def test_fitted_lda_is_scikit_learns_shrinkage_lda(k, priors):
             np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-7, atol=1e-9, err_msg=name)
         np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-9)
         assert ours._n_features_out == ref._n_features_out and ours.n_features_in_ == ref.n_features_in_
+
+
+def test_fitted_lda_does_not_shrink_a_single_column():
+    """scikit-learn's Ledoit-Wolf leaves one column unshrunk; computed by the formula, classes of two images give
+    0 / 0 and NaN coefficients (found by scikit-learn's check_fit2d_1feature on the lda head)."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from transferlab.heads.lda import fitted_lda
+
+    rng = np.random.RandomState(0)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    for _ in range(50):  # whether 0 / 0 comes out as NaN depends on rounding: many draws
+        X = rng.uniform(size=(6, 1))
+        ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(X, y)
+        np.testing.assert_allclose(fitted_lda(X, y).coef_, ref.coef_, rtol=1e-9)

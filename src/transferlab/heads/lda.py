@@ -23,10 +23,12 @@ def _shrinkage(W: np.ndarray, trace: np.ndarray) -> tuple[float, float]:
     """`ledoit_wolf_shrinkage` of standardised centred rows W (n, d) whose columns' variances are `trace`, and mu
     (the mean variance, the scale of the identity it shrinks toward)."""
     n, d = W.shape
+    mu = trace.sum() / d
+    if d == 1:  # scikit-learn's ledoit_wolf: a single column is not shrunk
+        return 0.0, mu
     gram = W @ W.T if n < d else W.T @ W  # the same squared Frobenius norm, from the smaller product
     delta_ = np.square(gram).sum() / n**2
     beta_ = np.square(np.square(W).sum(axis=1)).sum()  # sum of (X2' X2): each row's squared norm, squared
-    mu = trace.sum() / d
     beta = (beta_ / n - delta_) / (d * n)
     delta = (delta_ - 2 * mu * trace.sum() + d * mu**2) / d
     beta = min(beta, delta)
