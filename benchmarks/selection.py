@@ -2,7 +2,7 @@
 
 Run by hand, not in CI:
     uv run python benchmarks/selection.py [--data-root ../shared/data] [--datasets boats16,imagewoof10,...]
-                                          [--cache-dir DIR] [--input-size HxW] [--tag NAME]
+                                          [--cache-dir DIR] [--input-size HxW] [--time-budget 30s] [--tag NAME]
 
 For each dataset: `transferlab run DATA` with the defaults (methods `auto`, selection by repeated CV over
 train + valid, the aspect-aware input size unless --input-size), then, from its metrics.json:
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="feature cache (default: a fresh temporary folder: cold)")
     ap.add_argument("--input-size", default=None, help="force one HxW (default: the aspect-aware default)")
     ap.add_argument("--out", default=None, help="keep the runs' report folders here")
+    ap.add_argument("--time-budget", default=None, help="pass --time-budget DURATION to every run (e.g. 30s)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     rows = []
@@ -119,6 +120,7 @@ def main() -> None:
                 cache_dir=args.cache_dir or str(Path(tmp) / "cache"),
                 input_size=parse_size(args.input_size),
                 progress=False,
+                time_budget=args.time_budget,
             )
             rows.append(summarise(name, run_study(cfg)))
             print(table(rows[-1:]), flush=True)
