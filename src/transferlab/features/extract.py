@@ -242,7 +242,7 @@ class TensorBatches:
         h, w, c = rows[0].shape
         buf = getattr(self.local, "buf", None)
         if buf is None or buf.shape[0] < len(rows) or buf.shape[1:] != (c, h, w):
-            buf = self.local.buf = torch.empty((max(len(indices), len(rows)), c, h, w))
+            buf = self.local.buf = torch.empty((len(indices), c, h, w))  # rows <= indices
         x = buf[: len(rows)]
         for row, pixels in zip(x, rows):
             np.copyto(row.numpy(), pixels.transpose(2, 0, 1))  # uint8 HWC -> float CHW, exact

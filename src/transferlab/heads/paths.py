@@ -7,7 +7,8 @@ what is shared across a grid once per fold and give exactly the model the study 
 - `logistic_fold`: standardise once, one warm-started L-BFGS path over C (`heads.lbfgs`), probabilities;
 - `rbf_fold`: standardise (or not, for the seed's SVM) once, one distance matrix, one kernel per gamma reused
   across C (`SVC(kernel="precomputed")`); decision values, not probabilities;
-- `lda_fold`: standardise once, each class's shrunk covariance once (`heads.lda`), both prior rules from them;
+- `lda_fold`: standardise once, the class means and shrinkages once, one pooled covariance per prior rule
+  (`heads.lda`);
 - `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
 `fold_proba` gives a point's probabilities where the path gave decision values (the ensemble needs them).
 Kernel paths hold n x n matrices: above `KERNEL_MAX_ROWS` fitting images their methods step aside (the study says
@@ -88,8 +89,8 @@ def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced"
 
 def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
     """ShrinkageLDAHead (Ledoit-Wolf shrunk class covariances, lsqr) after standardisation, for each class prior
-    rule of `points` ("balanced": uniform; None: the fit part's frequencies): each class's shrunk covariance is
-    computed once and added into one pooled covariance per rule (`heads.lda`, scikit-learn's numbers)."""
+    rule of `points` ("balanced": uniform; None: the fit part's frequencies): the class means and shrinkages are
+    computed once, then one pooled covariance per rule (`heads.lda`, scikit-learn's numbers)."""
     Xf, Xh = _standardise(Xf, Xh)
     present, y_idx = np.unique(yf, return_inverse=True)
     counts = np.bincount(y_idx).astype(np.float64)
