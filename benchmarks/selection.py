@@ -3,6 +3,7 @@
 Run by hand, not in CI:
     uv run python benchmarks/selection.py [--data-root ../shared/data] [--datasets boats16,imagewoof10,...]
                                           [--cache-dir DIR] [--input-size HxW] [--time-budget 30s] [--tag NAME]
+                                          [--flip-train] [--selection validation]
 
 For each dataset: `transferlab run DATA` with the defaults (methods `auto`, selection by repeated CV over
 train + valid, the aspect-aware input size unless --input-size), then, from its metrics.json:
@@ -37,9 +38,15 @@ DATASETS = ("boats16", "imagewoof10", "brain_mri4", "intel_scenes6")
 def summarise(name: str, m: dict) -> dict:
     """One dataset's row from a run's metrics.json."""
     sel = m["selection"]
-    cv = sel["cv"]
     methods = m["methods"]
-    chosen, best_cv = m["selected"], cv["best"]
+    chosen = m["selected"]
+    cv = sel.get("cv") or {  # --selection validation: the validation scores in the CV columns, no SEs
+        "best": chosen,
+        "why": f"best validation {sel['metric']}",
+        "within_one_se": [chosen],
+        "methods": {n: {"score": {sel["metric"]: v}, "se": 0.0} for n, v in sel["ranking"]},
+    }
+    best_cv = cv["best"]
     rank = {n: PREFERENCE.index(n) if n in PREFERENCE else len(PREFERENCE) for n in cv["within_one_se"]}
     one_se = min(cv["within_one_se"], key=rank.get)  # what the one-SE rule (rule="one_se") would have chosen
     hindsight = max(methods, key=lambda n: methods[n]["macro_f1"])
@@ -108,6 +115,8 @@ def main() -> None:
     ap.add_argument("--input-size", default=None, help="force one HxW (default: the aspect-aware default)")
     ap.add_argument("--out", default=None, help="keep the runs' report folders here")
     ap.add_argument("--time-budget", default=None, help="pass --time-budget DURATION to every run (e.g. 30s)")
+    ap.add_argument("--flip-train", action="store_true", help="pass --flip-train to every run (CV fits both views)")
+    ap.add_argument("--selection", default="auto", help="pass --selection (e.g. validation, to compare)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     rows = []
@@ -121,6 +130,8 @@ def main() -> None:
                 input_size=parse_size(args.input_size),
                 progress=False,
                 time_budget=args.time_budget,
+                flip_train=args.flip_train,
+                selection=args.selection,
             )
             rows.append(summarise(name, run_study(cfg)))
             print(table(rows[-1:]), flush=True)

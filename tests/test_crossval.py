@@ -17,14 +17,14 @@ from threadpoolctl import threadpool_info
 
 from transferlab.cli import main
 from transferlab.config import ConfigError, StudyConfig, resolve_selection
-from transferlab.evaluation.crossval import PREFERENCE, Plan, _honest, cross_validate, decide, plan
+from transferlab.evaluation.crossval import PREFERENCE, VIEWS_NOTE, Plan, _fold, _honest, cross_validate, decide, plan
 from transferlab.features.backbones import load_backbone
 from transferlab.features.input_size import aspect_input_size, median_aspect
 from transferlab.heads import registry
 from transferlab.heads.lbfgs import LBFGSLogisticRegression, logistic_path
 from transferlab.heads.paths import generic_fold, lda_fold, logistic_fold, rbf_fold
 from transferlab.heads.tuned import TUNED
-from transferlab.study import run_study
+from transferlab.study import chosen_head, run_study
 
 from .conftest import make_imagefolder
 from .test_selection import _shuffle_test_folders
@@ -100,6 +100,27 @@ def test_seed_svm_fold_path_is_scikit_learns_rbf_svc():
     (s,) = registry.get("svm").cv.fold(X[:180], y[:180], X[180:], 4, [{}])
     ref = SVC(kernel="rbf").fit(X[:180], y[:180])
     assert (s.argmax(1) == ref.predict(X[180:])).all()
+
+
+@pytest.mark.parametrize("name", ["svm", "logreg", "lda", "svm_tuned"])
+def test_flip_train_folds_fit_both_views_as_the_final_model_does(name):
+    """Under --flip-train a fold fits on both views of its fit images and scores the held ones on the views' mean:
+    the model the study then fits (`chosen_head` with flip_train, `ViewAugmented`), not the one-view model."""
+    X, y = _blobs()
+    F = X + np.random.default_rng(1).normal(size=X.shape).astype(np.float32) * 1.5  # the "flipped" view
+    views, mean = np.hstack([X, F]), (X + F) / 2
+    a, b = np.arange(180), np.arange(180, 240)
+    cv = registry.get(name).cv
+    points = cv.points()[:: max(1, len(cv.points()) // 3)]
+    both = _fold(cv, mean, y, a, b, 4, points, views=views)
+    one = _fold(cv, mean, y, a, b, 4, points)
+    cfg = StudyConfig(data="d", flip_train=True)
+    for p, s, s1 in zip(points, both, one):
+        model = chosen_head(name, cfg, p).fit(views[a], y[a])
+        assert (s.argmax(1) == model.predict(mean[b])).mean() >= (0.98 if name == "logreg" else 1.0), p
+    assert any(not np.array_equal(s, s1) for s, s1 in zip(both, one))  # the views changed the fits
+    with pytest.raises(ValueError, match="two views"):
+        cross_validate(X, y, [name], views=X)
 
 
 def test_a_class_missing_from_a_fold_gets_minus_inf_not_a_shifted_column():
@@ -218,6 +239,8 @@ def test_selection_protocol_follows_the_methods_asked_for():
     assert resolve_selection(StudyConfig(data="d", methods=["svm"], selection="repeated-cv")) == "repeated-cv"
     with pytest.raises(ConfigError, match="drop --cv"):
         resolve_selection(StudyConfig(data="d", selection="repeated-cv", cv=3))
+    assert resolve_selection(StudyConfig(data="d", flip_train=True)) == "repeated-cv"  # CV fits both views too
+    assert resolve_selection(StudyConfig(data="d", input_size="auto", flip_train=True)) == "repeated-cv"
     assert set(registry.resolve_methods(["auto"])) == {"softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"}
     for name in registry.resolve_methods(["auto"]):
         assert registry.get(name).cv is not None or name == "softmax"  # the seed's softmax: a baseline only
@@ -268,6 +291,26 @@ def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path
         return {**cv, "methods": {n: {k: v for k, v in r.items() if k != "seconds"} for n, r in cv["methods"].items()}}
 
     assert no_times(m2["selection"]["cv"]) == no_times(sel["cv"])  # every CV score, SE and choice
+
+
+def test_flip_train_default_run_selects_by_cv_on_both_views_without_test_labels(tmp_path, cache_dir):
+    data = _wide_data(tmp_path / "data")
+    args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "3", "--workers", "0"]
+    args += ["--flip-train", "--cache-dir", str(cache_dir), "--no-progress"]
+    assert main(["run", str(data), "--out", str(tmp_path / "run"), *args]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    sel = m["selection"]
+    assert m["config"]["selection"] == "repeated-cv" and sel["protocol"].endswith(VIEWS_NOTE)
+    for name in ("svm_tuned", "logreg", "lda"):  # the final models (ViewAugmented) use the points CV chose
+        chosen = sel["cv"]["methods"][name]["params"]
+        assert m["methods"][name]["tuning"]["best_params"] == {f"estimator__{k}": v for k, v in chosen.items()}
+    wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder
+    assert main(["run", str(wrong), "--out", str(tmp_path / "run2"), *args]) == 0
+    m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert m2["selected"] == m["selected"]
+    assert {n: r["score"] for n, r in m2["selection"]["cv"]["methods"].items()} == {
+        n: r["score"] for n, r in sel["cv"]["methods"].items()
+    }
 
 
 def test_seed_methods_alone_still_run_the_seed_study_on_the_validation_split(tmp_path, cache_dir):

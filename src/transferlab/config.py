@@ -95,20 +95,16 @@ def resolve_selection(cfg: StudyConfig) -> str:
         raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got '{cfg.selection}'")
     kfold = bool(cfg.cv and cfg.cv >= 2)
     if cfg.input_size == "auto":
-        chosen = (
-            cfg.selection if cfg.selection != "auto" else ("repeated-cv" if not kfold and not cfg.flip_train else "")
-        )
+        chosen = cfg.selection if cfg.selection != "auto" else ("repeated-cv" if not kfold else "")
         if chosen != "repeated-cv":
-            raise ConfigError(
-                "--input-size auto chooses by the default repeated CV: drop --cv, --flip-train, --selection"
-            )
+            raise ConfigError("--input-size auto chooses by the default repeated CV: drop --cv, --selection")
         return "repeated-cv"
     if cfg.selection == "auto":
         if kfold:
             return "kfold"
-        return "repeated-cv" if "auto" in cfg.methods and not cfg.flip_train else "validation"
-    if cfg.selection == "repeated-cv" and (kfold or cfg.flip_train):
-        raise ConfigError("selection repeated-cv chooses its own folds and works on one view: drop --cv / --flip-train")
+        return "repeated-cv" if "auto" in cfg.methods else "validation"
+    if cfg.selection == "repeated-cv" and kfold:
+        raise ConfigError("selection repeated-cv chooses its own folds: drop --cv")
     if cfg.selection == "kfold" and not kfold:
         raise ConfigError("selection kfold needs --cv K (K >= 2)")
     return cfg.selection

@@ -137,26 +137,24 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
     return found
 
 
-def _one_point(grid_point: dict) -> list[dict]:
-    return [{k: [v] for k, v in grid_point.items()}]
+def _one_point(grid_point: dict, flip_train: bool = False) -> list[dict]:
+    """A CV grid point as a one-point grid; under `--flip-train` its names go through `ViewAugmented`'s
+    `estimator__` (as `heads.tuned.make_tuned` renames the grid)."""
+    prefix = "estimator__" if flip_train else ""
+    return [{f"{prefix}{k}": [v] for k, v in grid_point.items()}]
 
 
 def chosen_head(name: str, cfg: StudyConfig, params: dict):
     """The head `name` with the hyperparameters repeated CV chose (`evaluation.crossval`): a tuned head searches
     only that grid point, an ensemble's members are fixed at theirs; a seed head has none to set."""
     kind = method_info(name).kind
-    est = make_head(name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, flip_train=cfg.flip_train)
+    kw = {"seed": cfg.seed, "epochs": cfg.epochs, "scoring": cfg.select_metric, "flip_train": cfg.flip_train}
+    est = make_head(name, **kw)
     if kind == "tuned":
-        est.set_params(param_grid=_one_point(params))
+        est.set_params(param_grid=_one_point(params, cfg.flip_train))
     elif kind == "ensemble":
         members = tuple(
-            (
-                m,
-                make_head(m, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric).set_params(
-                    param_grid=_one_point(p)
-                ),
-            )
-            for m, p in params.items()
+            (m, make_head(m, **kw).set_params(param_grid=_one_point(p, cfg.flip_train))) for m, p in params.items()
         )
         est.set_params(members=members)
     return est
@@ -227,6 +225,7 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
 
     tr, va = splits["train"], splits["valid"]
     X, y = np.concatenate([tr.X, va.X]), np.concatenate([tr.y, va.y])
+    views = np.concatenate([tr.views, va.views]) if tr.views is not None else None  # --flip-train
     candidates = [m for m in cfg.methods if method_info(m).cv is not None]
     folds = plan(y, cfg.seed)
     deadline = budget.until(CV_SHARE) if budget is not None else None
@@ -246,6 +245,7 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
         plan_=folds,
         on_step=step,
         deadline=deadline,
+        views=views,
     )
     if finetune:
         scored = _finetune_cv(cfg, splits, folds, backbone, deadline, step)
@@ -253,7 +253,9 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
             out["out_of_time"]["finetune"] = scored
         else:
             out["methods"]["finetune"] = scored
+            protocol = out["protocol"]
             out.update(decide(out["methods"], folds, cfg.select_metric, out["rule"], n=len(y)))
+            out["protocol"] = protocol
     bar.update(task, description=f"selection: {folds.describe()}")
     gone = set(out["methods"]) | set(out["stepped_aside"]) | set(out["out_of_time"])
     out["left_out"] = [m for m in cfg.methods if m not in gone]

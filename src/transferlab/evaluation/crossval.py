@@ -36,6 +36,7 @@ from ..heads.search import METRICS, cv_folds, score
 from .threads import default_jobs, thread_budget, thread_map
 
 RULES = ("one_se", "best")
+VIEWS_NOTE = ", fitting on plain and flipped views"  # the protocol's wording under `--flip-train`
 COST_RANK = {"seconds": 0, "minutes": 1, "hours": 2}
 
 
@@ -64,16 +65,26 @@ def plan(y, seed: int = 0, k: int | None = None, repeats: int | None = None, row
     return Plan(k, repeats, seed, folds)
 
 
-def _fold(cv, X, y, a, b, k, points, name=None, dropped=(), **kw):
+def _parts(X, y, a, b, views=None):
+    """One fold's (fit rows, fit labels, held rows). With `views` (plain and flipped features side by side), the fit
+    images' two views are stacked as separate rows, labels repeated, and the held images are scored on X (their
+    views' mean): what `heads.views.ViewAugmented`, the final model under `--flip-train`, does."""
+    if views is None:
+        return X[a], y[a], X[b]
+    d = views.shape[1] // 2
+    return np.concatenate([views[a, :d], views[a, d:]]), np.concatenate([y[a], y[a]]), X[b]
+
+
+def _fold(cv, X, y, a, b, k, points, name=None, dropped=(), views=None, **kw):
     """One fold of a method's path; its parts are taken here, in the task, so that no copy waits in a queue.
     None at once when the method was dropped (`dropped`: shared with the loop that drops methods)."""
     if name in dropped:
         return None
-    return cv.fold(X[a], y[a], X[b], k, points, **kw)
+    return cv.fold(*_parts(X, y, a, b, views), k, points, **kw)
 
 
-def _probabilities(cv, scores, X, y, a, b, k, point, **kw):
-    return cv.probabilities(scores, X[a], y[a], X[b], k, point, **kw)
+def _probabilities(cv, scores, X, y, a, b, k, point, views=None, **kw):
+    return cv.probabilities(scores, *_parts(X, y, a, b, views), k, point, **kw)
 
 
 def steps(methods: list[str], plan_: Plan) -> int:
@@ -129,6 +140,7 @@ def cross_validate(
     on_step=None,
     n_jobs: int | None = None,
     deadline: float | None = None,
+    views=None,
 ) -> dict:
     """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
 
@@ -139,13 +151,19 @@ def cross_validate(
     Methods run cheapest first (registry cost, then grid size). `deadline` (a `time.perf_counter()` value, from
     `--time-budget`): once a method's finished folds project its CV past it, that method and every costlier one
     are dropped (`out_of_time`: method -> why; an ensemble whose members' probabilities would start after it
-    too). The cheapest method always runs to the end.
+    too). The cheapest method always runs to the end. `views` (`--flip-train`): each image's plain and flipped
+    features side by side, X being their mean; every fold then fits on both views of its fit images and scores its
+    held images on X, as the final models do (`_parts`).
     """
     if metric not in METRICS:
         raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got '{rule}'")
     X = np.asarray(X, dtype=np.float32)
+    if views is not None:
+        views = np.asarray(views, dtype=np.float32)
+        if views.shape != (len(X), 2 * X.shape[1]):
+            raise ValueError(f"views must be {len(X)} x {2 * X.shape[1]} (two views of X's rows), got {views.shape}")
     classes, y = np.unique(np.asarray(y), return_inverse=True)
     k = len(classes)
     plan_ = plan_ or plan(y, seed)
@@ -160,7 +178,7 @@ def cross_validate(
         if info.kind == "ensemble" and info.cv is not None:
             needed += [m for m in info.cv.members if m not in needed]
     stepped_aside: dict[str, str] = {}
-    rows = max(len(a) for _, a, _ in plan_.folds)
+    rows = max(len(a) for _, a, _ in plan_.folds) * (1 if views is None else 2)
     jobs = n_jobs if n_jobs is not None else default_jobs(len(plan_.folds))
     paths: dict[str, tuple] = {}  # every fold of every method in one stream of tasks: no core idles between methods
     for name in needed:
@@ -179,7 +197,7 @@ def cross_validate(
     tasks, labels = [], []
     for name, (cv, points, _) in paths.items():
         for j, (_, a, b) in enumerate(plan_.folds):
-            kw = {"seed": seed, "epochs": epochs, "name": name, "dropped": dropped}
+            kw = {"seed": seed, "epochs": epochs, "name": name, "dropped": dropped, "views": views}
             tasks.append((_fold, (cv, X, y, a, b, k, points), kw))
             labels.append((name, j))
     seconds, done = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0)
@@ -231,7 +249,7 @@ def cross_validate(
             S, chosen, points, cv = state[m]
             for j, (r, a, b) in enumerate(plan_.folds):
                 args = (cv, S[chosen[j], r, b], X, y, a, b, k, points[chosen[j]])
-                tasks.append((_probabilities, args, {"seed": seed, "epochs": epochs}))
+                tasks.append((_probabilities, args, {"seed": seed, "epochs": epochs, "views": views}))
                 labels.append((m, j))
         spent = 0.0
         with thread_budget(jobs):
@@ -254,8 +272,11 @@ def cross_validate(
         out[name]["score"] = {m: float(np.mean([s[m] for s in per_repeat])) for m in METRICS}
         out[name]["fold_scores"] = [_metric(y[b], hon[r, b], metric) for r, _, b in plan_.folds]
     out_of_time = {m: why for m, why in dropped.items() if m in methods}
+    decision = decide(out, plan_, metric, rule, n=len(y))
+    if views is not None:
+        decision["protocol"] += VIEWS_NOTE
     return {
-        **decide(out, plan_, metric, rule, n=len(y)),
+        **decision,
         "methods": out,
         "stepped_aside": stepped_aside,
         "out_of_time": out_of_time,
