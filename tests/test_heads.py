@@ -7,7 +7,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from transferlab.heads import make_head
-from transferlab.heads.seed import SoftmaxHead, balanced_weights, fit_linear_softmax
+from transferlab.heads.seed import SoftmaxHead, _Plateau, balanced_weights, fit_linear_softmax
 
 
 def _blobs(n_per=(40, 20, 6), d=16, seed=0):
@@ -53,6 +53,75 @@ def test_softmax_head_learns_and_records_history():
     p = head.predict_proba(X)
     np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
     assert p.shape == (len(X), 3)
+
+
+def _seed_loop_with_torch_optim(linear, inputs, targets, epochs, lr, batch_size, seed, weight_decay=0.0, weight=None):
+    """The seed's loop as it was written with torch.optim.Adam and ReduceLROnPlateau: the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    losses, lrs = [], []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        total = 0.0
+        for idx in torch.randperm(len(targets), generator=gen).split(batch_size):
+            loss = loss_fn(linear(inputs[idx]), targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(targets))
+        sched.step(losses[-1])
+    return losses, lrs
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_softmax_loop_is_torch_optims_adam_and_reduce_lr_on_plateau_bit_for_bit(weight_decay):
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.normal(size=(60, 12)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, 60))  # random labels: the loss plateaus and the lr is cut
+    w = torch.tensor([1.0, 2.0, 0.5])
+    torch.manual_seed(3)
+    ours = torch.nn.Linear(12, 3)
+    ref = torch.nn.Linear(12, 3)
+    ref.load_state_dict(ours.state_dict())
+    hist = fit_linear_softmax(
+        ours, X, y, epochs=60, lr=0.3, batch_size=16, seed=2, weight_decay=weight_decay, class_weight=w
+    )
+    losses, lrs = _seed_loop_with_torch_optim(ref, X, y, 60, 0.3, 16, 2, weight_decay, w)
+    assert hist["lr"] == lrs and min(lrs) < 0.3 / 10 / 2  # cut at least twice
+    assert hist["train_loss"] == losses
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+
+
+def test_plateau_rule_is_reduce_lr_on_plateau_at_its_defaults():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        metrics = np.round(rng.random(80), 1) if trial % 2 else np.minimum.accumulate(rng.random(80)) * 1.00005
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.7)
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        ours = _Plateau(0.7)
+        for m in metrics:
+            ref.step(float(m))
+            ours.step(float(m))
+            assert ours.lr == opt.param_groups[0]["lr"]
+    assert ours.lr < 0.7
+
+
+def test_softmax_fit_does_not_import_torch_dynamo():
+    """Building a torch.optim optimizer imports torch._dynamo (2-3 s on 2 cores, more than the seed's 50 epochs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from transferlab.heads.seed import SoftmaxHead\n"
+        "SoftmaxHead(epochs=2).fit(np.random.rand(40, 8).astype(np.float32), np.arange(40) % 3)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_reduce_lr_on_plateau_defaults_cut_lr_by_ten():

@@ -17,12 +17,37 @@ import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
+from torch.optim.adam import adam as adam_update  # torch.optim.Adam's functional update, without the class
 
 from .inputs import eval_set_inputs, fit_inputs, predict_inputs
 from .paths import KERNEL_MAX_ROWS, FoldPath, rbf_fold
 from .probes import KernelSVMHead
 from .registry import register
 from .views import ViewAugmented
+
+
+class _Plateau:
+    """`torch.optim.lr_scheduler.ReduceLROnPlateau` at its defaults (mode "min", factor 0.1, patience 10, relative
+    threshold 1e-4, no cooldown, min_lr 0, eps 1e-8) on a plain learning rate `lr` (tested step for step against
+    it). The scheduler needs an optimizer object, and building any `torch.optim` optimizer imports torch._dynamo
+    (`add_param_group` is wrapped by it): 2-3 s of every run on a 2-core machine, longer than the 50 epochs. So
+    `fit_linear_softmax` keeps Adam's state itself and calls `adam_update`, the update `Adam.step` calls."""
+
+    factor, patience, threshold, eps = 0.1, 10, 1e-4, 1e-8
+
+    def __init__(self, lr: float):
+        self.lr, self.best, self.bad_epochs = float(lr), math.inf, 0
+
+    def step(self, metric: float) -> None:
+        if float(metric) < self.best * (1.0 - self.threshold):
+            self.best, self.bad_epochs = float(metric), 0
+        else:
+            self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            new = max(self.lr * self.factor, 0.0)
+            if self.lr - new > self.eps:
+                self.lr = new
+            self.bad_epochs = 0
 
 
 def fit_linear_softmax(
@@ -46,8 +71,14 @@ def fit_linear_softmax(
     """
     forward = forward or linear
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    params = list(linear.parameters())
+    adam = {  # torch.optim.Adam's defaults and state, its update through `adam_update` (see `_Plateau`)
+        "exp_avgs": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+        "exp_avg_sqs": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+        "max_exp_avg_sqs": [],
+        "state_steps": [torch.tensor(0.0, dtype=torch.get_default_dtype()) for _ in params],
+    }
+    sched = _Plateau(lr)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     eval_loss = nn.CrossEntropyLoss(weight=class_weight, reduction="sum")
     n = len(targets)
@@ -55,14 +86,27 @@ def fit_linear_softmax(
         k: [] for k in ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr")
     }
     for epoch in range(1, epochs + 1):
-        history["lr"].append(opt.param_groups[0]["lr"])
+        history["lr"].append(sched.lr)
         total_loss, correct = 0.0, 0
         for idx in torch.randperm(n, generator=gen).split(batch_size):
             logits = forward(inputs[idx])
             loss = loss_fn(logits, targets[idx])
-            opt.zero_grad()
+            for p in params:  # zero_grad()
+                p.grad = None
             loss.backward()
-            opt.step()
+            with torch.no_grad():  # Adam.step()
+                adam_update(
+                    params,
+                    [p.grad for p in params],
+                    **adam,
+                    amsgrad=False,
+                    beta1=0.9,
+                    beta2=0.999,
+                    lr=sched.lr,
+                    weight_decay=weight_decay,
+                    eps=1e-8,
+                    maximize=False,
+                )
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == targets[idx]).sum().item()
         train_loss = total_loss / n
