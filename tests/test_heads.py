@@ -178,3 +178,28 @@ def test_heads_are_sklearn_estimators():
     assert svm.predict_proba(X).shape == (len(X), 3)
     with pytest.raises(ValueError, match="unknown method"):
         make_head("nope")
+
+
+def test_svm_fits_in_threads_give_the_models_of_one_thread():
+    """libsvm's Platt scaling and liblinear draw from one process-wide generator: fits running side by side in
+    threads (CV folds, the study's final fits) must give the models they give one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferlab.heads.probes import KernelSVMHead, LinearSVMHead
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(900, 48)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(size=900) > 0).astype(int) + (X[:, 1] > 0.5)
+
+    def platt(seed):
+        return KernelSVMHead(seed=seed).fit(X, y).predict_proba(X[:40])
+
+    def linear(seed):
+        return LinearSVMHead(random_state=seed, max_iter=300).fit(X, y).coef_
+
+    for fit in (platt, linear):
+        alone = [fit(s) for s in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(fit, range(4)))
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(a, b)

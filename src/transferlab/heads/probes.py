@@ -5,14 +5,20 @@ PCA whitening, or none); `KernelSVMHead` is an RBF SVM whose kernel is computed 
 to libsvm precomputed (the same model as `SVC(kernel="rbf")`, ~30x faster to fit on 1280-d features,
 which is what makes a C x gamma grid affordable); `LinearSVMHead` is `LinearSVC` with softmax scores
 as `predict_proba`; `ShrinkageLDAHead` is linear discriminant analysis with a Ledoit-Wolf shrunk shared
-covariance (one closed-form fit, strong when some classes have a handful of images). Grids and the
-validation search that tunes them are in `selection.py`.
+covariance (one closed-form fit, strong when some classes have a handful of images). Grids are in `tuned.py`,
+the validation search that tunes them in `search.py`.
+
+Fits run side by side in threads (`evaluation.threads`). libsvm's Platt scaling (`probability=True`) and liblinear's
+coordinate descent draw from one process-wide generator that each fit reseeds with its `random_state`; two such fits
+at once interleave their draws and their models then depend on timing (measured: SVC probabilities off by up to
+0.05, LinearSVC weights by 0.15). The fits that draw from it hold `RNG_LOCK`; the kernel matrix is computed outside.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 
 import numpy as np
@@ -27,6 +33,7 @@ from .inputs import fit_inputs, predict_inputs, validate_data
 from .lda import fitted_lda
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
+RNG_LOCK = threading.Lock()  # held by fits that draw from libsvm's / liblinear's process-wide generator
 
 
 @contextlib.contextmanager
@@ -131,13 +138,16 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
             random_state=self.seed,
             **({"probability": True} if self.probability else {}),
         )  # the parameter warns when given
+        draws = RNG_LOCK if self.probability else contextlib.nullcontext()  # Platt scaling's folds are random
         with svc_probability_quiet():
             if self.precomputed_:
                 K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
-                self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
+                with draws:
+                    self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
                 self.support_vectors_ = X[self.svc_.support_]
             else:
-                self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
+                with draws:
+                    self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
         self.n_fit_ = len(X)
         self.classes_ = self.svc_.classes_
         return self
@@ -166,7 +176,11 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
 
 class LinearSVMHead(LinearSVC):
     """`LinearSVC` (one-vs-rest, squared hinge) whose `predict_proba` is the softmax of its decision
-    values: scores for ranking and log-loss, not calibrated probabilities."""
+    values: scores for ranking and log-loss, not calibrated probabilities. Its fit holds `RNG_LOCK`."""
+
+    def fit(self, X, y, sample_weight=None):
+        with RNG_LOCK:
+            return super().fit(X, y, sample_weight=sample_weight)
 
     def predict_proba(self, X):
         z = np.asarray(self.decision_function(X), dtype=np.float64)
