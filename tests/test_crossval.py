@@ -313,6 +313,51 @@ def test_flip_train_default_run_selects_by_cv_on_both_views_without_test_labels(
     }
 
 
+def test_baselines_fitted_alongside_the_candidates_give_the_study_of_one_thread(tmp_path, monkeypatch):
+    """On 2 cores the seed baselines' final fits run in a second thread next to the candidates'; on 1 core all run
+    one after the other. Both give the same models, scores and choice (fresh caches: nothing is loaded)."""
+    import threading
+
+    from transferlab import study
+    from transferlab.evaluation import threads
+
+    data = _wide_data(tmp_path / "data")
+    where: dict[str, str] = {}
+    fit_method = study.fit_method
+
+    def spy(name, *args, **kw):
+        where[name] = threading.current_thread().name
+        return fit_method(name, *args, **kw)
+
+    monkeypatch.setattr(study, "fit_method", spy)
+    runs = {}
+    for cores in (2, 1):
+        monkeypatch.setattr(threads.os, "cpu_count", lambda cores=cores: cores)
+        cfg = StudyConfig(
+            data=str(data),
+            out=str(tmp_path / f"run{cores}"),
+            backbone="test_efficientnet",
+            weights="random",
+            epochs=3,
+            cache_dir=str(tmp_path / f"cache{cores}"),
+            progress=False,
+            num_workers=0,
+        )
+        runs[cores] = run_study(cfg)
+        seen = dict(where)
+        if cores == 2:
+            assert seen["softmax"].startswith("baselines") and seen["svm"].startswith("baselines")
+            assert not any(seen[m].startswith("baselines") for m in ("svm_tuned", "logreg", "lda", "ensemble"))
+        else:
+            assert set(seen.values()) == {"MainThread"}
+
+    def scores(m):
+        keys = ("accuracy", "macro_f1", "balanced_accuracy", "per_class", "confusion_matrix")
+        return {n: {k: r[k] for k in keys} for n, r in m["methods"].items()}
+
+    assert runs[2]["selected"] == runs[1]["selected"] and scores(runs[2]) == scores(runs[1])
+
+
 def test_seed_methods_alone_still_run_the_seed_study_on_the_validation_split(tmp_path, cache_dir):
     data = _wide_data(tmp_path / "data")
     out = tmp_path / "run"

@@ -362,6 +362,62 @@ def _fit_order(methods: list[str], cv_selection: dict | None) -> list[str]:
     return out
 
 
+def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, budget, results: dict, done) -> None:
+    """Fit every method on train (`fit_method`) into `results`, in `_fit_order`, each only if the budget has room.
+
+    After a CV selection, on more than one core, the seed baselines (no other fit waits for them; each runs on one
+    thread: the softmax's 50 epochs of small batches, libsvm) are fitted one after the other in a second thread
+    while the candidates are fitted here; both sides then get one BLAS/OpenMP/torch thread (`thread_budget`), so
+    nothing depends on which finishes first. `done()` is called after each method, fitted or skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .evaluation.threads import default_jobs, thread_budget
+
+    order = _fit_order(cfg.methods, cv_selection)
+    chosen_method = (cv_selection or {}).get("method")
+    side = [m for m in order if cv_selection and method_info(m).kind == "seed" and m != chosen_method]
+    jobs = default_jobs(2) if side else 1
+
+    def fits_budget(name: str) -> bool:
+        expected = _expected_fit_seconds(name, cv_selection)
+        if name == chosen_method or budget.fits(expected):
+            return True
+        ds.notes.append(budget.skip(name, f"its final fit (~{expected:.0f} s expected) did not fit the time budget"))
+        return False
+
+    def fit(name: str, prefit: dict) -> dict:
+        if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
+            from .finetune.tuner import fit_method as fit_finetune
+
+            return fit_finetune(cfg, splits, ds.classes, bb)
+        chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
+        return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit)
+
+    def fit_side(names: list[str]) -> dict:
+        out = {}
+        for name in names:
+            out[name] = fit(name, {})
+            done()
+        return out
+
+    with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
+        alongside = None
+        if jobs > 1:
+            started = [m for m in side if fits_budget(m)]
+            for _ in range(len(side) - len(started)):
+                done()
+            alongside = pool.submit(fit_side, started)
+        for name in order:
+            if alongside is not None and name in side:
+                continue
+            if fits_budget(name):
+                _seed_everything(cfg.seed)
+                results[name] = fit(name, {m: r["estimator"] for m, r in results.items()})
+            done()
+        if alongside is not None:
+            results.update(alongside.result())
+
+
 def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
     """A final fit's expected cost: one CV fold of it (a fold fits 1 - 1/K of the images; a grid's fold fits
     every point, the final fit one: an overestimate). 0 when CV did not time it (it is then tried)."""
@@ -467,25 +523,7 @@ def run_study(cfg: StudyConfig) -> dict:
             cfg.methods.remove(name)
             ds.notes.append(budget.skip(name, reason))
         task = bar.add_task("heads", total=len(cfg.methods))
-        for name in _fit_order(cfg.methods, cv_selection):
-            bar.update(task, description=f"heads: {name}")
-            expected = _expected_fit_seconds(name, cv_selection)
-            if name != (cv_selection or {}).get("method") and not budget.fits(expected):
-                ds.notes.append(
-                    budget.skip(name, f"its final fit (~{expected:.0f} s expected) did not fit the time budget")
-                )
-                bar.advance(task)
-                continue
-            _seed_everything(cfg.seed)
-            if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
-                from .finetune.tuner import fit_method as fit_finetune
-
-                results[name] = fit_finetune(cfg, splits, ds.classes, bb)
-            else:
-                chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
-                prefit = {m: r["estimator"] for m, r in results.items()}
-                results[name] = fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit)
-            bar.advance(task)
+        _final_fits(cfg, splits, ds, bb, cv_selection, budget, results, lambda: bar.advance(task))
         results = {n: results[n] for n in cfg.methods if n in results}  # the report's order
         cfg.methods = list(results)
         bar.update(task, description="heads")
