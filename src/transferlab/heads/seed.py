@@ -30,7 +30,8 @@ class _Plateau:
     """`torch.optim.lr_scheduler.ReduceLROnPlateau` at its defaults (mode "min", factor 0.1, patience 10, relative
     threshold 1e-4, no cooldown, min_lr 0, eps 1e-8) on a plain learning rate `lr` (tested step for step against
     it). The scheduler needs an optimizer object, and building any `torch.optim` optimizer imports torch._dynamo
-    (`add_param_group` is wrapped by it): 2-3 s of every run on a 2-core machine, longer than the 50 epochs. So
+    (`add_param_group` is wrapped by it): 1-2 s of every run on the 2-core benchmark machine, about as long as the
+    50 epochs on 2,700 images. So
     `fit_linear_softmax` keeps Adam's state itself and calls `adam_update`, the update `Adam.step` calls."""
 
     factor, patience, threshold, eps = 0.1, 10, 1e-4, 1e-8
