@@ -35,6 +35,7 @@ from .features.extract import extract_features
 from .heads.cache import HeadCache, head_key
 from .heads.registry import get as method_info
 from .heads.registry import make_head, resolve_methods
+from .heads.views import through_views
 from .report import writer as report
 
 
@@ -138,10 +139,9 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
 
 
 def _one_point(grid_point: dict, flip_train: bool = False) -> list[dict]:
-    """A CV grid point as a one-point grid; under `--flip-train` its names go through `ViewAugmented`'s
-    `estimator__` (as `heads.tuned.make_tuned` renames the grid)."""
-    prefix = "estimator__" if flip_train else ""
-    return [{f"{prefix}{k}": [v] for k, v in grid_point.items()}]
+    """A CV grid point as a one-point grid; under `--flip-train` its names are `ViewAugmented`'s, as
+    `heads.tuned.make_tuned` names the grid."""
+    return [{(through_views(k) if flip_train else k): [v] for k, v in grid_point.items()}]
 
 
 def chosen_head(name: str, cfg: StudyConfig, params: dict):

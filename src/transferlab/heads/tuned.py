@@ -19,7 +19,7 @@ from .probes import FeatureTransform, KernelSVMHead, LinearSVMHead, ShrinkageLDA
 from .registry import register
 from .search import ValidationSearch
 from .seed import SoftmaxHead
-from .views import ViewAugmented
+from .views import ViewAugmented, through_views
 
 
 def _pipe(clf, features: str = "standard") -> Pipeline:
@@ -135,9 +135,9 @@ def make_tuned(
     est, grid, posthoc, search = spec.build(seed, epochs), spec.grid, spec.posthoc, dict(spec.search_params)
     if flip_train:
         est = ViewAugmented(est)
-        grid = [{f"estimator__{k}": v for k, v in g.items()} for g in grid]
-        posthoc = tuple(f"estimator__{k}" for k in posthoc)
-        search = {f"estimator__{k}": v for k, v in search.items()}
+        grid = [{through_views(k): v for k, v in g.items()} for g in grid]
+        posthoc = tuple(through_views(k) for k in posthoc)
+        search = {through_views(k): v for k, v in search.items()}
     return ValidationSearch(est, grid, scoring=scoring, posthoc=posthoc, search_params=search, cv=cv, seed=seed)
 
 

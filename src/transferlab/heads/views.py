@@ -12,6 +12,11 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from .inputs import eval_set_inputs, fit_inputs
 
 
+def through_views(name: str) -> str:
+    """A parameter name of the wrapped estimator as `ViewAugmented(estimator)` takes it (`set_params`, grids)."""
+    return f"estimator__{name}"
+
+
 class ViewAugmented(ClassifierMixin, BaseEstimator):
     """Train on two views of each image as separate samples; predict on their mean.
 
