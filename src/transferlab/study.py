@@ -253,9 +253,9 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
             out["out_of_time"]["finetune"] = scored
         else:
             out["methods"]["finetune"] = scored
-            protocol = out["protocol"]
-            out.update(decide(out["methods"], folds, cfg.select_metric, out["rule"], n=len(y)))
-            out["protocol"] = protocol
+            out.update(
+                decide(out["methods"], folds, cfg.select_metric, out["rule"], n=len(y), protocol=out["protocol"])
+            )
     bar.update(task, description=f"selection: {folds.describe()}")
     gone = set(out["methods"]) | set(out["stepped_aside"]) | set(out["out_of_time"])
     out["left_out"] = [m for m in cfg.methods if m not in gone]
@@ -362,13 +362,13 @@ def _fit_order(methods: list[str], cv_selection: dict | None) -> list[str]:
     return out
 
 
-def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, budget, results: dict, done) -> None:
+def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, budget, results: dict, bar, task) -> None:
     """Fit every method on train (`fit_method`) into `results`, in `_fit_order`, each only if the budget has room.
 
     After a CV selection, on more than one core, the seed baselines (no other fit waits for them; each runs on one
     thread: the softmax's 50 epochs of small batches, libsvm) are fitted one after the other in a second thread
     while the candidates are fitted here; both sides then get one BLAS/OpenMP/torch thread (`thread_budget`), so
-    nothing depends on which finishes first. `done()` is called after each method, fitted or skipped."""
+    nothing depends on which finishes first. `bar`'s `task` names the fit starting here and advances per method."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .evaluation.threads import default_jobs, thread_budget
@@ -393,6 +393,9 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
         return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit)
 
+    def done() -> None:
+        bar.advance(task)
+
     def fit_side(names: list[str]) -> dict:
         out = {}
         for name in names:
@@ -401,7 +404,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         return out
 
     with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
-        alongside = None
+        alongside, started = None, []
         if jobs > 1:
             started = [m for m in side if fits_budget(m)]
             for _ in range(len(side) - len(started)):
@@ -410,6 +413,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         for name in order:
             if alongside is not None and name in side:
                 continue
+            bar.update(task, description=f"heads: {name}" + (f" (+ {', '.join(started)} alongside)" if started else ""))
             if fits_budget(name):
                 _seed_everything(cfg.seed)
                 results[name] = fit(name, {m: r["estimator"] for m, r in results.items()})
@@ -523,7 +527,7 @@ def run_study(cfg: StudyConfig) -> dict:
             cfg.methods.remove(name)
             ds.notes.append(budget.skip(name, reason))
         task = bar.add_task("heads", total=len(cfg.methods))
-        _final_fits(cfg, splits, ds, bb, cv_selection, budget, results, lambda: bar.advance(task))
+        _final_fits(cfg, splits, ds, bb, cv_selection, budget, results, bar, task)
         results = {n: results[n] for n in cfg.methods if n in results}  # the report's order
         cfg.methods = list(results)
         bar.update(task, description="heads")

@@ -272,11 +272,9 @@ def cross_validate(
         out[name]["score"] = {m: float(np.mean([s[m] for s in per_repeat])) for m in METRICS}
         out[name]["fold_scores"] = [_metric(y[b], hon[r, b], metric) for r, _, b in plan_.folds]
     out_of_time = {m: why for m, why in dropped.items() if m in methods}
-    decision = decide(out, plan_, metric, rule, n=len(y))
-    if views is not None:
-        decision["protocol"] += VIEWS_NOTE
+    protocol = plan_.describe() + ("" if views is None else VIEWS_NOTE)
     return {
-        **decision,
+        **decide(out, plan_, metric, rule, n=len(y), protocol=protocol),
         "methods": out,
         "stepped_aside": stepped_aside,
         "out_of_time": out_of_time,
@@ -289,8 +287,9 @@ def cross_validate(
 PREFERENCE = ("logreg", "lda", "svm", "svm_tuned", "ensemble")
 
 
-def decide(out: dict, plan_: Plan, metric: str, rule: str, n: int) -> dict:
-    """The chosen method and why; sets each method's `se` (corrected SE of its difference to the best)."""
+def decide(out: dict, plan_: Plan, metric: str, rule: str, n: int, protocol: str | None = None) -> dict:
+    """The chosen method and why; sets each method's `se` (corrected SE of its difference to the best).
+    `protocol`: how the scores were made, as reported (default: the plan's description)."""
     names = list(out)
     best = max(names, key=lambda m: (out[m]["score"][metric], -names.index(m)))
     fb = np.array(out[best]["fold_scores"])
@@ -323,7 +322,7 @@ def decide(out: dict, plan_: Plan, metric: str, rule: str, n: int) -> dict:
         "within_one_se": close,
         "rule": rule,
         "metric": metric,
-        "protocol": plan_.describe(),
+        "protocol": protocol or plan_.describe(),
         "k": plan_.k,
         "repeats": plan_.repeats,
     }
