@@ -12,11 +12,12 @@ with the `heic` extra (pillow-heif, registered here when installed). Files that 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, features
+
+from ..warning_filters import warning_filter
 
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
 AVIF_EXTENSIONS = frozenset({".avif", ".avifs"})
@@ -103,8 +104,7 @@ def load_rgb(path) -> Image.Image:
     """Decode `path` fully into an RGB image, or raise ImageError naming the file."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warning_filter("error", Image.DecompressionBombWarning):  # decoded in threads
             with Image.open(path) as img:
                 img.seek(0)
                 img = ImageOps.exif_transpose(img)

@@ -6,8 +6,6 @@ lack some training classes), exactly as the seed's classification tables did.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy import stats
 from sklearn.metrics import (
@@ -17,6 +15,8 @@ from sklearn.metrics import (
     log_loss,
     precision_recall_fscore_support,
 )
+
+from ..warning_filters import warning_filter
 
 HEADER = ["class", "precision", "recall", "f1-score", "support"]
 
@@ -40,8 +40,7 @@ def evaluate(y_true, y_pred, classes: list[str], proba=None) -> dict:
     for avg in ("macro", "weighted"):
         ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average=avg, zero_division=0)
         out.update({f"{avg}_precision": float(ap), f"{avg}_recall": float(ar), f"{avg}_f1": float(af)})
-    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are ignored, as intended
-        warnings.simplefilter("ignore", UserWarning)
+    with warning_filter("ignore", UserWarning, "y_pred contains classes not in y_true"):  # ignored, as intended
         out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))  # = mean recall over present
     out["per_class"] = {
         classes[c]: {
@@ -55,8 +54,7 @@ def evaluate(y_true, y_pred, classes: list[str], proba=None) -> dict:
     }
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist()
     if proba is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # rows that do not sum exactly to one
+        with warning_filter("ignore", UserWarning):  # rows that do not sum exactly to one
             out["log_loss"] = float(log_loss(y_true, np.asarray(proba, dtype=np.float64), labels=list(range(k))))
     return out
 

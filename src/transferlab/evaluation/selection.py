@@ -6,13 +6,12 @@ chosen head, its hyperparameters fixed, on k images per class and scores it on v
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
 from ..heads.search import METRICS, fixed, rank_key, score
+from ..warning_filters import warning_filter
 from .threads import default_jobs, thread_budget, thread_map
 
 DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -87,8 +86,7 @@ def data_efficiency(
 def _fit_score(base, X_train, y_train, idx, X_valid, y_valid, metric: str) -> tuple[float | None, str | None]:
     """One draw: a clone of the head fitted on the rows `idx`, its validation score (or why it could not fit)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warning_filter("ignore", ConvergenceWarning):
             model = clone(base).fit(X_train[idx], y_train[idx])
         return score(y_valid, model.predict(X_valid))[metric], None
     except ValueError as exc:  # e.g. more neighbours than images at k=1

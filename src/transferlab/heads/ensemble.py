@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
+from ..warning_filters import warning_filter
 from .inputs import eval_set_inputs, fit_inputs
 from .paths import EnsemblePath
 from .registry import register
@@ -113,8 +113,7 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
                     if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters
                     else {}
                 )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
+                with warning_filter("ignore", ConvergenceWarning):
                     est.fit(X, y, **kw)
             if not np.array_equal(np.asarray(est.classes_), self.classes_):
                 raise ValueError(

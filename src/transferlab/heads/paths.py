@@ -17,7 +17,6 @@ so in its notes) rather than exhaust memory; the linear heads and LDA need memor
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
+from ..warning_filters import warning_filter
 from .lbfgs import logistic_path
 from .lda import lda_coefficients, pooled_covariances
 from .probes import sq_distances, svc_probability_quiet
@@ -111,8 +111,7 @@ def generic_fold(estimator, Xf, yf, Xh, k, points):
     present = np.unique(yf)
     out = []
     for p in points:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warning_filter("ignore", ConvergenceWarning):
             m = clone(estimator).set_params(**p).fit(Xf, yf)
         s = m.predict_proba(Xh) if hasattr(m, "predict_proba") else m.decision_function(Xh)
         out.append(_full(s, present, k))
@@ -123,8 +122,7 @@ def fold_proba(estimator, point: dict, Xf, yf, Xh, k) -> np.ndarray:
     """Probabilities of one point on the held part: `estimator` with `point` and probability=True, fitted on Xf."""
     m = clone(estimator).set_params(**point)
     on = {n: True for n in m.get_params() if n.split("__")[-1] == "probability"}
-    with svc_probability_quiet(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with svc_probability_quiet(), warning_filter("ignore", ConvergenceWarning):
         m.set_params(**on).fit(Xf, yf)
     p = np.zeros((len(Xh), k), dtype=np.float32)
     p[:, np.unique(yf)] = m.predict_proba(Xh)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
@@ -29,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.metaestimators import available_if
 
+from ..warning_filters import warning_filter
 from .inputs import fit_inputs, predict_inputs, validate_data
 from .lda import fitted_lda
 
@@ -36,13 +36,10 @@ FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
 RNG_LOCK = threading.Lock()  # held by fits that draw from libsvm's / liblinear's process-wide generator
 
 
-@contextlib.contextmanager
 def svc_probability_quiet():
     """Silence scikit-learn 1.9's FutureWarning for `SVC(probability=True)` (removed in 1.11, pinned below that)
-    inside the block only: transferlab changes no warning filters of the program that imports it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
-        yield
+    inside the block only, in threads too (`warning_filters`): transferlab leaves no warning filter behind."""
+    return warning_filter("ignore", FutureWarning, "The `probability` parameter was deprecated")
 
 
 def writable(estimator):

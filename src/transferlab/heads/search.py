@@ -18,7 +18,6 @@ one fitted model instead of refitting it.
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -30,6 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ..data.datasets import Sample, stratified_split
+from ..warning_filters import warning_filter
 from .inputs import eval_set_inputs, fit_inputs
 
 METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
@@ -60,8 +60,7 @@ def score(y_true, y_pred) -> dict[str, float]:
 def _fit_predict(estimator, params: dict, posthoc: list[dict], X_fit, y_fit, X_score, keep: bool) -> dict:
     """One fit of one grid point (one fold), predictions for each of its prediction-time settings."""
     t0 = time.perf_counter()
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with threadpool_limits(1), warning_filter("ignore", ConvergenceWarning):
         try:
             model = clone(estimator).set_params(**params).fit(X_fit, y_fit)
             preds = [model.set_params(**p).predict(X_score) for p in posthoc]
@@ -74,8 +73,7 @@ def cv_folds(y, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, shuffled, seeded k-fold (train, test) indices; classes rarer than k spread as they can."""
     from sklearn.model_selection import StratifiedKFold
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
+    with warning_filter("ignore", UserWarning, "The least populated class"):  # classes rarer than k
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
@@ -83,8 +81,7 @@ def cross_val_scores(estimator, X, y, k: int, seed: int = 0) -> dict[str, float]
     """The three metrics of pooled out-of-fold predictions of an unfitted estimator (k-fold, stratified)."""
     X, y = np.asarray(X), np.asarray(y)
     pred = np.empty_like(y)
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with threadpool_limits(1), warning_filter("ignore", ConvergenceWarning):
         for a, b in cv_folds(y, k, seed):
             pred[b] = clone(estimator).fit(X[a], y[a]).predict(X[b])
     return score(y, pred)
@@ -229,8 +226,7 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
                 **{k: v for k, v in self.best_params_.items() if k in self.posthoc}
             )
         else:  # fold models, a holdout, or search-only settings: refit the winner on (X, y)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+            with warning_filter("ignore", ConvergenceWarning):
                 self.best_estimator_ = clone(self.estimator).set_params(**self.best_params_).fit(X, y)
         self.search_seconds_ = time.perf_counter() - t0
         return self
@@ -238,8 +234,7 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
     def _fit_only_point(self, point: dict, X, y, fold, t0: float):
         """A one-point grid on a validation split (e.g. hyperparameters chosen by `evaluation.crossval`): the final
         model (without search-only settings) is fitted once on (X, y) and scored on the validation split."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warning_filter("ignore", ConvergenceWarning):
             model = clone(self.estimator).set_params(**point).fit(X, y)
         s = score(fold[3], model.predict(fold[2]))
         self.results_ = [{"params": point, "valid": s, "fit_seconds": time.perf_counter() - t0}]
