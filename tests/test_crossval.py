@@ -22,7 +22,7 @@ from transferlab.features.backbones import load_backbone
 from transferlab.features.input_size import aspect_input_size, median_aspect
 from transferlab.heads import registry
 from transferlab.heads.lbfgs import LBFGSLogisticRegression, logistic_path
-from transferlab.heads.paths import generic_fold, lda_fold, logistic_fold, rbf_fold
+from transferlab.heads.paths import generic_fold, lda_fold, logistic_fold, ovr_decision, rbf_fold
 from transferlab.heads.tuned import TUNED
 from transferlab.study import chosen_head, run_study
 
@@ -93,6 +93,24 @@ def test_fast_fold_paths_give_the_models_the_study_fits(name):
         assert (s.argmax(1) == model.predict(X[180:])).mean() >= (0.98 if name == "logreg" else 1.0), p
         if spec.proba:
             np.testing.assert_allclose(s, model.predict_proba(X[180:]), atol=2e-3 if name == "logreg" else 1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [3, 7, 30])
+def test_ovr_decision_is_scikit_learns_bit_for_bit(n_classes):
+    """The rbf fold path turns SVC's one-vs-one values into its one-vs-rest shape itself (scikit-learn loops over
+    the pairs in Python); the values, ties of votes included, are scikit-learn's exactly."""
+    from sklearn.utils.multiclass import _ovr_decision_function
+
+    rng = np.random.default_rng(n_classes)
+    ovo = rng.normal(size=(50, n_classes * (n_classes - 1) // 2)) * rng.choice([1e-8, 1.0, 1e3], size=(50, 1))
+    ovo[:5] = np.sign(ovo[:5])  # many equal confidences
+    ovo[5, :3] = 0.0
+    np.testing.assert_array_equal(ovr_decision(ovo, n_classes), _ovr_decision_function(ovo < 0, -ovo, n_classes))
+    # and what SVC's own decision_function gives on a fitted model
+    X, y = _blobs(30 * n_classes, 6, n_classes)
+    svc = SVC(decision_function_shape="ovo").fit(X, y)
+    ovr = SVC(decision_function_shape="ovr").fit(X, y).decision_function(X)
+    np.testing.assert_array_equal(ovr_decision(svc.decision_function(X), n_classes), ovr)
 
 
 def test_seed_svm_fold_path_is_scikit_learns_rbf_svc():

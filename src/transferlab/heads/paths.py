@@ -65,6 +65,23 @@ def logistic_fold(Xf, yf, Xh, k, points, *, seed=0, max_iter=100):
     return [_full(softmax(Xh @ W.T + b, axis=1), present, k) for W, b in path]
 
 
+def ovr_decision(ovo: np.ndarray, n_classes: int) -> np.ndarray:
+    """SVC's one-vs-rest shaped decision values (votes plus confidences in (-1/3, 1/3)) from its one-vs-one ones,
+    bit for bit (scikit-learn's `_ovr_decision_function`, which loops over the n(n-1)/2 pairs in Python: 0.24 s of
+    a 0.47 s `decision_function` at 101 classes). Each class's confidences are summed in scikit-learn's order
+    (a sequential cumulative sum), so the values, not only their argmax, are the same."""
+    pairs = np.ascontiguousarray(np.asarray(ovo, dtype=np.float64).T)  # (pairs, images): whole rows gathered
+    i, j = np.triu_indices(n_classes, 1)  # pair k = (i[k], j[k]), in SVC's order
+    out = np.empty((pairs.shape[1], n_classes))
+    for c in range(n_classes):
+        as_i, as_j = np.flatnonzero(i == c), np.flatnonzero(j == c)  # k increasing in each; the j-pairs come first
+        votes = (pairs[as_i] >= 0).sum(axis=0) + (pairs[as_j] < 0).sum(axis=0)
+        terms = np.concatenate([-pairs[as_j], pairs[as_i]])
+        conf = np.cumsum(terms, axis=0)[-1]
+        out[:, c] = votes + conf / (3 * (np.abs(conf) + 1))
+    return out
+
+
 def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced", seed=0):
     """RBF SVC with gamma = gamma_scale / (d * var(X_fit)) for each (C, gamma_scale) of `points`: one distance
     matrix per fold, one kernel per gamma. Decision values (one-vs-rest shape), argmax = SVC's prediction."""
@@ -81,9 +98,16 @@ def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced"
         gamma = gs / (Xf.shape[1] * var) if var > 0 else gs
         K, Kh = np.exp(-gamma * D, dtype=np.float64), np.exp(-gamma * Dh, dtype=np.float64)
         for i in idx:
-            svc = SVC(kernel="precomputed", C=points[i].get("clf__C", 1.0), class_weight=class_weight)
-            svc.fit(K, yf)
-            out[i] = _full(svc.decision_function(Kh), present, k)  # binary: positive for present[1]
+            svc = SVC(
+                kernel="precomputed",
+                C=points[i].get("clf__C", 1.0),
+                class_weight=class_weight,
+                decision_function_shape="ovo",
+            ).fit(K, yf)
+            dec = svc.decision_function(Kh)
+            if len(present) > 2:  # what decision_function_shape="ovr" returns, without its loop over pairs
+                dec = ovr_decision(dec, len(present))
+            out[i] = _full(dec, present, k)  # binary: positive for present[1]
     return out
 
 
