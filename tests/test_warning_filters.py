@@ -110,3 +110,18 @@ def test_svm_fits_in_threads_print_no_deprecation_and_leave_filters_as_they_were
         after = list(warnings.filters)
     assert [w for w in seen if MESSAGE in str(w.message)] == []
     assert after == before
+
+
+def test_data_efficiency_with_one_image_per_class_warns_nothing():
+    # 60 classes, k = 1: scikit-learn's "could represent a regression problem" guess reached the user's terminal
+    from transferlab.evaluation.selection import data_efficiency
+    from transferlab.heads.registry import make_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(60), 3)
+    X = (rng.normal(size=(60, 16))[y] + rng.normal(size=(180, 16)) * 0.1).astype(np.float32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        curve = data_efficiency(make_head("svm"), X, y, X, y, ks=(1, 2), repeats=1)
+    assert [p["k"] for p in curve["points"]] == [1, 2, 3]
+    assert [str(w.message)[:60] for w in seen] == []

@@ -16,6 +16,8 @@ from .threads import default_jobs, thread_budget, thread_map
 
 DATA_EFFICIENCY_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
+FEW_PER_CLASS = "The number of unique classes is greater than 50% of the number of samples"
+
 
 def select_method(valid: dict[str, dict], metric: str = "macro_f1") -> dict:
     """The method with the best validation `metric` (ties: the other metrics, then order); validation only."""
@@ -86,7 +88,8 @@ def data_efficiency(
 def _fit_score(base, X_train, y_train, idx, X_valid, y_valid, metric: str) -> tuple[float | None, str | None]:
     """One draw: a clone of the head fitted on the rows `idx`, its validation score (or why it could not fit)."""
     try:
-        with warning_filter("ignore", ConvergenceWarning):
+        # one image per class makes scikit-learn guess "y could represent a regression problem": not here
+        with warning_filter("ignore", ConvergenceWarning), warning_filter("ignore", UserWarning, FEW_PER_CLASS):
             model = clone(base).fit(X_train[idx], y_train[idx])
         return score(y_valid, model.predict(X_valid))[metric], None
     except ValueError as exc:  # e.g. more neighbours than images at k=1
