@@ -315,6 +315,8 @@ def test_methods_all_end_to_end_and_test_labels_do_not_move_the_selection(tmp_pa
     assert set(m["mcnemar"]) == {f"{m['selected']} vs {s}" for s in ("softmax", "svm") if s != m["selected"]}
     assert all(0 <= t["p_value"] <= 1 for t in m["mcnemar"].values())
     assert [p["k"] for p in m["data_efficiency"]["points"]][0] == 1
+    # the curve's last point is the selected head itself (fitted on all of train), not a refit
+    assert m["data_efficiency"]["points"][-1]["score"] == m["methods"][m["selected"]]["valid"]["macro_f1"]
     for name in TUNED_HEADS:
         assert m["methods"][name]["tuning"]["best_params"]
     report = (out / "report.md").read_text()
@@ -427,3 +429,20 @@ def test_cli_select_metric_accuracy_end_to_end(tmp_path, cv):
     assert f"Selected: **{best}**, the best accuracy on the {protocol}" in md
     assert f"| {best} (selected) |" in md
     assert not any(f"| {n} (selected) |" in md for n in order if n != best)
+
+
+def test_data_efficiency_scores_the_fitted_head_at_the_full_point_without_refitting():
+    from transferlab.evaluation.selection import data_efficiency
+    from transferlab.heads.registry import make_head
+    from transferlab.heads.search import score
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    X = (rng.normal(size=(3, 8))[y] + rng.normal(size=(90, 8)) * 2.0).astype(np.float32)
+    Xv, yv = X[::2] + 0.5, y[::2]
+    head = make_head("svm").fit(X[:45:3], y[:45:3])  # a head fitted on a few rows: a refit would differ
+    own = score(yv, head.predict(Xv))["macro_f1"]
+    refit = data_efficiency(head, X, y, Xv, yv, ks=(5,), repeats=1)["points"][-1]["score"]
+    reuse = data_efficiency(head, X, y, Xv, yv, ks=(5,), repeats=1, fitted=True)["points"]
+    assert reuse[-1]["score"] == own != refit
+    assert [p["k"] for p in reuse] == [5, 30]

@@ -101,7 +101,7 @@ def analyse(
         curve = _memo(
             cache,
             results[chosen],
-            f"data_efficiency-{metric}-{seed}-r{efficiency_repeats(chosen)}",
+            f"data_efficiency-{metric}-{seed}-r{efficiency_repeats(chosen)}-final",
             lambda: data_efficiency(
                 results[chosen]["estimator"],
                 _fit_X(tr),
@@ -111,6 +111,7 @@ def analyse(
                 metric=metric,
                 seed=seed,
                 repeats=efficiency_repeats(chosen),
+                fitted=True,  # the last point is the chosen head itself, fitted on all of train
             ),
         )
         out["data_efficiency"] = {"method": chosen, **curve}

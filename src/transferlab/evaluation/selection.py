@@ -46,12 +46,15 @@ def data_efficiency(
     ks=DATA_EFFICIENCY_KS,
     repeats: int = 3,
     n_jobs: int | None = None,
+    fitted: bool = False,
 ) -> dict:
     """Validation `metric` when the head (its chosen hyperparameters fixed) trains on k images per class.
 
     Each class contributes min(k, its count) images, sampled with `seed`; points whose sample is not the
-    whole training set are averaged over `repeats` draws. The last point is all training images. The draws are
-    fitted in `n_jobs` threads (default: one per core; `evaluation.threads`).
+    whole training set are averaged over `repeats` draws. The last point is all training images; with `fitted`
+    (`estimator` is already fitted on exactly (X_train, y_train): the study's final head) it is that head's own
+    validation score, not a refit (the costliest fit of the curve, and the model the report describes). The draws
+    are fitted in `n_jobs` threads (default: one per core; `evaluation.threads`).
     """
     y_train = np.asarray(y_train)
     classes, counts = np.unique(y_train, return_counts=True)
@@ -61,6 +64,9 @@ def data_efficiency(
     draws = [(k, r) for k in ks for r in range(1 if k >= cap else repeats)]
     tasks = []
     for k, r in draws:
+        if k >= cap and fitted:
+            tasks.append((_score, (estimator, X_valid, y_valid, metric), {}))
+            continue
         rng = np.random.default_rng([seed, k, r])
         idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
         tasks.append((_fit_score, (base, X_train, y_train, idx, X_valid, y_valid, metric), {}))
@@ -78,7 +84,8 @@ def data_efficiency(
                 "n_train": int(np.minimum(counts, k).sum()),
                 "score": float(np.mean(scores)) if scores else None,
                 "scores": scores,
-                "seconds": float(sum(sec for _, sec in mine)),  # fitting time, summed over the draws
+                # fitting time summed over the draws (for the fitted head: its prediction time)
+                "seconds": float(sum(sec for _, sec in mine)),
                 **({"error": errors[0]} if errors else {}),
             }
         )
@@ -94,6 +101,10 @@ def _fit_score(base, X_train, y_train, idx, X_valid, y_valid, metric: str) -> tu
         return score(y_valid, model.predict(X_valid))[metric], None
     except ValueError as exc:  # e.g. more neighbours than images at k=1
         return None, str(exc)
+
+
+def _score(fitted, X_valid, y_valid, metric: str) -> tuple[float, None]:
+    return score(y_valid, fitted.predict(X_valid))[metric], None
 
 
 def _scalar_params(est) -> dict:
