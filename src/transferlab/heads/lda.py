@@ -9,7 +9,10 @@ a_c needs only the class's Gram matrix (n_c x n_c when the class has fewer rows 
 The pooled covariance, shrunk and so positive definite, is solved by Cholesky. Memory: the centred rows and one
 d x d matrix per prior rule, whatever the number of classes. `fitted_lda` returns a real
 `LinearDiscriminantAnalysis` holding exactly the attributes its own `fit` sets (tested against it), so
-prediction, probabilities and serialisation stay scikit-learn's.
+prediction, probabilities and serialisation stay scikit-learn's. One deliberate difference: a class of exactly two
+images is shrunk fully to its diagonal (scikit-learn's Ledoit-Wolf estimate is 0 for any two rows, which leaves
+the pooled covariance singular when most classes are that small: at 2 images per class of 101 classes its
+coefficients reach 1e15 and every image goes to one class).
 """
 
 from __future__ import annotations
@@ -56,7 +59,11 @@ def pooled_covariances(X: np.ndarray, y_idx: np.ndarray, prior_sets: list[np.nda
             continue
         scale = np.sqrt(var[c])
         scale[scale == 0] = 1.0
-        a[c], mu[c] = _shrinkage(Zc / scale, var[c] / scale**2)
+        # Two rows: their centred rows are opposite, so Ledoit-Wolf's estimate is 0 whatever they are (no shrinkage,
+        # a rank-1 covariance); with most classes that small the pooled one is singular (scikit-learn's
+        # coefficients reach 1e15, every image goes to one class). Such a class keeps only its diagonal.
+        trace = var[c] / scale**2
+        a[c], mu[c] = (1.0, trace.mean()) if n == 2 else _shrinkage(Zc / scale, trace)
     n_c = np.bincount(y_idx, minlength=k)
     pooled = []
     for priors in prior_sets:
