@@ -446,3 +446,29 @@ def test_data_efficiency_scores_the_fitted_head_at_the_full_point_without_refitt
     reuse = data_efficiency(head, X, y, Xv, yv, ks=(5,), repeats=1, fitted=True)["points"]
     assert reuse[-1]["score"] == own != refit
     assert [p["k"] for p in reuse] == [5, 30]
+
+
+def test_report_gives_a_failed_data_efficiency_point_its_whole_reason():
+    """The cell held the error's first 60 characters ("... than the number of classe)" at 101 classes); it keeps
+    the whole message, and a long one is cut at a word with an ellipsis."""
+    from transferlab.report.sections import selection_section
+
+    err = "The number of samples must be more than the number of classes."
+    long_err = "word " * 60
+    points = [
+        {"k": 1, "n_train": 10, "score": None, "scores": [], "error": err},
+        {"k": 2, "n_train": 20, "score": None, "scores": [], "error": long_err},
+        {"k": 4, "n_train": 40, "score": 0.9, "scores": [0.9]},
+    ]
+    valid = {"macro_f1": 0.9, "accuracy": 0.9, "balanced_accuracy": 0.9}
+    metrics = {
+        "selected": "lda",
+        "methods": {"lda": {}},
+        "selection": {"metric": "macro_f1", "valid": valid, "ranking": [["lda", 0.9]]},
+        "data_efficiency": {"method": "lda", "metric": "macro_f1", "seed": 0, "repeats": 1, "points": points},
+    }
+    md = "\n".join(selection_section(metrics, []))
+    assert f"| failed ({err}) |" in md
+    cell = next(line for line in md.splitlines() if line.startswith("| 2 | 20 |")).split(" | ")[2]
+    assert cell.endswith("word …)") and len(cell) < 140
+    assert "average 1 draw;" in md

@@ -7,6 +7,7 @@ so a section can be rendered again from a saved run.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from . import layout, plots
@@ -237,7 +238,7 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
             [
                 str(p["k"]),
                 str(p["n_train"]),
-                number(p["score"]) if p["score"] is not None else f"failed ({p.get('error', '')[:60]})",
+                number(p["score"]) if p["score"] is not None else f"failed ({_short(p.get('error', ''))})",
                 str(len(p["scores"])),
             ]
             for p in eff["points"]
@@ -247,13 +248,19 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
             "",
             f"**{eff['method']}** with its chosen hyperparameters fixed, trained on at "
             f"most k images per class (fewer where a class has fewer), sampled with seed {eff['seed']}; points "
-            f"below the full training set average {eff['repeats']} draws. Scored on validation.",
+            f"below the full training set average {eff['repeats']} draw{'s' if eff['repeats'] != 1 else ''}; "
+            "the full training set's point is the fitted model itself. Scored on validation.",
             "",
             markdown_table(rows),
             "",
         ]
     md += [f"![{t}]({f})" for t, f in figs] + ([""] if figs else [])
     return md
+
+
+def _short(text: str, width: int = 120) -> str:
+    """One line of at most `width` characters, cut at a word with an ellipsis (a table cell)."""
+    return textwrap.shorten(" ".join(text.split()), width, placeholder=" …")
 
 
 def leakage_section(leak: dict, max_listed: int = 10) -> list[str]:
