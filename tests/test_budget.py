@@ -162,3 +162,61 @@ def test_methods_scored_by_cv_whose_final_fit_was_skipped_are_reported_without_t
     report = (tmp_path / "run" / "report.md").read_text()
     assert all(f"| {n} |" in report for n in scored)
     assert "total" in m["timings"] and (tmp_path / "run" / "report.html").exists()
+
+
+def test_without_a_deadline_cv_runs_the_costliest_method_first_and_with_one_the_cheapest():
+    """Cheapest first under a budget (they are scored whatever happens); otherwise costliest first, so both threads
+    end together instead of one running the last folds of a long method alone (3.5 s of an idle core at 101
+    classes)."""
+    X, y = _blobs()
+    for deadline, first in ((None, "svm_tuned"), (time.perf_counter() + 3600, "svm")):
+        steps: list[str] = []
+        cross_validate(
+            X,
+            y,
+            ["svm", "lda", "svm_tuned"],
+            plan_=plan(y, 0, k=3, repeats=1),
+            n_jobs=1,
+            on_step=steps.append,
+            deadline=deadline,
+        )
+        assert steps[0].startswith(f"CV {first}: "), steps[:3]
+
+
+def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(monkeypatch):
+    """Final fits on 2 cores: the seed baselines go to a second thread, the longest (the softmax, which has no CV
+    timing) first; once the candidates are fitted, their thread fits the baselines still waiting (at 101 classes
+    the second thread had fitted the SVM, then the softmax's 7.5 s, while the candidates took 5 s). `results`
+    keeps the order it had: the candidates, then the baselines in their fit order."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import transferlab.study as study
+
+    fitted_by: dict[str, str] = {}
+
+    def fake_fit(name, *a, **kw):
+        fitted_by[name] = threading.current_thread().name
+        time.sleep(1.0 if name == "softmax" else 0.01)  # the softmax outlasts every candidate
+        return {"estimator": name}
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(study, "fit_method", fake_fit)
+    methods = ["softmax", "svm", "logreg", "lda"]
+    timed = {"svm": 0.5, "logreg": 2.0, "lda": 0.2}
+    cv = {
+        "method": "logreg",
+        "metric": "macro_f1",
+        "k": 5,
+        "repeats": 1,
+        "methods": {n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
+    }
+    cfg = SimpleNamespace(methods=methods, seed=0)
+    ds = SimpleNamespace(notes=[], classes=["a", "b"])
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    results: dict = {}
+    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
+    assert fitted_by["softmax"].startswith("baselines")
+    assert fitted_by["svm"] == threading.current_thread().name  # taken by the candidates' thread
+    assert list(results) == ["logreg", "lda", "svm", "softmax"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import inspect
 import random
+import threading
 import time
 import warnings
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -366,9 +368,10 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     """Fit every method on train (`fit_method`) into `results`, in `_fit_order`, each only if the budget has room.
 
     After a CV selection, on more than one core, the seed baselines (no other fit waits for them; each runs on one
-    thread: the softmax's 50 epochs of small batches, libsvm) are fitted one after the other in a second thread
-    while the candidates are fitted here; both sides then get one BLAS/OpenMP/torch thread (`thread_budget`), so
-    nothing depends on which finishes first. `bar`'s `task` names the fit starting here and advances per method."""
+    thread: the softmax's 50 epochs of small batches, libsvm) are fitted in a second thread, the longest first,
+    while the candidates are fitted here; this thread then takes the baselines not yet started. Both sides get
+    one BLAS/OpenMP/torch thread (`thread_budget`), so nothing depends on which thread fits what, and `results`
+    keeps one order. `bar`'s `task` names the fit starting here and advances per method."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .evaluation.threads import default_jobs, thread_budget
@@ -396,9 +399,15 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     def done() -> None:
         bar.advance(task)
 
-    def fit_side(names: list[str]) -> dict:
+    queue, lock = deque(), threading.Lock()  # baselines not started yet: either thread takes the next one
+
+    def take() -> str | None:
+        with lock:
+            return queue.popleft() if queue else None
+
+    def fit_side() -> dict:
         out = {}
-        for name in names:
+        while (name := take()) is not None:
             out[name] = fit(name, {})
             done()
         return out
@@ -409,7 +418,9 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             started = [m for m in side if fits_budget(m)]
             for _ in range(len(side) - len(started)):
                 done()
-            alongside = pool.submit(fit_side, started)
+            # the longest first: a baseline with no CV timing (the seed softmax's 50 epochs) counts as longest
+            queue.extend(sorted(started, key=lambda m: -(_expected_fit_seconds(m, cv_selection) or float("inf"))))
+            alongside = pool.submit(fit_side)
         for name in order:
             if alongside is not None and name in side:
                 continue
@@ -419,7 +430,11 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
                 results[name] = fit(name, {m: r["estimator"] for m, r in results.items()})
             done()
         if alongside is not None:
-            results.update(alongside.result())
+            # The candidates are fitted: this thread takes the baselines the other has not started (at 101
+            # classes it fitted the softmax and then the SVM, 10 s, while the candidates took 5 s).
+            mine = fit_side()
+            side_results = {**alongside.result(), **mine}
+            results.update({m: side_results[m] for m in started})  # in their order, whoever fitted them
 
 
 def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:

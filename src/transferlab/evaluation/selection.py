@@ -62,17 +62,24 @@ def data_efficiency(
     ks = sorted({k for k in ks if k < cap} | {cap})
     base = fixed(estimator)
     draws = [(k, r) for k in ks for r in range(1 if k >= cap else repeats)]
-    tasks = []
+    tasks, rows = [], []
     for k, r in draws:
         if k >= cap and fitted:
             tasks.append((_score, (estimator, X_valid, y_valid, metric), {}))
+            rows.append(0)  # no fit
             continue
         rng = np.random.default_rng([seed, k, r])
         idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:k] for c in classes])
         tasks.append((_fit_score, (base, X_train, y_train, idx, X_valid, y_valid, metric), {}))
+        rows.append(len(idx))
     jobs = default_jobs(len(tasks)) if n_jobs is None else n_jobs
+    # the largest fits first, so the threads end together (the smallest last, not the largest alone)
+    run = sorted(range(len(tasks)), key=lambda i: -rows[i])
     with thread_budget(jobs):  # the draws are independent fits: side by side on the cores
-        done = list(thread_map(tasks, jobs))
+        results = list(thread_map([tasks[i] for i in run], jobs))
+    done = [None] * len(tasks)
+    for i, res in zip(run, results):
+        done[i] = res
     points = []
     for k in ks:
         mine = [res for (kk, _), res in zip(draws, done) if kk == k]
