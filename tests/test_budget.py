@@ -214,9 +214,11 @@ def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(mon
     }
     cfg = SimpleNamespace(methods=methods, seed=0)
     ds = SimpleNamespace(notes=[], classes=["a", "b"])
-    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    shown: list[str] = []
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: shown.append(kw["description"]))
     results: dict = {}
     study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
     assert fitted_by["softmax"].startswith("baselines")
     assert fitted_by["svm"] == threading.current_thread().name  # taken by the candidates' thread
     assert list(results) == ["logreg", "lda", "svm", "softmax"]
+    assert shown[-1] == "heads: svm"  # the bar names the baseline this thread fits

@@ -405,9 +405,11 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         with lock:
             return queue.popleft() if queue else None
 
-    def fit_side() -> dict:
+    def fit_side(here: bool = False) -> dict:
         out = {}
         while (name := take()) is not None:
+            if here:  # the candidates' thread, whose fits the bar names
+                bar.update(task, description=f"heads: {name}")
             out[name] = fit(name, {})
             done()
         return out
@@ -432,7 +434,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         if alongside is not None:
             # The candidates are fitted: this thread takes the baselines the other has not started (at 101
             # classes it fitted the softmax and then the SVM, 10 s, while the candidates took 5 s).
-            mine = fit_side()
+            mine = fit_side(here=True)
             side_results = {**alongside.result(), **mine}
             results.update({m: side_results[m] for m in started})  # in their order, whoever fitted them
 
