@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import threading
 import time
 import warnings
 from collections import deque
@@ -399,11 +398,13 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     def done() -> None:
         bar.advance(task)
 
-    queue, lock = deque(), threading.Lock()  # baselines not started yet: either thread takes the next one
+    queue: deque[str] = deque()  # baselines not started yet: either thread takes the next (popleft is atomic)
 
     def take() -> str | None:
-        with lock:
-            return queue.popleft() if queue else None
+        try:
+            return queue.popleft()
+        except IndexError:
+            return None
 
     def fit_side(here: bool = False) -> dict:
         out = {}
@@ -433,7 +434,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             done()
         if alongside is not None:
             # The candidates are fitted: this thread takes the baselines the other has not started (at 101
-            # classes it fitted the softmax and then the SVM, 10 s, while the candidates took 5 s).
+            # classes the other thread had fitted the SVM and then the softmax, 10 s, while the candidates took 5 s).
             mine = fit_side(here=True)
             side_results = {**alongside.result(), **mine}
             results.update({m: side_results[m] for m in started})  # in their order, whoever fitted them
