@@ -115,18 +115,18 @@ def test_all_is_every_feature_method_and_unknown_names_are_refused():
 
 def test_stage_packages_depend_on_earlier_stages_only():
     """Package level: the stages form a DAG (data <- features <- heads <- evaluation <- report <- model, finetune),
-    `transferlab/__init__` (version, lazy `load`) and `warning_filters` aside: the latter imports nothing of
-    transferlab, and every stage may use it."""
+    `transferlab/__init__` (version, lazy `load`), `warning_filters` and `progress` aside: the latter two import
+    nothing of transferlab, and every stage may use them."""
     mods = _modules()
-    base = ("transferlab", "warning_filters")
+    base = ("transferlab", "warning_filters", "progress")
 
     def stage(name: str) -> str:
         return name.split(".")[1] if name.count(".") else "transferlab"
 
     edges: dict[str, set[str]] = {}
     for a, b, _ in _imports(mods):
-        if a == "transferlab.warning_filters":
-            assert b not in mods, f"warning_filters imports {b}"
+        if a in ("transferlab.warning_filters", "transferlab.progress"):
+            assert b not in mods, f"{a} imports {b}"
         if b in mods and stage(a) != stage(b) and not {stage(a), stage(b)} & set(base):
             edges.setdefault(stage(a), set()).add(stage(b))
     assert _cycles(edges) == []

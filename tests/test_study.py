@@ -227,7 +227,11 @@ def test_metrics_time_every_stage_and_the_total(small_folder, tmp_path, cache_di
     assert "stage: extract" in md and "stage: heads" in md and "stage: analysis" in md
 
 
-def test_progress_shows_each_stage_after_extraction(small_folder, tmp_path, cache_dir, capsys):
+def test_progress_shows_each_stage_after_extraction(small_folder, tmp_path, cache_dir, capsys, monkeypatch):
+    import rich
+    from rich.console import Console
+
+    monkeypatch.setattr(rich, "_console", Console(width=120))  # wide enough for every description whole
     cfg = _cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25)
     cfg.progress = True
     run_study(cfg)

@@ -17,15 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import StudyConfig, resolve_selection, with_preset
 from .data.datasets import DatasetWarning, discover
@@ -37,6 +29,7 @@ from .heads.cache import HeadCache, head_key
 from .heads.registry import get as method_info
 from .heads.registry import make_head, resolve_methods
 from .heads.views import through_views
+from .progress import progress
 from .report import writer as report
 
 
@@ -473,15 +466,8 @@ def _efficiency_fits(budget, results: dict, cv_selection: dict | None, notes: li
 def _progress(enabled: bool):
     """One rich progress display for the stages after extraction (heads, analysis, report): a bar with elapsed time
     and ETA per stage, so nothing runs for minutes with nothing on screen."""
-    columns = [
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, disable=not enabled, transient=False) as bar:
+    stats = MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    with progress(*stats, enabled=enabled, spinner=True) as bar:
         yield bar
 
 

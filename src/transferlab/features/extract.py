@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.hashing import content_hash
 from ..data.images import ImageError, load_rgb
+from ..progress import progress as progress_bar
 from . import distributed
 from . import runtime as ort_runtime
 from .backbones import Backbone
@@ -432,16 +433,10 @@ def _compute(
             pending_keys.clear()
             pending.clear()
 
-    columns = [
-        TextColumn(f"[bold]{description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
-        TimeRemainingColumn(),
-    ]
     t0 = time.perf_counter()
     done = 0
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    stats = MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()
+    with progress_bar(*stats, enabled=progress) as bar:
         task = bar.add_task(description, total=len(todo_paths), rate="-")
         try:
             for feats, idx, failed in batches:

@@ -220,4 +220,5 @@ def console_summary(metrics: dict) -> None:
     console.print(table)
     stages = metrics.get("timings") or {}
     if stages:
-        console.print("time: " + ", ".join(f"{k} {seconds(v)}" for k, v in stages.items()))
+        # one line, unwrapped by rich (at 80 columns it split "15.86 s" between the number and its unit)
+        console.print("time: " + ", ".join(f"{k} {seconds(v)}" for k, v in stages.items()), soft_wrap=True)

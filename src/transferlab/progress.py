@@ -1,0 +1,27 @@
+"""The progress display of every long stage (rich): extraction, heads, analysis, report.
+
+Rich shrinks every column of a bar that is wider than the terminal, the numbers included: on an 80-column
+terminal (or a CI log, which rich renders 80 wide) a study's bar read "105/…  0:00:…  -:--:…", no count and no
+ETA. Here only the description gives way (cut with an ellipsis) and the bar is shorter on narrow screens, so the
+count, elapsed time and ETA always show whole.
+"""
+
+from __future__ import annotations
+
+from rich import get_console
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+from rich.table import Column
+
+STATS_WIDTH = 34  # room kept for a spinner and the columns after the bar: "1234/1234", a rate or a time, an ETA
+
+
+def progress(*stats: ProgressColumn, enabled: bool = True, spinner: bool = False, console: Console | None = None):
+    """A `rich.progress.Progress`: [spinner] description, bar, then `stats` (counts, times) never cut. The description
+    column is at most as wide as what the terminal leaves (read once, here); `console`: rich's own by default."""
+    console = console or get_console()  # the one a Progress writes to by default
+    bar = 30 if console.width >= 110 else 10
+    text = Column(no_wrap=True, overflow="ellipsis", max_width=max(12, console.width - bar - STATS_WIDTH))
+    columns = [SpinnerColumn()] if spinner else []
+    columns += [TextColumn("[bold]{task.description}", table_column=text), BarColumn(bar_width=bar), *stats]
+    return Progress(*columns, disable=not enabled, transient=False, console=console)

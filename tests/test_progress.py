@@ -1,0 +1,62 @@
+"""The progress bars stay readable on narrow terminals: only the description gives way, never the numbers."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import rich
+from rich.console import Console
+
+from transferlab.features.extract import extract_features
+from transferlab.study import _progress
+
+COUNT_TIMES = re.compile(r"\d+/\d+ +\d+:\d\d:\d\d +(-:--:--|\d+:\d\d:\d\d)$")  # count, elapsed, ETA, whole
+
+
+@pytest.fixture
+def screen(monkeypatch):
+    """rich's global console (the one every bar writes to by default), `width` columns wide, not a terminal (as
+    in a CI log); returns a function that gives what was written."""
+
+    def make(width: int):
+        out = io.StringIO()
+        monkeypatch.setattr(rich, "_console", Console(file=out, width=width, force_terminal=False))
+        return out.getvalue
+
+    return make
+
+
+@pytest.mark.parametrize("width", [60, 80, 100])
+def test_the_study_bar_shows_count_elapsed_and_eta_whole_at_any_width(screen, width):
+    written = screen(width)
+    with _progress(True) as bar:
+        bar.add_task("selection: 3 x 5-fold stratified CV on train + valid", total=105, completed=40)
+        bar.add_task("heads: svm_tuned (+ softmax, svm alongside)", total=6, completed=2)
+    lines = [ln.rstrip() for ln in written().splitlines() if ln.strip()]
+    assert len(lines) == 2, lines  # one line per task: nothing wrapped
+    assert all(len(ln) <= width for ln in lines), lines
+    assert all(COUNT_TIMES.search(ln) for ln in lines), lines
+    assert "40/105" in lines[0] and "2/6" in lines[1]
+    assert lines[0].split()[1] == "selection:"  # the description is cut at its end, not dropped
+
+
+def test_the_extraction_bar_shows_count_and_rate_whole_at_60_columns(screen, small_folder, tiny_backbone, cache_dir):
+    written = screen(60)
+    paths = sorted(small_folder.rglob("*.png"))[:6]
+    extract_features(paths, tiny_backbone, cache_dir=cache_dir, progress=True, num_workers=0, description="features")
+    (line,) = [ln.rstrip() for ln in written().splitlines() if ln.strip()]
+    assert len(line) <= 60
+    assert re.search(rf"{len(paths)}/{len(paths)} +\d+\.\d img/s +\d+:\d\d:\d\d$", line), line
+
+
+def test_the_summary_prints_the_stage_times_on_one_line(monkeypatch, capsys):
+    from transferlab.report.writer import console_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    stages = {"extract": 2.18, "heads": 9.66, "analysis": 0.91, "report": 3.1, "total": 15.86}
+    metric = {"accuracy": 0.7, "macro_f1": 0.6, "balanced_accuracy": 0.6, "train_seconds": 1.0, "predict_seconds": 0.1}
+    console_summary({"backbone": "b", "input_size": [128, 128], "methods": {"lda": metric}, "timings": stages})
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time:")]
+    assert line.endswith("total 15.86 s"), line
