@@ -247,6 +247,26 @@ def test_median_aspect_reads_headers_and_skips_unreadable_files(tmp_path):
     assert median_aspect([str(tmp_path / "bad.png")]) is None
 
 
+def test_median_aspect_is_the_aspect_of_the_image_as_decoded_after_exif_orientation(tmp_path):
+    """A phone photo held upright is stored landscape with an EXIF orientation of 6 (or 5, 7, 8): decoded (`load_rgb`
+    applies the orientation) it is portrait, and its input size must be too."""
+    from PIL import Image
+
+    from transferlab.data.images import load_rgb
+
+    paths = []
+    for i, orientation in enumerate([6, 8, 5, 7, 1]):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (400, 300)).save(path, exif=exif)  # stored 400 wide, 300 high
+        paths.append(str(path))
+    assert load_rgb(paths[0]).size == (300, 400)  # what the backbone is fed: portrait
+    assert median_aspect(paths) == pytest.approx(3 / 4)  # four of the five turned upright
+    assert median_aspect(paths[-1:]) == pytest.approx(4 / 3)
+    assert aspect_input_size((224, 224), median_aspect(paths)) == (288, 224)
+
+
 # ------------------------------------------------------------------ the default run
 
 

@@ -2,8 +2,8 @@
 
 A backbone pretrained at 224x224 sees 800x240 boats squashed to a third of their width unless it is fed
 224x736: `aspect_input_size` keeps the short side at the backbone's native size and sets the long side from
-the median width/height of the training images (read from the files' headers, no decoding), rounded to a
-multiple of 32 (the stride of the usual backbones). Typical aspects within 15% of square keep the native
+the median width/height of the training images (read from the files' headers, no decoding; EXIF orientation
+applied, as decoding applies it), rounded to a multiple of 32 (the stride of the usual backbones). Typical aspects within 15% of square keep the native
 square; aspects beyond 4:1 are clipped to 4:1. `--input-size HxW` overrides it.
 """
 
@@ -19,8 +19,12 @@ MAX_ASPECT = 4.0
 SAMPLE = 500  # images whose headers are read (evenly spaced over the sorted list)
 
 
+TURNED = {5, 6, 7, 8}  # EXIF orientations that rotate the image a quarter turn (transposes included)
+
+
 def median_aspect(paths: list[str]) -> float | None:
-    """Median width / height over up to SAMPLE of `paths` (headers only); None when none can be opened."""
+    """Median width / height over up to SAMPLE of `paths` (headers only), of each image as it is decoded: after its
+    EXIF orientation (a phone photo held upright is stored landscape, orientation 6); None when none can be opened."""
     paths = sorted(paths)
     idx = np.unique(np.linspace(0, len(paths) - 1, min(SAMPLE, len(paths))).astype(int)) if paths else []
     aspects = []
@@ -28,6 +32,8 @@ def median_aspect(paths: list[str]) -> float | None:
         try:
             with Image.open(paths[i]) as im:
                 w, h = im.size
+                if im.getexif().get(0x0112) in TURNED:  # the orientation tag; `load_rgb` applies it
+                    w, h = h, w
         except (OSError, ValueError):  # unreadable files are reported by extraction, not here
             continue
         if w > 0 and h > 0:
