@@ -33,6 +33,18 @@ def make_imagefolder(root: Path, counts: dict[str, dict[str, int]], seed: int = 
     return root
 
 
+def make_photo(path: Path, size=(1600, 1200), orientation: int | None = None) -> Path:
+    """A smooth, photo-like JPEG (gradients and blobs) of `size` (width, height) as stored."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([np.sin(9 * xx) * np.cos(7 * yy), np.cos(5 * xx + 3 * yy), np.sin(13 * yy)], axis=-1)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(((rgb + 1) * 127.5).astype(np.uint8)).save(path, quality=92, exif=exif)
+    return path
+
+
 @pytest.fixture
 def small_folder(tmp_path) -> Path:
     """3 imbalanced classes with train and test splits (no valid)."""

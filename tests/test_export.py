@@ -20,6 +20,8 @@ from transferlab.heads.tuned import TUNED
 from transferlab.model.bundle import save_bundle
 from transferlab.model.export import ExportError, export_onnx, preprocess
 
+from .conftest import make_photo
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_backbone):
@@ -80,6 +82,23 @@ def test_onnx_matches_transferlab_probabilities(data, tiny_backbone, tmp_path, h
     model = transferlab.load(bundle, cache_dir=data["cache"], precision="fp32")
     np.testing.assert_allclose(got, model.predict_proba(paths), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_reference_preprocessing_decodes_a_large_jpeg_as_extraction_does(tiny_backbone, tmp_path):
+    """The exported graph's reference preprocessing (metadata alone) gives the pixels extraction gives, also for a
+    JPEG large enough to decode reduced."""
+    from transferlab.features.extract import ImageFiles
+
+    photo = str(make_photo(tmp_path / "large.jpg", size=(400, 300)))
+    bb = tiny_backbone
+    meta = {
+        "input_size": json.dumps(list(bb.input_size)),
+        "mean": json.dumps(list(bb.mean)),
+        "std": json.dumps(list(bb.std)),
+        "interpolation": bb.interpolation,
+    }
+    expected = ImageFiles([photo], bb.transform(), "plain")[0][0].numpy()
+    np.testing.assert_allclose(preprocess([photo], meta)[0], expected, atol=1e-5)
 
 
 def test_export_refuses_non_linear_heads(data, tiny_backbone, tmp_path, capsys):

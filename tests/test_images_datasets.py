@@ -11,7 +11,7 @@ from PIL import Image
 from transferlab.data.datasets import DatasetError, discover
 from transferlab.data.images import ImageError, load_rgb
 
-from .conftest import make_image, make_imagefolder
+from .conftest import make_image, make_imagefolder, make_photo
 
 # --- images -------------------------------------------------------------------------------------
 
@@ -56,6 +56,29 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rot.jpg"
     img.save(path, exif=exif.tobytes())
     assert load_rgb(path).size == (10, 20)
+
+
+def test_a_large_jpeg_decodes_reduced_to_at_least_twice_the_size_it_is_resized_to(tmp_path):
+    photo = make_photo(tmp_path / "photo.jpg")
+    assert load_rgb(photo).size == (1600, 1200)  # no target: in full
+    assert load_rgb(photo, reduce_to=(200, 150)).size == (400, 300)  # 1/4: still 2x the target
+    assert load_rgb(photo, reduce_to=(300, 300)).size == (800, 600)  # 1/2: 1/4 would give 400 x 300 < 600 x 600
+    assert load_rgb(photo, reduce_to=(800, 600)).size == (1600, 1200)  # not twice as large: in full
+    png = tmp_path / "photo.png"
+    Image.open(photo).save(png)
+    assert load_rgb(png, reduce_to=(200, 150)).size == (1600, 1200)  # only JPEGs have a reduced decode
+    # what the resize to the target makes of it is close to what it makes of the full decode
+    full = np.asarray(load_rgb(photo).resize((200, 150), Image.BICUBIC), dtype=np.float64)
+    reduced = np.asarray(load_rgb(photo, reduce_to=(200, 150)).resize((200, 150), Image.BICUBIC), dtype=np.float64)
+    assert np.abs(full - reduced).mean() < 1.0 and np.abs(full - reduced).max() < 12
+
+
+def test_a_turned_photo_is_reduced_by_its_upright_size(tmp_path):
+    """Stored 1600 x 1200 with orientation 6, the photo is 1200 x 1600 upright; a portrait target of 150 x 200 is
+    200 x 150 in the file's own orientation, so 1/4 keeps twice of it (read unturned it would allow only 1/2)."""
+    photo = make_photo(tmp_path / "upright.jpg", orientation=6)
+    assert load_rgb(photo).size == (1200, 1600)
+    assert load_rgb(photo, reduce_to=(150, 200)).size == (300, 400)
 
 
 def test_gif_first_frame_and_webp_tiff_bmp(tmp_path):

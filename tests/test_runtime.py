@@ -12,7 +12,16 @@ import torch
 from transferlab.data.datasets import discover
 from transferlab.features import runtime as R
 from transferlab.features.backbones import load_backbone
-from transferlab.features.extract import ImageFiles, TensorBatches, collate, extract_features, resolve_runtime
+from transferlab.features.extract import (
+    ImageFiles,
+    TensorBatches,
+    collate,
+    extract_features,
+    resize_target,
+    resolve_runtime,
+)
+
+from .conftest import make_photo
 
 
 def _paths(folder, n=8):
@@ -36,6 +45,7 @@ def test_lane_batches_are_bit_identical_to_the_torch_path(small_folder, tiny_bac
     broken.write_bytes(b"not a jpeg")
     paths = _paths(small_folder, 7)
     paths.insert(3, str(broken))
+    paths.insert(5, str(make_photo(tmp_path / "large.jpg", size=(400, 300))))  # decoded reduced (1/4) on both paths
     batches = TensorBatches(paths, tiny_backbone.transform(), view)
     files = ImageFiles(paths, tiny_backbone.transform(), view)
     for idx in (range(0, 6), range(6, 8), range(2, 5)):
@@ -43,6 +53,20 @@ def test_lane_batches_are_bit_identical_to_the_torch_path(small_folder, tiny_bac
         ref, ref_ok, ref_failed = collate([files[i] for i in idx])
         assert torch.equal(x, ref) and ok == ref_ok and failed == ref_failed
     assert batches(range(3, 4)) == (None, [], [(3, files[3][2])])
+
+
+def test_extraction_decodes_a_large_jpeg_reduced_to_twice_the_input_size(tiny_backbone, tmp_path):
+    """The backbone takes 40 x 32 (width x height): a 400 x 300 JPEG is decoded at 1/4 (100 x 75, at least twice
+    the input) before timm's resize, on the torch path as on the ONNX Runtime lanes (bit-identical above)."""
+    from transferlab.data.images import load_rgb
+
+    photo = str(make_photo(tmp_path / "large.jpg", size=(400, 300)))
+    transform = tiny_backbone.transform()
+    assert resize_target(transform) == (40, 32)
+    x = ImageFiles([photo], transform, "plain")[0][0]
+    assert torch.equal(x, transform(load_rgb(photo, reduce_to=(40, 32))))
+    assert not torch.equal(x, transform(load_rgb(photo)))  # not the full decode
+    assert load_rgb(photo, reduce_to=(40, 32)).size == (100, 75)
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet"])

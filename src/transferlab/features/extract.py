@@ -173,11 +173,23 @@ def plan_features(
     return Plan("torch", prec, backbone.cache_key(prec, view))
 
 
-def _read(path, prepare):
+def resize_target(transform) -> tuple[int, int] | None:
+    """(width, height) that `transform` (a torchvision Compose, as timm builds it) resizes every image to first, or
+    None when its first resize keeps the aspect (one side given) or there is none: what `load_rgb(reduce_to=)` needs."""
+    from torchvision.transforms import Resize
+
+    for step in getattr(transform, "transforms", ()):
+        if isinstance(step, Resize):
+            size = step.size
+            return (int(size[1]), int(size[0])) if isinstance(size, (tuple, list)) and len(size) == 2 else None
+    return None
+
+
+def _read(path, prepare, reduce_to=None):
     """`(prepare(decoded RGB image), "")`, or `(None, why)`: an unreadable file or an image the transform fails on
-    is skipped with its reason, never fatal to the run."""
+    is skipped with its reason, never fatal to the run. `reduce_to`: `load_rgb`'s (large JPEGs decode reduced)."""
     try:
-        return prepare(load_rgb(path)), ""
+        return prepare(load_rgb(path, reduce_to)), ""
     except ImageError as exc:
         return None, exc.reason
     except Exception as exc:
@@ -189,12 +201,13 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths, transform, view):
         self.paths, self.transform, self.view = paths, transform, view
+        self.reduce_to = resize_target(transform)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        x, reason = _read(self.paths[i], self.transform)
+        x, reason = _read(self.paths[i], self.transform, self.reduce_to)
         if x is not None and self.view == "hflip":
             x = torch.flip(x, dims=[-1])
         return x, i, reason
@@ -218,6 +231,7 @@ class TensorBatches:
             raise TypeError(f"expected a transform ending in ToTensor, Normalize; got {transform}")
         self.paths, self.view = paths, view
         self.pil = pil
+        self.reduce_to = resize_target(transform)
         self.mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.as_tensor(normalize.std, dtype=torch.float32).view(-1, 1, 1)
         self.local = threading.local()
@@ -232,7 +246,7 @@ class TensorBatches:
     def __call__(self, indices):
         ok, failed, rows = [], [], []
         for i in indices:
-            pixels, reason = _read(self.paths[i], self._pixels)
+            pixels, reason = _read(self.paths[i], self._pixels, self.reduce_to)
             if pixels is None:
                 failed.append((i, reason))
             else:

@@ -14,12 +14,11 @@ import math
 import numpy as np
 from PIL import Image
 
+from ..data.images import ORIENTATION, TURNED
+
 SQUARE_WITHIN = 1.15  # median aspects closer to 1 than this keep the native square size
 MAX_ASPECT = 4.0
 SAMPLE = 500  # images whose headers are read (evenly spaced over the sorted list)
-
-
-TURNED = {5, 6, 7, 8}  # EXIF orientations that rotate the image a quarter turn (transposes included)
 
 
 def median_aspect(paths: list[str]) -> float | None:
@@ -32,7 +31,7 @@ def median_aspect(paths: list[str]) -> float | None:
         try:
             with Image.open(paths[i]) as im:
                 w, h = im.size
-                if im.getexif().get(0x0112) in TURNED:  # the orientation tag; `load_rgb` applies it
+                if im.getexif().get(ORIENTATION) in TURNED:  # `load_rgb` applies the orientation
                     w, h = h, w
         except (OSError, ValueError):  # unreadable files are reported by extraction, not here
             continue

@@ -267,7 +267,7 @@ def preprocess(images, meta: dict[str, str]) -> np.ndarray:
     }[meta["interpolation"]]
     batch = []
     for im in images:
-        im = to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im)
+        im = to_rgb(im) if isinstance(im, Image.Image) else load_rgb(im, reduce_to=(w, h))  # as extraction decodes
         arr = np.asarray(im.resize((w, h), resample), dtype=np.float32) / 255.0
         batch.append(((arr - mean) / std).transpose(2, 0, 1))
     return np.stack(batch).astype(np.float32)

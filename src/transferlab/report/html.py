@@ -92,7 +92,7 @@ def data_uri(path: Path) -> str | None:
 def thumbnail_uri(path, box=THUMB_BOX, quality: int = 80) -> str | None:
     """A small JPEG of an image file as a `data:` URI (aspect kept, within `box`), or None when unreadable."""
     try:
-        img = load_rgb(path)
+        img = load_rgb(path, reduce_to=box)  # a photo of many megapixels decodes at 1/8 scale or so
     except ImageError:
         return None
     img.thumbnail(box)
