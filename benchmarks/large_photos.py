@@ -10,7 +10,8 @@ process, each with a fresh feature cache: with large JPEGs decoded at reduced DC
 `reduce_to`, the default) and with every image decoded in full (the previous behaviour, by patching extraction's
 `resize_target` to None). It prints and saves per variant: cold extraction seconds and images/s, the selected
 method and its test accuracy / macro-F1, every method's test macro-F1, and the largest difference between the two
-variants' features (cosine). Upscaled images are smooth, so the two decodes give near-identical features here; on
+variants' features (cosine); then fine-tuning's data loading (one core, the default training transform), reduced
+and in full. Upscaled images are smooth, so the two decodes give near-identical features here; on
 real photos the reduced decode averages detail the full decode's resize would also filter out.
 Writes benchmarks/results/large_photos[_TAG].json.
 """
@@ -74,6 +75,33 @@ def study(large: Path, out: Path, cache: Path, reduced: bool) -> tuple[dict, obj
         extract.resize_target = original
 
 
+def training_loading(large: Path, input_size, n: int = 64) -> dict:
+    """Fine-tuning's data loading on one core: ms per image of `LabelledImages` with the default training transform
+    (random crop, flip, colour), large JPEGs decoded reduced (`decode_target`) or in full; median of 3 passes."""
+    import statistics
+
+    import torch
+
+    from transferlab.finetune.module import LabelledImages, train_transform
+
+    bb = load_backbone("tf_efficientnet_lite0", input_size=tuple(input_size))
+    paths = sorted(str(p) for p in large.rglob("*.jpg"))[:: max(1, len(list(large.rglob("*.jpg"))) // n)][:n]
+    out = {}
+    torch.set_num_threads(1)
+    for variant in ("reduced", "full"):
+        ds = LabelledImages(paths, [0] * len(paths), train_transform(bb))
+        if variant == "full":
+            ds.reduce_to = None
+        passes = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i in range(len(ds)):
+                ds[i]
+            passes.append((time.perf_counter() - t0) / len(ds) * 1000)
+        out[variant] = {"ms_per_image": statistics.median(passes), "reduce_to": ds.reduce_to}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imagewoof10"))
@@ -104,6 +132,8 @@ def main() -> None:
                 "timings": m["timings"],
             }
             print(json.dumps({variant: rows[variant]}, indent=1), flush=True)
+        loading = training_loading(large, rows["reduced"]["input_size"])
+        print(json.dumps({"fine-tuning data loading": loading}), flush=True)
         a, b = features["reduced"], features["full"]
         assert a.paths == b.paths
         cos = (a.features * b.features).sum(1) / np.linalg.norm(a.features, axis=1) / np.linalg.norm(b.features, axis=1)
@@ -114,6 +144,7 @@ def main() -> None:
             "example_size": example,
             "rows": rows,
             "feature_cosine": {"min": float(cos.min()), "median": float(np.median(cos))},
+            "finetune_loading": loading,
             "speedup": rows["full"]["cold_extract_seconds"] / rows["reduced"]["cold_extract_seconds"],
         }
     print(

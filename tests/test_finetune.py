@@ -19,10 +19,17 @@ from PIL import Image
 
 from transferlab.data.datasets import discover
 from transferlab.features.backbones import load_backbone
-from transferlab.finetune.module import AspectRandomResizedCrop, FineTuneModule, stage_groups, train_transform
+from transferlab.finetune.module import (
+    AspectRandomResizedCrop,
+    FineTuneModule,
+    LabelledImages,
+    decode_target,
+    stage_groups,
+    train_transform,
+)
 from transferlab.finetune.tuner import FineTuner
 
-from .conftest import make_imagefolder
+from .conftest import make_imagefolder, make_photo
 
 FAST = dict(batch_size=8, num_workers=0, progress=False, head_epochs=5, warmup_epochs=0.5)
 
@@ -139,6 +146,28 @@ def test_augmentation_keeps_wide_images_wide_and_is_training_only(monkeypatch, t
     assert len({(h, w) for _, _, h, w in boxes}) > 5
     plain = train_transform(tiny_backbone, "none")
     assert torch.equal(plain(img), tiny_backbone.transform()(img))
+
+
+def test_training_decodes_a_large_jpeg_reduced_only_as_far_as_its_smallest_crop_allows(tiny_backbone, tmp_path):
+    """The input is 40 x 32 (width x height). Crops of at least 0.5 of the area, aspect within 3/4..4/3 of the image's,
+    take at least sqrt(0.375) of its width and height: the decode keeps 2x the output over that share (66 x 53,
+    doubled), so a 1600 x 1200 photo decodes at 1/8 (200 x 150); evaluation needs only 80 x 64 (1/16 is not a scale:
+    1/8 too). With crops down to 0.02 of the area (0.12 of a side) 1/2 is the most it may reduce."""
+    from transferlab.data.images import load_rgb
+
+    photo = str(make_photo(tmp_path / "large.jpg", size=(1600, 1200)))
+    train = train_transform(tiny_backbone, "crop,flip,color", crop_scale=0.5)
+    assert decode_target(train) == (66, 53)
+    assert decode_target(tiny_backbone.transform()) == (40, 32)
+    assert decode_target(train_transform(tiny_backbone, "none")) == (40, 32)
+    small_crops = train_transform(tiny_backbone, "crop", crop_scale=0.02)
+    assert load_rgb(photo, decode_target(small_crops)).size == (800, 600)
+    ds = LabelledImages([photo], [0], train)
+    assert load_rgb(photo, ds.reduce_to).size == (200, 150)
+    torch.manual_seed(0)
+    x = ds[0][0]
+    torch.manual_seed(0)
+    assert torch.equal(x, train(load_rgb(photo, (66, 53))))
 
 
 def test_resume_continues_from_the_checkpoint_epoch(data, tmp_path):

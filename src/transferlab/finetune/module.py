@@ -32,7 +32,7 @@ from ..data.images import load_rgb
 from ..evaluation.metrics import evaluate
 from ..features import distributed
 from ..features.backbones import Backbone
-from ..features.extract import resolve_precision
+from ..features.extract import resize_target, resolve_precision
 
 AUGMENTATIONS = ("crop", "flip", "color")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -143,17 +143,34 @@ def train_transform(backbone: Backbone, augment="crop,flip,color", crop_scale: f
     return T.Compose(steps)
 
 
+def decode_target(transform) -> tuple[int, int] | None:
+    """What `load_rgb(reduce_to=)` may reduce a large JPEG to before `transform`: for a random crop
+    (`AspectRandomResizedCrop`), the output size divided by the smallest share of the image's width and height a crop
+    can take (sqrt(scale * ratio) and sqrt(scale / ratio) at the range ends), so even the smallest crop keeps
+    `REDUCE_MARGIN` pixels per output pixel, as the whole image does at evaluation; otherwise extraction's rule
+    (`resize_target`: the evaluation transform's fixed size); None: decode in full."""
+    first = next(iter(getattr(transform, "transforms", ())), None)
+    if isinstance(first, AspectRandomResizedCrop):
+        h, w = first.size
+        smallest = min(first.scale)
+        share_w, share_h = math.sqrt(smallest * min(first.ratio)), math.sqrt(smallest / max(first.ratio))
+        return math.ceil(w / min(share_w, 1.0)), math.ceil(h / min(share_h, 1.0))
+    return resize_target(transform)
+
+
 class LabelledImages(Dataset):
-    """(image tensor, label, index) for image paths; `images.load_rgb` decodes."""
+    """(image tensor, label, index) for image paths; `images.load_rgb` decodes, large JPEGs at reduced scale as far as
+    `transform` allows (`decode_target`)."""
 
     def __init__(self, paths, labels, transform):
         self.paths, self.labels, self.transform = list(paths), np.asarray(labels, dtype=np.int64), transform
+        self.reduce_to = decode_target(transform)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(load_rgb(self.paths[i])), int(self.labels[i]), i
+        return self.transform(load_rgb(self.paths[i], self.reduce_to)), int(self.labels[i]), i
 
 
 # ---------------------------------------------------------------- the LightningModule
