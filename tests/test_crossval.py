@@ -22,7 +22,9 @@ from transferlab.features.backbones import load_backbone
 from transferlab.features.input_size import aspect_input_size, median_aspect
 from transferlab.heads import registry
 from transferlab.heads.lbfgs import LBFGSLogisticRegression, logistic_path
-from transferlab.heads.paths import generic_fold, lda_fold, logistic_fold, ovr_decision, rbf_fold
+from transferlab.heads.pairwise import fit_temperature, ovr_decision, tempered
+from transferlab.heads.paths import generic_fold
+from transferlab.heads.probes import KernelSVMHead
 from transferlab.heads.tuned import TUNED
 from transferlab.study import chosen_head, run_study
 
@@ -87,7 +89,7 @@ def test_fast_fold_paths_give_the_models_the_study_fits(name):
     X, y = _blobs()
     spec = TUNED[name]
     points = spec.path().points()
-    fast = {"logreg": logistic_fold, "lda": lda_fold, "svm_tuned": rbf_fold}[name](X[:180], y[:180], X[180:], 4, points)
+    fast = spec.path().fold(X[:180], y[:180], X[180:], 4, points)  # with the solver settings the head has
     for p, s in zip(points, fast):
         model = spec.build(0, 50).set_params(**p).fit(X[:180], y[:180])
         assert (s.argmax(1) == model.predict(X[180:])).mean() >= (0.98 if name == "logreg" else 1.0), p
@@ -111,6 +113,55 @@ def test_ovr_decision_is_scikit_learns_bit_for_bit(n_classes):
     svc = SVC(decision_function_shape="ovo").fit(X, y)
     ovr = SVC(decision_function_shape="ovr").fit(X, y).decision_function(X)
     np.testing.assert_array_equal(ovr_decision(svc.decision_function(X), n_classes), ovr)
+
+
+def test_fit_temperature_finds_the_temperature_that_made_the_labels():
+    rng = np.random.default_rng(0)
+    sums = rng.normal(size=(20000, 5)) * 4
+    for t in (0.5, 2.0, 8.0):
+        p = tempered(sums, t)
+        y = (p.cumsum(axis=1) > rng.uniform(size=(len(p), 1))).argmax(axis=1)
+        assert fit_temperature(sums, y) == pytest.approx(t, rel=0.1)
+    sums[:10, 2] = -np.inf  # a class absent from these rows' fit part: their probability of it is 0
+    y[:10] = 2
+    assert np.isfinite(fit_temperature(sums, y))
+    assert (tempered(sums, 2.0)[:10, 2] == 0).all()
+
+
+def test_svm_probabilities_are_calibrated_without_platt_scaling():
+    """KernelSVMHead's probabilities: the softmax of SVC's one-vs-rest values at a temperature fitted out of fold,
+    not libsvm's Platt scaling (five extra fits; deprecated in scikit-learn 1.9). On held-out data they are as good
+    as a sigmoid calibration by 5-fold CV (scikit-learn's replacement for it), confident as often as right, and
+    their most probable class is the prediction (but on a tie of votes, which libsvm breaks by class order and the
+    one-vs-rest values by their confidences)."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.metrics import log_loss
+
+    X, y = _blobs(1200, 16, 5, seed=3)
+    head = KernelSVMHead(class_weight=None).fit(X[:600], y[:600])
+    assert head.svc_.probability is not True and 0 < head.temperature_ < 1e3
+    p = head.predict_proba(X[600:])
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-9)
+    ref = CalibratedClassifierCV(SVC(), method="sigmoid", cv=5).fit(X[:600], y[:600]).predict_proba(X[600:])
+    assert log_loss(y[600:], p) <= log_loss(y[600:], ref) + 0.03
+    pred = head.predict(X[600:])
+    assert abs(p.max(axis=1).mean() - (pred == y[600:]).mean()) < 0.05
+    assert (p.argmax(axis=1) == pred).mean() >= 0.99
+    binary = KernelSVMHead().fit(X[:600], y[:600] % 2)
+    np.testing.assert_array_equal(binary.predict_proba(X[600:]).argmax(axis=1), binary.predict(X[600:]))
+
+
+def test_the_ensembles_cv_fits_no_svm_for_probabilities(monkeypatch):
+    """The SVM member's fold probabilities come from its fold path's values, calibrated on the other folds: no
+    model is refitted for them (a refit with Platt scaling per fold once cost more than the SVM's whole grid)."""
+
+    def refit(*_a, **_k):
+        raise AssertionError("KernelSVMHead refitted during cross-validation")
+
+    monkeypatch.setattr(KernelSVMHead, "fit", refit)
+    X, y = _blobs(200, 8, 4)
+    res = cross_validate(X, y, ["logreg", "svm_tuned", "ensemble"], seed=0)
+    assert 0.5 < res["methods"]["ensemble"]["score"]["macro_f1"] <= 1
 
 
 def test_seed_svm_fold_path_is_scikit_learns_rbf_svc():

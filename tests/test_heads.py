@@ -181,8 +181,9 @@ def test_heads_are_sklearn_estimators():
 
 
 def test_svm_fits_in_threads_give_the_models_of_one_thread():
-    """libsvm's Platt scaling and liblinear draw from one process-wide generator: fits running side by side in
-    threads (CV folds, the study's final fits) must give the models they give one at a time."""
+    """liblinear draws from one process-wide generator (as libsvm's Platt scaling did): fits running side by side in
+    threads (CV folds, the study's final fits) must give the models they give one at a time; the SVM's probabilities
+    (its calibration folds are seeded) too."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transferlab.heads.probes import KernelSVMHead, LinearSVMHead
@@ -191,13 +192,13 @@ def test_svm_fits_in_threads_give_the_models_of_one_thread():
     X = rng.normal(size=(900, 48)).astype(np.float32)
     y = (X[:, 0] + rng.normal(size=900) > 0).astype(int) + (X[:, 1] > 0.5)
 
-    def platt(seed):
+    def proba(seed):
         return KernelSVMHead(seed=seed).fit(X, y).predict_proba(X[:40])
 
     def linear(seed):
         return LinearSVMHead(random_state=seed, max_iter=300).fit(X, y).coef_
 
-    for fit in (platt, linear):
+    for fit in (proba, linear):
         alone = [fit(s) for s in range(4)]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(fit, range(4)))

@@ -9,8 +9,9 @@ out-of-fold (OOF) scores. Then, for each method:
   the same repeat, and that point's predictions are the fold's. A grid's maximum is never compared with
   untuned scores: every method's CV score is the score of its whole tuning procedure on images it did not
   choose on (a held-out fold per choice);
-- the **ensemble** (soft vote) is scored on the mean of its members' honest OOF probabilities, no extra fits
-  but one Platt scaling per fold for the SVM member;
+- the **ensemble** (soft vote) is scored on the mean of its members' honest OOF probabilities, no extra fits:
+  the SVM member's decision values become probabilities at a temperature fitted, like its grid point, on the
+  other folds' OOF values of the same repeat (`heads.pairwise`);
 - the method's **CV score** is the select metric of its honest OOF predictions (pooled per repeat, averaged
   over repeats), with a standard error: the Nadeau-Bengio corrected SE of its per-fold differences to the best
   method (paired, corrected for the overlap of training sets across folds).
@@ -83,20 +84,16 @@ def _fold(cv, X, y, a, b, k, points, name=None, dropped=(), views=None, **kw):
     return cv.fold(*_parts(X, y, a, b, views), k, points, **kw)
 
 
-def _probabilities(cv, scores, X, y, a, b, k, point, views=None, **kw):
-    return cv.probabilities(scores, *_parts(X, y, a, b, views), k, point, **kw)
-
-
 def steps(methods: list[str], plan_: Plan) -> int:
     """How many times `cross_validate` calls `on_step` for these methods: once per fold per method with a fold
-    path, once per fold per ensemble member."""
+    path, an ensemble's members included."""
     n = 0
     for name in methods:
         cv = registry.get(name).cv
         if cv is None:
             continue
         if registry.get(name).kind == "ensemble":
-            n += len(cv.members) + len([m for m in cv.members if m not in methods])
+            n += len([m for m in cv.members if m not in methods])
         else:
             n += 1
     return n * len(plan_.folds)
@@ -244,30 +241,20 @@ def cross_validate(
             if any(m in dropped for m in info.cv.members):
                 dropped[name] = "none of its members fitted the time budget"
             continue
-        if deadline is not None and time.perf_counter() > deadline:
-            dropped[name] = "the time budget's share for selection was spent before its members' probabilities"
-            continue
         P = np.zeros((plan_.repeats, len(y), k), dtype=np.float64)
-        tasks, labels = [], []
         for m in members:
             S, chosen, points, cv = state[m]
-            for j, (r, a, b) in enumerate(plan_.folds):
-                args = (cv, S[chosen[j], r, b], X, y, a, b, k, points[chosen[j]])
-                tasks.append((_probabilities, args, {"seed": seed, "epochs": epochs, "views": views}))
-                labels.append((m, j))
-        spent = 0.0
-        with thread_budget(jobs):
-            for (m, j), (p, sec) in zip(labels, thread_map(tasks, jobs)):
-                r, _, b = plan_.folds[j]
-                step(f"CV {name}: {m} probabilities, fold {j + 1}/{len(plan_.folds)}")
-                P[r, b] += p
-                spent += sec
+            for j, (r, _, b) in enumerate(plan_.folds):
+                other = np.ones(len(y), bool)  # the other folds of the same repeat: what chose the point calibrates
+                other[b] = False
+                g = chosen[j]
+                P[r, b] += cv.probabilities(S[g, r, b], S[g, r, other], y[other])
         honest[name] = P.argmax(axis=2)
         out[name] = {
             "params": {m: {**out, **extra}[m]["params"] for m in members},
             "members": members,
             "grid_points": 1,
-            "seconds": spent,
+            "seconds": 0.0,  # no fits: its members' out-of-fold values
         }
     if not honest:
         raise ValueError(f"none of {', '.join(methods)} can be cross-validated on features")

@@ -10,7 +10,8 @@ what is shared across a grid once per fold and give exactly the model the study 
 - `lda_fold`: standardise once, the class means and shrinkages once, one pooled covariance per prior rule
   (`heads.lda`);
 - `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
-`fold_proba` gives a point's probabilities where the path gave decision values (the ensemble needs them).
+`FoldPath.probabilities` gives a point's probabilities where the path gave decision values (the ensemble needs
+them): SVM decision values become probabilities at a temperature fitted on other folds' values (`heads.pairwise`).
 Kernel paths hold n x n matrices: above `KERNEL_MAX_ROWS` fitting images their methods step aside (the study says
 so in its notes) rather than exhaust memory; the linear heads and LDA need memory linear in the images.
 """
@@ -32,7 +33,8 @@ from sklearn.utils.class_weight import compute_sample_weight
 from ..warning_filters import warning_filter
 from .lbfgs import logistic_path
 from .lda import lda_coefficients, pooled_covariances
-from .probes import sq_distances, svc_probability_quiet
+from .pairwise import fit_temperature, ovr_decision, tempered
+from .probes import sq_distances
 
 KERNEL_MAX_ROWS = 12000  # ~1.6 GiB of kernel matrices per fold
 
@@ -53,33 +55,17 @@ def _full(scores: np.ndarray, present: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def logistic_fold(Xf, yf, Xh, k, points, *, seed=0, max_iter=100):
-    """LBFGSLogisticRegression(C, class_weight="balanced", max_iter) after standardisation, every C of `points` in
-    one path (`max_iter`: the head's, so the fold's model is the one the study fits)."""
+def logistic_fold(Xf, yf, Xh, k, points, *, seed=0, max_iter=100, tol=1e-4):
+    """LBFGSLogisticRegression(C, class_weight="balanced", max_iter, tol) after standardisation, every C of `points`
+    in one path (`max_iter`, `tol`: the head's, bound in `heads.tuned`, so the fold's model is the one the study
+    fits)."""
     Xf, Xh = _standardise(Xf, Xh)
     present, y_idx = np.unique(yf, return_inverse=True)
     Cs = [p["clf__C"] for p in points]
     path = logistic_path(
-        Xf, y_idx, len(present), Cs, sample_weight=compute_sample_weight("balanced", yf), max_iter=max_iter
+        Xf, y_idx, len(present), Cs, sample_weight=compute_sample_weight("balanced", yf), max_iter=max_iter, tol=tol
     )
     return [_full(softmax(Xh @ W.T + b, axis=1), present, k) for W, b in path]
-
-
-def ovr_decision(ovo: np.ndarray, n_classes: int) -> np.ndarray:
-    """SVC's one-vs-rest shaped decision values (votes plus confidences in (-1/3, 1/3)) from its one-vs-one ones,
-    bit for bit (scikit-learn's `_ovr_decision_function`, which loops over the n(n-1)/2 pairs in Python: 0.24 s of
-    a 0.47 s `decision_function` at 101 classes). Each class's confidences are summed in scikit-learn's order
-    (a sequential cumulative sum), so the values, not only their argmax, are the same."""
-    pairs = np.ascontiguousarray(np.asarray(ovo, dtype=np.float64).T)  # (pairs, images): whole rows gathered
-    i, j = np.triu_indices(n_classes, 1)  # pair k = (i[k], j[k]), in SVC's order
-    out = np.empty((pairs.shape[1], n_classes))
-    for c in range(n_classes):
-        as_i, as_j = np.flatnonzero(i == c), np.flatnonzero(j == c)  # k increasing in each; the j-pairs come first
-        votes = (pairs[as_i] >= 0).sum(axis=0) + (pairs[as_j] < 0).sum(axis=0)
-        terms = np.concatenate([-pairs[as_j], pairs[as_i]])
-        conf = np.cumsum(terms, axis=0)[-1]
-        out[:, c] = votes + conf / (3 * (np.abs(conf) + 1))
-    return out
 
 
 def rbf_fold(Xf, yf, Xh, k, points, *, standardise=True, class_weight="balanced", seed=0):
@@ -142,22 +128,11 @@ def generic_fold(estimator, Xf, yf, Xh, k, points):
     return out
 
 
-def fold_proba(estimator, point: dict, Xf, yf, Xh, k) -> np.ndarray:
-    """Probabilities of one point on the held part: `estimator` with `point` and probability=True, fitted on Xf."""
-    m = clone(estimator).set_params(**point)
-    on = {n: True for n in m.get_params() if n.split("__")[-1] == "probability"}
-    with svc_probability_quiet(), warning_filter("ignore", ConvergenceWarning):
-        m.set_params(**on).fit(Xf, yf)
-    p = np.zeros((len(Xh), k), dtype=np.float32)
-    p[:, np.unique(yf)] = m.predict_proba(Xh)
-    return p
-
-
 @dataclass(frozen=True)
 class FoldPath:
     """How `evaluation.crossval` cross-validates a method: its `grid` (scikit-learn ParameterGrid form), `fold`
     (one of the functions above, keywords bound), `proba` (whether `fold`'s scores are probabilities) and
-    `build(seed, epochs)`, the estimator that `fold_proba` refits where they are not."""
+    `build(seed, epochs)`, the estimator that `generic_fold` fits."""
 
     grid: list
     fold_fn: Callable
@@ -180,11 +155,14 @@ class FoldPath:
             return generic_fold(self.build(seed, epochs), Xf, yf, Xh, k, points)
         return self.fold_fn(Xf, yf, Xh, k, points, seed=seed)
 
-    def probabilities(self, scores, Xf, yf, Xh, k, point, *, seed=0, epochs=50) -> np.ndarray:
-        """Probabilities on the held part for one point, given that point's fold scores."""
+    def probabilities(self, held: np.ndarray, other: np.ndarray, y_other: np.ndarray) -> np.ndarray:
+        """Probabilities of one point on a fold's held part from its scores there (`held`), given the same point's
+        out-of-fold scores of other images (`other`, labels `y_other`: column indices) that calibrate them. Paths
+        that give probabilities return them as they are; the SVM's one-vs-rest values become their softmax at the
+        temperature that fits `other` best (`heads.pairwise`): no refit."""
         if self.proba:
-            return np.nan_to_num(np.asarray(scores, dtype=np.float32), neginf=0.0)
-        return fold_proba(self.build(seed, epochs), point, Xf, yf, Xh, k)
+            return np.nan_to_num(np.asarray(held, dtype=np.float32), neginf=0.0)
+        return tempered(held, fit_temperature(other, y_other)).astype(np.float32)
 
 
 @dataclass(frozen=True)

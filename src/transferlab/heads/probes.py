@@ -8,15 +8,14 @@ as `predict_proba`; `ShrinkageLDAHead` is linear discriminant analysis with a Le
 covariance (one closed-form fit, strong when some classes have a handful of images). Grids are in `tuned.py`,
 the validation search that tunes them in `search.py`.
 
-Fits run side by side in threads (`evaluation.threads`). libsvm's Platt scaling (`probability=True`) and liblinear's
-coordinate descent draw from one process-wide generator that each fit reseeds with its `random_state`; two such fits
-at once interleave their draws and their models then depend on timing (measured: SVC probabilities off by up to
-0.05, LinearSVC weights by 0.15). The fits that draw from it hold `RNG_LOCK`; the kernel matrix is computed outside.
+Fits run side by side in threads (`evaluation.threads`). liblinear's coordinate descent (and libsvm's Platt
+scaling, which transferlab no longer uses) draws from one process-wide generator that each fit reseeds with its
+`random_state`; two such fits at once interleave their draws and their models then depend on timing (measured:
+LinearSVC weights off by 0.15, SVC Platt probabilities by 0.05). `LinearSVMHead` fits hold `RNG_LOCK`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 
@@ -28,18 +27,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.metaestimators import available_if
 
-from ..warning_filters import warning_filter
 from .inputs import fit_inputs, predict_inputs, validate_data
 from .lda import fitted_lda
+from .pairwise import binary_form, fit_temperature, tempered
+from .search import cv_folds
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
-RNG_LOCK = threading.Lock()  # held by fits that draw from libsvm's / liblinear's process-wide generator
-
-
-def svc_probability_quiet():
-    """Silence scikit-learn 1.9's FutureWarning for `SVC(probability=True)` (removed in 1.11, pinned below that)
-    inside the block only, in threads too (`warning_filters`): transferlab leaves no warning filter behind."""
-    return warning_filter("ignore", FutureWarning, "The `probability` parameter was deprecated")
+RNG_LOCK = threading.Lock()  # held by fits that draw from liblinear's process-wide generator
 
 
 def writable(estimator):
@@ -96,13 +90,21 @@ def sq_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0, out=d)
 
 
+def _ovr(decision: np.ndarray) -> np.ndarray:
+    """SVC's decision values with one column per class (a binary SVM's single one in `binary_form`)."""
+    return binary_form(decision) if np.ndim(decision) == 1 else np.asarray(decision, dtype=np.float64)
+
+
 class KernelSVMHead(ClassifierMixin, BaseEstimator):
     """RBF SVM, gamma = gamma_scale / (n_features * X.var()) (gamma_scale=1 is SVC's gamma="scale").
 
     Fits `SVC(kernel="precomputed")` on a kernel matrix computed with BLAS; only the support vectors
     are kept for prediction. Above `max_precomputed` training images (the kernel matrix grows with
     their square) it hands libsvm the features instead: the same model, computed the slow way.
-    `probability=True` adds SVC's Platt scaling for `predict_proba`; predictions are SVC's own either way.
+    `probability=True` adds `predict_proba`: the softmax of SVC's one-vs-rest decision values at a temperature
+    fitted on out-of-fold values of `calibration_folds` stratified folds (`heads.pairwise`; seeded by `seed`),
+    each fitted on the same kernel matrix: fewer and smaller fits than libsvm's Platt scaling (five), which
+    scikit-learn 1.9 deprecates. Predictions are SVC's own either way, and the most probable class but on ties of votes.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         cache_size: float = 500,
         max_precomputed: int = 15000,
         seed: int = 0,
+        calibration_folds: int = 3,
     ):
         self.C = C
         self.gamma_scale = gamma_scale
@@ -122,32 +125,45 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         self.cache_size = cache_size
         self.max_precomputed = max_precomputed
         self.seed = seed
+        self.calibration_folds = calibration_folds
+
+    def _svc(self, K, X, y, rows=None) -> SVC:
+        """libsvm fitted on the rows `rows` (all: None), from the kernel matrix K or, without one, the features."""
+        kw = dict(C=self.C, class_weight=self.class_weight, cache_size=self.cache_size)
+        if rows is None:
+            return (
+                SVC(kernel="precomputed", **kw).fit(K, y) if K is not None else SVC(gamma=self.gamma_, **kw).fit(X, y)
+            )
+        if K is not None:
+            return SVC(kernel="precomputed", **kw).fit(K[np.ix_(rows, rows)], y[rows])
+        return SVC(gamma=self.gamma_, **kw).fit(X[rows], y[rows])
 
     def fit(self, X, y):
         X, y = fit_inputs(self, X, y, dtype=np.float32)
         var = float(X.var())
         self.gamma_ = self.gamma_scale / (X.shape[1] * var) if var > 0 else self.gamma_scale
         self.precomputed_ = len(X) <= self.max_precomputed
-        kw = dict(
-            C=self.C,
-            class_weight=self.class_weight,
-            cache_size=self.cache_size,
-            random_state=self.seed,
-            **({"probability": True} if self.probability else {}),
-        )  # the parameter warns when given
-        draws = RNG_LOCK if self.probability else contextlib.nullcontext()  # Platt scaling's folds are random
-        with svc_probability_quiet():
-            if self.precomputed_:
-                K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64)
-                with draws:
-                    self.svc_ = SVC(kernel="precomputed", **kw).fit(K, y)
-                self.support_vectors_ = X[self.svc_.support_]
-            else:
-                with draws:
-                    self.svc_ = SVC(kernel="rbf", gamma=self.gamma_, **kw).fit(X, y)
+        K = np.exp(-self.gamma_ * sq_distances(X, X), dtype=np.float64) if self.precomputed_ else None
+        self.svc_ = self._svc(K, X, y)
+        if self.precomputed_:
+            self.support_vectors_ = X[self.svc_.support_]
         self.n_fit_ = len(X)
         self.classes_ = self.svc_.classes_
+        if self.probability:
+            self.temperature_ = self._temperature(K, X, y)
         return self
+
+    def _temperature(self, K, X, y) -> float:
+        """The temperature of `predict_proba`, fitted on out-of-fold one-vs-rest values (`heads.pairwise`)."""
+        y_idx = np.searchsorted(self.classes_, y)
+        values = np.full((len(y), len(self.classes_)), -np.inf)
+        for a, b in cv_folds(y, max(2, min(self.calibration_folds, len(y) // 2)), self.seed):
+            present = np.unique(y_idx[a])
+            if len(present) < 2:
+                continue
+            held = K[np.ix_(b, a)] if K is not None else X[b]
+            values[np.ix_(b, present)] = _ovr(self._svc(K, X, y, a).decision_function(held))
+        return fit_temperature(values, y_idx)
 
     def _kernel(self, X) -> np.ndarray:
         X = predict_inputs(self, X, dtype=np.float32)
@@ -165,10 +181,12 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         K = self._kernel(X)
         return self.svc_.predict(K)
 
-    @available_if(lambda self: self.probability)  # hasattr(head, "predict_proba") is False without Platt scaling
+    @available_if(lambda self: self.probability)  # hasattr(head, "predict_proba") is False without probabilities
     def predict_proba(self, X):
         K = self._kernel(X)
-        return writable(self.svc_).predict_proba(K)
+        if not hasattr(self, "temperature_"):  # fitted before temperature scaling (libsvm Platt scaling)
+            return writable(self.svc_).predict_proba(K)
+        return tempered(_ovr(self.svc_.decision_function(K)), self.temperature_)
 
 
 class LinearSVMHead(LinearSVC):

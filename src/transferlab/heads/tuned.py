@@ -50,6 +50,10 @@ class HeadSpec:
         return FoldPath(self.grid, self.fold or generic_fold, self.proba, self.build, self.max_rows)
 
 
+# The logistic head's solver settings, the same for its CV fold path and the model the study fits (`heads.lbfgs`).
+LOGREG_SOLVER = {"max_iter": 100, "tol": 3e-4}
+
+
 def _softmax(seed: int, epochs: int) -> Pipeline:
     return _pipe(SoftmaxHead(epochs=epochs, batch_size=128, class_weight="balanced", seed=seed))
 
@@ -69,9 +73,9 @@ TUNED: dict[str, HeadSpec] = {
     ),
     "logreg": HeadSpec(
         exportable=True,
-        build=lambda seed, epochs: _pipe(LBFGSLogisticRegression(class_weight="balanced", max_iter=100)),
+        build=lambda seed, epochs: _pipe(LBFGSLogisticRegression(class_weight="balanced", **LOGREG_SOLVER)),
         grid=[{"clf__C": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}],
-        fold=logistic_fold,
+        fold=partial(logistic_fold, **LOGREG_SOLVER),
         default=True,
         description="multinomial logistic regression (full-batch L-BFGS, warm-started along the C path), "
         "standardised features, class_weight=balanced; C on validation",
