@@ -58,7 +58,7 @@ def selection_scores(
 
 def efficiency_repeats(method: str) -> int:
     """Draws per point of the data-efficiency curve: 3, or 1 for an ensemble (every draw refits all its members,
-    Platt scaling included: three draws cost it a minute on a few thousand images)."""
+    their calibration folds included: three draws cost it a minute on a few thousand images)."""
     return 1 if registry.get(method).kind == "ensemble" else 3
 
 

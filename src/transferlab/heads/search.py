@@ -117,7 +117,7 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
     winner is refitted on all of (X, y). With `cv` >= 2, every point is scored instead by stratified
     `cv`-fold cross-validation over (X, y) and the validation data pooled (out-of-fold predictions,
     scored once), and the winner is refitted on (X, y). `search_params` are set only while searching
-    (e.g. no Platt scaling); the winner is refitted without them. Grid points (and folds) are fitted in
+    (e.g. no probability calibration); the winner is refitted without them. Grid points (and folds) are fitted in
     `n_jobs` processes (joblib; default 1, in-process; below 4 MB of features always in-process), each
     with `n_threads` BLAS/OpenMP threads (default 1: problems this small run up to 30x slower with threads
     on shared, busy cores, and one thread makes the choice independent of the machine). After fit:
@@ -282,7 +282,7 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
 
 def fixed(estimator, proba: bool = False):
     """The estimator with its chosen hyperparameters, unfitted, without extras that only predict_proba needs
-    (Platt scaling) unless `proba`. A fitted ensemble: the same vote over its members so fixed (with their
+    (the SVMs' calibration) unless `proba`. A fitted ensemble: the same vote over its members so fixed (with their
     probabilities, which the vote needs)."""
     if isinstance(estimator, ValidationSearch) and hasattr(estimator.best_estimator_, "fixed"):
         estimator = estimator.best_estimator_  # e.g. an ensemble inside a one-point search (nested CV)

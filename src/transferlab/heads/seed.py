@@ -245,11 +245,11 @@ class SoftmaxHead(ClassifierMixin, BaseEstimator):
 
 def seed_svm(seed: int = 0):
     """The seed's Model 2: an RBF SVM with scikit-learn's defaults, `SVC(kernel="rbf", gamma="scale", C=1)`,
-    with Platt scaling for probabilities.
+    with probabilities by temperature scaling (`heads.pairwise`).
 
     Fitted as `KernelSVMHead` fits: the same libsvm model on a kernel matrix computed with BLAS (gamma="scale" is
     gamma_scale=1, no class weights, no standardisation), ~5x faster than libsvm computing kernel rows itself
-    (measured: 3100 x 1280 boats16 features, with the five extra fits of Platt scaling, 14.8 s -> see the tests for
+    (measured: 3100 x 1280 boats16 features, with the five extra fits of the Platt scaling it then had, 14.8 s -> see the tests for
     the equality with `SVC`). Predictions are SVC's own, exactly as with `probability=False`; the probabilities are
     only used for ranking and reports.
     """

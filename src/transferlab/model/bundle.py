@@ -484,7 +484,7 @@ class Model:
         return full
 
     def predict_indices_from_features(self, X) -> np.ndarray:
-        """The head's own predictions (e.g. SVC's vote, not the argmax of its Platt probabilities) as indices."""
+        """The head's own predictions (e.g. SVC's vote, not the argmax of its probabilities: they differ on ties of votes) as indices."""
         pred = np.asarray(self.estimator.predict(X))
         seen = np.asarray(self.estimator.classes_)
         return self._columns[np.searchsorted(seen, pred)] if len(pred) else np.zeros(0, dtype=np.int64)

@@ -117,7 +117,7 @@ def _linear_logits(est) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(est, "members_"):  # selection.SoftVoteEnsemble: a mean of several heads' probabilities
         raise ExportError(
             f"head {type(est).__name__} averages the probabilities of {', '.join(est.names_)}; a mean "
-            f"of softmaxes (and an RBF SVM's Platt scaling) has no exact linear ONNX graph here. Use "
+            f"of softmaxes (and an RBF SVM's probabilities) has no exact linear ONNX graph here. Use "
             f"transferlab.load(BUNDLE).predict_proba or `transferlab predict` for this head"
         )
     if isinstance(est, LogisticRegression):

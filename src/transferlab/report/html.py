@@ -271,7 +271,8 @@ def mistakes_section(predictions: dict[str, list[dict]], limit: int = MAX_MISTAK
         '<p class="note">Misclassified test images, most confident first (probability the method gave its '
         "predicted class). Green: the true class and its probability; red: the prediction and its probability."
         + (
-            " The SVM's probabilities come from Platt scaling and may disagree with its own prediction."
+            " The SVM's probabilities are its one-vs-rest decision values, temperature-scaled; on a tie of votes its"
+            " prediction may not be its most probable class."
             if "svm" in predictions
             else ""
         )
