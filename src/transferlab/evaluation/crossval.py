@@ -147,8 +147,8 @@ def cross_validate(
     threads (default: one per core, up to the number of folds), each with cores // n_jobs BLAS/OpenMP/torch threads.
     Methods run costliest first (registry cost, then grid size), or cheapest first under a `deadline` (a
     `time.perf_counter()` value, from `--time-budget`): once a method's finished folds project its CV past it,
-    that method and every costlier one are dropped (`out_of_time`: method -> why; an ensemble whose members'
-    probabilities would start after it too). The cheapest method always runs to the end. `views` (`--flip-train`): each image's plain and flipped
+    that method and every costlier one are dropped (`out_of_time`: method -> why; an ensemble none of whose members
+    was scored too). The cheapest method always runs to the end. `views` (`--flip-train`): each image's plain and flipped
     features side by side, X being their mean; every fold then fits on both views of its fit images and scores its
     held images on X, as the final models do (`_parts`).
     """
