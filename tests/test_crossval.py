@@ -151,6 +151,19 @@ def test_svm_probabilities_are_calibrated_without_platt_scaling():
     np.testing.assert_array_equal(binary.predict_proba(X[600:]).argmax(axis=1), binary.predict(X[600:]))
 
 
+def test_svm_probabilities_on_a_handful_of_images_fit_and_stay_modest():
+    """One image per class leaves nothing to hold out (the calibration folds once raised scikit-learn's "n_splits=2
+    cannot be greater than the number of members in each class": the data-efficiency curve's k=1 point of `svm`);
+    two per class, all held-out values right, must not drive the temperature to its bound."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10, 4)).astype(np.float32)
+    one = KernelSVMHead().fit(X[:5], np.arange(5))
+    assert one.temperature_ == 1.0
+    np.testing.assert_array_equal(one.predict_proba(X).argmax(axis=1), one.predict(X))
+    two = KernelSVMHead().fit(X[:4], np.array([0, 0, 1, 1]))
+    assert 0.1 < two.temperature_ < 10 and two.predict_proba(X).max() < 0.99
+
+
 def test_the_ensembles_cv_fits_no_svm_for_probabilities(monkeypatch):
     """The SVM member's fold probabilities come from its fold path's values, calibrated on the other folds: no
     model is refitted for them (a refit with Platt scaling per fold once cost more than the SVM's whole grid)."""

@@ -157,7 +157,10 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         """The temperature of `predict_proba`, fitted on out-of-fold one-vs-rest values (`heads.pairwise`)."""
         y_idx = np.searchsorted(self.classes_, y)
         values = np.full((len(y), len(self.classes_)), -np.inf)
-        for a, b in cv_folds(y, max(2, min(self.calibration_folds, len(y) // 2)), self.seed):
+        folds = min(self.calibration_folds, int(np.bincount(y_idx).max()))
+        if folds < 2:  # one image per class: nothing to hold out
+            return 1.0
+        for a, b in cv_folds(y, folds, self.seed):
             present = np.unique(y_idx[a])
             if len(present) < 2:
                 continue
