@@ -164,6 +164,20 @@ def test_svm_probabilities_on_a_handful_of_images_fit_and_stay_modest():
     assert 0.1 < two.temperature_ < 10 and two.predict_proba(X).max() < 0.99
 
 
+def test_an_svm_saved_with_platt_scaling_still_gives_its_probabilities():
+    """A bundle saved before temperature scaling holds a KernelSVMHead whose libsvm model has Platt scaling and no
+    `temperature_`: its probabilities are still libsvm's."""
+    X, y = _blobs(120, 6, 3)
+    head = KernelSVMHead().fit(X, y)
+    del head.temperature_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        K = np.exp(-head.gamma_ * ((X[:, None] - X[None]) ** 2).sum(-1))
+        head.svc_ = SVC(kernel="precomputed", class_weight="balanced", probability=True, random_state=0).fit(K, y)
+        head.support_vectors_ = X[head.svc_.support_]
+        np.testing.assert_allclose(head.predict_proba(X[:10]), head.svc_.predict_proba(K[:10]), atol=1e-4)
+
+
 def test_the_ensembles_cv_fits_no_svm_for_probabilities(monkeypatch):
     """The SVM member's fold probabilities come from its fold path's values, calibrated on the other folds: no
     model is refitted for them (a refit with Platt scaling per fold once cost more than the SVM's whole grid)."""
