@@ -144,3 +144,15 @@ def test_readme_python_imports_resolve():
         mod = importlib.import_module(module)
         for name in names.split(","):
             assert hasattr(mod, name.strip()), f"{module}.{name.strip()}"
+
+
+def test_scipy_special_is_loaded_before_torch_so_skops_imports_fast():
+    """skops.io's first import looks up scipy.special's ufuncs by scanning sys.modules in order: with scipy.special
+    loaded ahead of torch's modules (transferlab/__init__.py) the scan stops early (0.2 s, not 0.8-1.9 s, in the
+    final fits of every run)."""
+    import subprocess
+    import sys
+
+    code = "import sys, transferlab.study; m = list(sys.modules); print(m.index('scipy.special') < m.index('torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
