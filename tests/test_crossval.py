@@ -661,3 +661,37 @@ def test_lda_with_two_images_per_class_is_not_singular():
     ours = fitted_lda(X, y)
     assert np.abs(ours.coef_).max() < 1e4
     assert score(yv, ours.predict(Xv))["macro_f1"] > 0.8
+
+
+def test_lda_pooled_covariances_hold_no_full_weighted_copy_of_the_rows(monkeypatch):
+    """The pooled covariance is a product of the centred rows weighted per class: it is accumulated block by block,
+    from float32 rows made float64 a class at a time. A fold of 40,000 images once held a float64 copy of its rows,
+    the centred rows and two weighted copies (over 1.6 GiB per thread at 1280 columns); now the centred rows and
+    one block, with the same numbers as one product."""
+    import tracemalloc
+
+    from transferlab.heads import lda
+    from transferlab.heads.paths import lda_fold
+
+    rng = np.random.default_rng(0)
+    n, d, k = 8 * lda.BLOCK_ROWS, 64, 4
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    rules = [np.full(k, 1 / k), np.bincount(y) / n]
+    points = [{"clf__class_weight": "balanced"}, {"clf__class_weight": None}]
+    tracemalloc.start()
+    try:
+        lda_fold(X, y, X[:10], k, points)  # a CV fold: standardised float32 rows in, both prior rules
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    centred = n * d * 8
+    # the standardised rows (0.5), the centred rows (1), a class's float64 copy and one weighted block; before:
+    # also a float64 copy of all rows and two weighted copies (4.8)
+    assert peak < 3 * centred, peak / centred
+    means, pooled = lda.pooled_covariances(X, y, rules)
+    monkeypatch.setattr(lda, "BLOCK_ROWS", n)  # one block: one product
+    ref_means, ref = lda.pooled_covariances(X.astype(np.float64), y, rules)
+    np.testing.assert_array_equal(means, ref_means)
+    for p, r in zip(pooled, ref):
+        np.testing.assert_allclose(p, r, rtol=1e-10, atol=1e-12)

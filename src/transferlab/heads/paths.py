@@ -108,7 +108,7 @@ def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
         np.full(len(present), 1 / len(present)) if p.get("clf__class_weight") == "balanced" else counts / counts.sum()
         for p in points
     ]
-    means, pooled = pooled_covariances(Xf.astype(np.float64), y_idx, rules)
+    means, pooled = pooled_covariances(Xf, y_idx, rules)
     out = []
     for priors, cov in zip(rules, pooled):
         coef, intercept = lda_coefficients(means, cov, priors)
