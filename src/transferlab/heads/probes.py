@@ -104,7 +104,8 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
     `probability=True` adds `predict_proba`: the softmax of SVC's one-vs-rest decision values at a temperature
     fitted on out-of-fold values of `calibration_folds` stratified folds (`heads.pairwise`; seeded by `seed`),
     each fitted on the same kernel matrix: fewer and smaller fits than libsvm's Platt scaling (five), which
-    scikit-learn 1.9 deprecates. Predictions are SVC's own either way, and the most probable class but on ties of votes.
+    scikit-learn 1.9 deprecates. Predictions are SVC's own either way, and the most probable class (but on a tie
+    of votes).
     """
 
     def __init__(
@@ -130,13 +131,9 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
     def _svc(self, K, X, y, rows=None) -> SVC:
         """libsvm fitted on the rows `rows` (all: None), from the kernel matrix K or, without one, the features."""
         kw = dict(C=self.C, class_weight=self.class_weight, cache_size=self.cache_size)
-        if rows is None:
-            return (
-                SVC(kernel="precomputed", **kw).fit(K, y) if K is not None else SVC(gamma=self.gamma_, **kw).fit(X, y)
-            )
-        if K is not None:
-            return SVC(kernel="precomputed", **kw).fit(K[np.ix_(rows, rows)], y[rows])
-        return SVC(gamma=self.gamma_, **kw).fit(X[rows], y[rows])
+        if rows is not None:
+            K, X, y = (K[np.ix_(rows, rows)], X, y[rows]) if K is not None else (None, X[rows], y[rows])
+        return SVC(kernel="precomputed", **kw).fit(K, y) if K is not None else SVC(gamma=self.gamma_, **kw).fit(X, y)
 
     def fit(self, X, y):
         X, y = fit_inputs(self, X, y, dtype=np.float32)
