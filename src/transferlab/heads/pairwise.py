@@ -40,11 +40,12 @@ def ovr_decision(ovo: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-def binary_form(f: np.ndarray) -> np.ndarray:
-    """A binary SVM's single decision value f (positive: the second class) as two columns (-f/2, f/2), whose
-    softmax is the sigmoid of f, as `ovr_decision`'s columns are for more classes."""
-    f = np.asarray(f, dtype=np.float64)
-    return np.stack([-f, f], axis=1) / 2
+def per_class(decision: np.ndarray) -> np.ndarray:
+    """SVC's decision values with one column per class (float64). A binary SVM's single value f (positive: the
+    second class) becomes (-f/2, f/2), whose softmax is the sigmoid of f, as `ovr_decision`'s columns are for more
+    classes."""
+    decision = np.asarray(decision, dtype=np.float64)
+    return np.stack([-decision, decision], axis=1) / 2 if decision.ndim == 1 else decision
 
 
 def tempered(values: np.ndarray, temperature: float) -> np.ndarray:

@@ -33,7 +33,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from ..warning_filters import warning_filter
 from .lbfgs import logistic_path
 from .lda import lda_coefficients, pooled_covariances
-from .pairwise import binary_form, fit_temperature, ovr_decision, tempered
+from .pairwise import fit_temperature, ovr_decision, per_class, tempered
 from .probes import sq_distances
 
 KERNEL_MAX_ROWS = 12000  # ~1.6 GiB of kernel matrices per fold
@@ -47,8 +47,7 @@ def _standardise(Xf: np.ndarray, Xh: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _full(scores: np.ndarray, present: np.ndarray, k: int) -> np.ndarray:
     """Scores over the classes present in the fit part, placed in the columns of all k classes (-inf elsewhere)."""
-    if np.ndim(scores) == 1:  # a binary decision value: score of present[1] minus present[0]
-        scores = binary_form(scores)
+    scores = per_class(scores)  # a binary decision value (score of present[1] minus present[0]) as two columns
     out = np.full((len(scores), k), -np.inf, dtype=np.float32)
     out[:, present] = scores
     return out

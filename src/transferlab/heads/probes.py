@@ -29,7 +29,7 @@ from sklearn.utils.metaestimators import available_if
 
 from .inputs import fit_inputs, predict_inputs, validate_data
 from .lda import fitted_lda
-from .pairwise import binary_form, fit_temperature, tempered
+from .pairwise import fit_temperature, per_class, tempered
 from .search import cv_folds
 
 FEATURE_KINDS = ("none", "standard", "l2", "pca_whiten")
@@ -88,11 +88,6 @@ def sq_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     A, B = np.asarray(A, np.float32), np.asarray(B, np.float32)
     d = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
     return np.maximum(d, 0.0, out=d)
-
-
-def _ovr(decision: np.ndarray) -> np.ndarray:
-    """SVC's decision values with one column per class (a binary SVM's single one in `binary_form`)."""
-    return binary_form(decision) if np.ndim(decision) == 1 else np.asarray(decision, dtype=np.float64)
 
 
 class KernelSVMHead(ClassifierMixin, BaseEstimator):
@@ -162,7 +157,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
             if len(present) < 2:
                 continue
             held = K[np.ix_(b, a)] if K is not None else X[b]
-            values[np.ix_(b, present)] = _ovr(self._svc(K, X, y, a).decision_function(held))
+            values[np.ix_(b, present)] = per_class(self._svc(K, X, y, a).decision_function(held))
         return fit_temperature(values, y_idx)
 
     def _kernel(self, X) -> np.ndarray:
@@ -186,7 +181,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         K = self._kernel(X)
         if not hasattr(self, "temperature_"):  # fitted before temperature scaling (libsvm Platt scaling)
             return writable(self.svc_).predict_proba(K)
-        return tempered(_ovr(self.svc_.decision_function(K)), self.temperature_)
+        return tempered(per_class(self.svc_.decision_function(K)), self.temperature_)
 
 
 class LinearSVMHead(LinearSVC):
