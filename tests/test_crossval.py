@@ -178,6 +178,22 @@ def test_an_svm_saved_with_platt_scaling_still_gives_its_probabilities():
         np.testing.assert_allclose(head.predict_proba(X[:10]), head.svc_.predict_proba(K[:10]), atol=1e-4)
 
 
+def test_the_tuned_svms_final_fit_takes_its_temperature_from_the_cv(monkeypatch):
+    """The CV has the chosen point's out-of-fold decision values for every image: the temperature fitted on them is
+    part of the chosen hyperparameters, and the final fit uses it instead of fitting calibration folds again."""
+    X, y = _blobs(200, 8, 4)
+    params = cross_validate(X, y, ["svm_tuned"], seed=0)["methods"]["svm_tuned"]["params"]
+    assert set(params) == {"clf__C", "clf__gamma_scale", "clf__temperature"} and 0 < params["clf__temperature"] < 1e3
+
+    def calibration_folds(*_a, **_k):
+        raise AssertionError("calibration folds fitted again")
+
+    monkeypatch.setattr(KernelSVMHead, "_temperature", calibration_folds)
+    head = chosen_head("svm_tuned", StudyConfig(data="x", out="y"), params).fit(X, y)
+    assert head.best_estimator_[-1].temperature_ == params["clf__temperature"]
+    np.testing.assert_allclose(head.predict_proba(X).sum(axis=1), 1)
+
+
 def test_the_ensembles_cv_fits_no_svm_for_probabilities(monkeypatch):
     """The SVM member's fold probabilities come from its fold path's values, calibrated on the other folds: no
     model is refitted for them (a refit with Platt scaling per fold once cost more than the SVM's whole grid)."""

@@ -22,7 +22,8 @@ such SE of the best, the first in `PREFERENCE` (simpler and exportable first). O
 the honest scores already carry no tuning optimism, and the preference gave up the ensemble's gain where it was
 real; so the SEs are reported, and decide nothing by default. Seed methods are scored like the rest and can be
 chosen. The chosen hyperparameters of each tuned method are its best grid point on all OOF predictions
-pooled (its final model is fitted with them). Only train + valid go in: nothing here sees test data.
+pooled (its final model is fitted with them; the tuned SVM's also carry the temperature of its probabilities, fitted on
+that point's OOF decision values, so its final fit needs no calibration folds of its own). Only train + valid go in: nothing here sees test data.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..heads import registry
+from ..heads.pairwise import fit_temperature
 from ..heads.search import METRICS, cv_folds, score
 from .threads import default_jobs, thread_budget, thread_map
 
@@ -227,7 +229,10 @@ def cross_validate(
     for name, (cv, points, S) in paths.items():
         hon, chosen, overall = _honest(S, y, plan_, metric)
         state[name] = (S, chosen, points, cv)
-        info_out = {"params": points[overall], "grid_points": len(points), "seconds": seconds[name]}
+        params = dict(points[overall])
+        if cv.temperature_param:  # the final model's calibration: the chosen point's out-of-fold values, pooled
+            params[cv.temperature_param] = fit_temperature(S[overall].reshape(-1, k), np.tile(y, plan_.repeats))
+        info_out = {"params": params, "grid_points": len(points), "seconds": seconds[name]}
         if name in methods:
             honest[name], out[name] = hon, info_out
         else:

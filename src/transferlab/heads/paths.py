@@ -137,6 +137,7 @@ class FoldPath:
     proba: bool
     build: Callable | None = None
     max_rows: int | None = None  # above this many fitting rows the method steps aside (memory ~ rows²)
+    temperature_param: str | None = None  # decision values: the hyperparameter that takes the CV's temperature
 
     def too_big(self, rows: int) -> str | None:
         """Why the method steps aside at `rows` fitting rows (None: it does not)."""

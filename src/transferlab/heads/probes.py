@@ -99,7 +99,8 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
     `probability=True` adds `predict_proba`: the softmax of SVC's one-vs-rest decision values at a temperature
     fitted on out-of-fold values of `calibration_folds` stratified folds (`heads.pairwise`; seeded by `seed`),
     each fitted on the same kernel matrix: fewer and smaller fits than libsvm's Platt scaling (five), which
-    scikit-learn 1.9 deprecates. Predictions are SVC's own either way, and the most probable class (but on a tie
+    scikit-learn 1.9 deprecates. A given `temperature` is used as it is, with no calibration fit (the default run
+    passes the one its repeated CV fitted on the chosen point's out-of-fold values). Predictions are SVC's own either way, and the most probable class (but on a tie
     of votes).
     """
 
@@ -113,6 +114,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         max_precomputed: int = 15000,
         seed: int = 0,
         calibration_folds: int = 3,
+        temperature: float | None = None,
     ):
         self.C = C
         self.gamma_scale = gamma_scale
@@ -122,6 +124,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         self.max_precomputed = max_precomputed
         self.seed = seed
         self.calibration_folds = calibration_folds
+        self.temperature = temperature
 
     def _svc(self, K, X, y, rows=None) -> SVC:
         """libsvm fitted on the rows `rows` (all: None), from the kernel matrix K or, without one, the features."""
@@ -142,7 +145,7 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
         self.n_fit_ = len(X)
         self.classes_ = self.svc_.classes_
         if self.probability:
-            self.temperature_ = self._temperature(K, X, y)
+            self.temperature_ = float(self.temperature) if self.temperature is not None else self._temperature(K, X, y)
         return self
 
     def _temperature(self, K, X, y) -> float:

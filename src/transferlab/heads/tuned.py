@@ -44,10 +44,14 @@ class HeadSpec:
     default: bool = False  # a candidate of the default run
 
     max_rows: int | None = None  # the fold path steps aside above this many fitting images (`heads.paths`)
+    # the hyperparameter that takes the temperature the CV fits on the chosen point's out-of-fold decision values
+    temperature_param: str | None = None
 
     def path(self) -> FoldPath:
         """How `evaluation.crossval` cross-validates this head over its grid."""
-        return FoldPath(self.grid, self.fold or generic_fold, self.proba, self.build, self.max_rows)
+        return FoldPath(
+            self.grid, self.fold or generic_fold, self.proba, self.build, self.max_rows, self.temperature_param
+        )
 
 
 # The logistic head's solver settings, the same for its CV fold path and the model the study fits (`heads.lbfgs`).
@@ -70,6 +74,7 @@ TUNED: dict[str, HeadSpec] = {
         proba=False,
         default=True,
         max_rows=KERNEL_MAX_ROWS,
+        temperature_param="clf__temperature",
         search_params={"clf__probability": False},
         description="RBF SVM, standardised features, class_weight=balanced; C x gamma on validation",
     ),
