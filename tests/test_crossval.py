@@ -182,8 +182,10 @@ def test_the_tuned_svms_final_fit_takes_its_temperature_from_the_cv(monkeypatch)
     """The CV has the chosen point's out-of-fold decision values for every image: the temperature fitted on them is
     part of the chosen hyperparameters, and the final fit uses it instead of fitting calibration folds again."""
     X, y = _blobs(200, 8, 4)
-    params = cross_validate(X, y, ["svm_tuned"], seed=0)["methods"]["svm_tuned"]["params"]
+    chosen = cross_validate(X, y, ["svm", "svm_tuned"], seed=0)["methods"]
+    params = chosen["svm_tuned"]["params"]
     assert set(params) == {"clf__C", "clf__gamma_scale", "clf__temperature"} and 0 < params["clf__temperature"] < 1e3
+    assert set(chosen["svm"]["params"]) == {"temperature"}  # the seed's SVM: no grid, the same calibration
 
     def calibration_folds(*_a, **_k):
         raise AssertionError("calibration folds fitted again")
@@ -192,6 +194,10 @@ def test_the_tuned_svms_final_fit_takes_its_temperature_from_the_cv(monkeypatch)
     head = chosen_head("svm_tuned", StudyConfig(data="x", out="y"), params).fit(X, y)
     assert head.best_estimator_[-1].temperature_ == params["clf__temperature"]
     np.testing.assert_allclose(head.predict_proba(X).sum(axis=1), 1)
+    for flip in (False, True):  # under --flip-train the seed's SVM is wrapped (ViewAugmented)
+        cfg = StudyConfig(data="x", out="y", flip_train=flip)
+        svm = chosen_head("svm", cfg, chosen["svm"]["params"]).fit(np.hstack([X, X]) if flip else X, y)
+        assert (svm.estimator_ if flip else svm).temperature_ == chosen["svm"]["params"]["temperature"]
 
 
 def test_the_ensembles_cv_fits_no_svm_for_probabilities(monkeypatch):

@@ -140,7 +140,8 @@ def _one_point(grid_point: dict, flip_train: bool = False) -> list[dict]:
 
 def chosen_head(name: str, cfg: StudyConfig, params: dict):
     """The head `name` with the hyperparameters repeated CV chose (`evaluation.crossval`): a tuned head searches
-    only that grid point, an ensemble's members are fixed at theirs; a seed head has none to set."""
+    only that grid point, an ensemble's members are fixed at theirs; a seed head has no grid, but the seed's SVM
+    takes the temperature of its probabilities that the CV fitted (its `FoldPath.temperature_param`)."""
     kind = method_info(name).kind
     kw = {"seed": cfg.seed, "epochs": cfg.epochs, "scoring": cfg.select_metric, "flip_train": cfg.flip_train}
     est = make_head(name, **kw)
@@ -151,6 +152,8 @@ def chosen_head(name: str, cfg: StudyConfig, params: dict):
             (m, make_head(m, **kw).set_params(param_grid=_one_point(p, cfg.flip_train))) for m, p in params.items()
         )
         est.set_params(members=members)
+    elif params:
+        est.set_params(**{(through_views(k) if cfg.flip_train else k): v for k, v in params.items()})
     return est
 
 

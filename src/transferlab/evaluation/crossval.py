@@ -105,6 +105,13 @@ def _metric(y, pred, metric: str) -> float:
     return score(y, pred)[metric]
 
 
+def _others(n: int, held: np.ndarray) -> np.ndarray:
+    """A mask of the n images outside a fold's held part: the rest of its repeat's out-of-fold values."""
+    other = np.ones(n, bool)
+    other[held] = False
+    return other
+
+
 def _honest(S: np.ndarray, y: np.ndarray, plan_: Plan, metric: str) -> tuple[np.ndarray, list[int], int]:
     """S: (G, R, n, k) OOF scores. Honest predictions (R, n), the point chosen for each fold, the point chosen on
     everything (the final model's)."""
@@ -113,8 +120,7 @@ def _honest(S: np.ndarray, y: np.ndarray, plan_: Plan, metric: str) -> tuple[np.
     honest = np.empty(pred.shape[1:], dtype=np.int64)
     chosen = []
     for r, _, held in plan_.folds:
-        other = np.ones(len(y), bool)
-        other[held] = False
+        other = _others(len(y), held)
         g = 0 if G == 1 else int(np.argmax([_metric(y[other], pred[i, r, other], metric) for i in range(G)]))
         chosen.append(g)
         honest[r, held] = pred[g, r, held]
@@ -250,8 +256,7 @@ def cross_validate(
         for m in members:
             S, chosen, points, cv = state[m]
             for j, (r, _, b) in enumerate(plan_.folds):
-                other = np.ones(len(y), bool)  # the other folds of the same repeat: what chose the point calibrates
-                other[b] = False
+                other = _others(len(y), b)  # the other folds of the same repeat: what chose the point calibrates
                 g = chosen[j]
                 P[r, b] += cv.probabilities(S[g, r, b], S[g, r, other], y[other])
         honest[name] = P.argmax(axis=2)

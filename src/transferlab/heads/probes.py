@@ -100,8 +100,8 @@ class KernelSVMHead(ClassifierMixin, BaseEstimator):
     fitted on out-of-fold values of `calibration_folds` stratified folds (`heads.pairwise`; seeded by `seed`),
     each fitted on the same kernel matrix: fewer and smaller fits than libsvm's Platt scaling (five), which
     scikit-learn 1.9 deprecates. A given `temperature` is used as it is, with no calibration fit (the default run
-    passes the one its repeated CV fitted on the chosen point's out-of-fold values). Predictions are SVC's own either way, and the most probable class (but on a tie
-    of votes).
+    passes the one its repeated CV fitted on the chosen point's out-of-fold values). Predictions are SVC's own
+    either way, and the most probable class (but on a tie of votes).
     """
 
     def __init__(

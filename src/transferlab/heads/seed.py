@@ -288,6 +288,7 @@ def seed_softmax(*, seed: int = 0, epochs: int = 50, flip_train: bool = False, *
         False,
         lambda seed, epochs: seed_svm(seed),
         max_rows=KERNEL_MAX_ROWS,
+        temperature_param="temperature",
     ),
     description="the seed's Model 2: SVC(kernel=\"rbf\") with scikit-learn's defaults",
 )
