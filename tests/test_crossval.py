@@ -295,6 +295,9 @@ def test_tuned_cv_scores_are_not_grid_maxima_and_the_ensemble_votes_honest_membe
         assert 0 <= r["score"]["macro_f1"] <= 1 and r["se"] >= 0 and len(r["fold_scores"]) == 3 * res["k"]
     assert m["ensemble"]["members"] == ["svm_tuned", "logreg", "lda"]
     assert m["ensemble"]["params"]["logreg"] == m["logreg"]["params"]
+    for name in ("logreg", "lda", "svm_tuned"):  # the chosen point's own pooled score: the grid's best, >= honest
+        point = m[name]["point_score"]["macro_f1"]
+        assert point >= m[name]["score"]["macro_f1"] - 1e-12 and m[name]["grid_points"] > 1
     assert res["method"] in res["within_one_se"] and res["best"] in res["within_one_se"]
     # the same call again: the same folds, the same choice (nothing random left unseeded)
     again = cross_validate(X, y, ["svm", "logreg", "lda", "svm_tuned", "ensemble"], metric="macro_f1", seed=0)
@@ -408,6 +411,12 @@ def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path
         assert m["methods"][name]["tuning"]["best_params"] == chosen
     report = (out / "report.md").read_text()
     assert f"Selected: **{m['selected']}** by {sel['protocol']}" in report and "SE of gap to best" in report
+    table = report.split("### Tuned hyperparameters")[1].split("\n\n")[1].splitlines()[2:]
+    rows = {r.split(" | ")[0].strip("| "): r.strip("| ").split(" | ") for r in table}
+    for name in ("svm_tuned", "logreg", "lda"):  # what chose the point: the CV's grid and score, not validation's
+        cv = sel["cv"]["methods"][name]
+        assert rows[name][2:4] == [f"{cv['point_score']['macro_f1']:.3f}", str(cv["grid_points"])]
+        assert cv["grid_points"] > 1
     assert m["config"]["selection"] == "repeated-cv"
 
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder

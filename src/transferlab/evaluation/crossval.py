@@ -150,7 +150,8 @@ def cross_validate(
     """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
 
     Returns what metrics.json's `selection` holds (see the module doc): per method its CV `score` (the three
-    metrics), `fold_scores`, `se`, `params` (its final model's), `seconds` (its folds' fitting time, summed over
+    metrics), `fold_scores`, `se`, `params` (its final model's), `point_score` (that grid point's own pooled
+    OOF score, the grid's best: above `score`), `seconds` (its folds' fitting time, summed over
     the threads); the `method` chosen and `why`. `on_step(description)` is called as work advances (the study's progress bar). Folds run in `n_jobs`
     threads (default: one per core, up to the number of folds), each with cores // n_jobs BLAS/OpenMP/torch threads.
     Methods run costliest first (registry cost, then grid size), or cheapest first under a `deadline` (a
@@ -238,7 +239,14 @@ def cross_validate(
         params = dict(points[overall])
         if cv.temperature_param:  # the final model's calibration: the chosen point's out-of-fold values, pooled
             params[cv.temperature_param] = fit_temperature(S[overall].reshape(-1, k), np.tile(y, plan_.repeats))
-        info_out = {"params": params, "grid_points": len(points), "seconds": seconds[name]}
+        pooled = [score(y, S[overall, r].argmax(axis=1)) for r in range(plan_.repeats)]
+        info_out = {
+            "params": params,
+            "grid_points": len(points),
+            "seconds": seconds[name],
+            # the chosen point's own pooled OOF score: the best of the grid, so above the honest `score`
+            "point_score": {m: float(np.mean([s[m] for s in pooled])) for m in METRICS},
+        }
         if name in methods:
             honest[name], out[name] = hon, info_out
         else:

@@ -69,6 +69,51 @@ def selection_caveat(metrics: dict, tag: str) -> str:
     )
 
 
+def _param(key: str, value) -> str:
+    value = f"{value:.3g}" if isinstance(value, float) else value
+    return f"{key.split('__')[-1]}={value}"
+
+
+def tuned_section(tuned: dict, cvsel: dict | None, metric: str, tag: str, protocol: str) -> list[str]:
+    """'Tuned hyperparameters': each tuned head's chosen point, the score that chose it, the grid and its cost.
+    Under repeated CV these are the CV's (the point's pooled out-of-fold score over the whole grid's folds); the
+    final fit's one-point search on the validation split is in the results table's `valid` column."""
+    name = METRIC_NAMES[metric]
+    rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
+    for n, t in tuned.items():
+        c = (cvsel or {}).get("methods", {}).get(n)
+        if c is not None:
+            params = c["params"]
+            if all(isinstance(v, dict) for v in params.values()) and params:  # an ensemble: its members' points
+                params = {f"{m}.{k.split('__')[-1]}": v for m, p in params.items() for k, v in p.items()}
+            value = c.get("point_score", c["score"])[metric]
+            points, secs, failed = c["grid_points"], c["seconds"], 0
+        else:
+            params = t["best_params"] or t.get("inner", {}).get("best_params", {})
+            value, points, secs, failed = t["valid"][metric], t["grid_points"], t["search_seconds"], t["failed"]
+        rows.append(
+            [
+                n,
+                ", ".join(_param(k, v) for k, v in params.items()),
+                number(value),
+                str(points) + (f" ({failed} failed)" if failed else ""),
+                f"{secs:.1f} s",
+            ]
+        )
+    note = (
+        [
+            f"Under {protocol}: the {tag} {name} of the chosen point is its pooled out-of-fold score, the "
+            "best of its grid, so it sits above the method's honest score in the table above; search is the CV's "
+            "fitting time, summed over its threads. The final fit on train is scored on validation in the results "
+            "table.",
+            "",
+        ]
+        if cvsel
+        else []
+    )
+    return ["### Tuned hyperparameters", "", markdown_table(rows), "", *note]
+
+
 def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
     """The report section 'Selection and statistics' as markdown lines (empty when nothing was selected)."""
     chosen = metrics.get("selected")
@@ -169,21 +214,7 @@ def selection_section(metrics: dict, figs: list[tuple[str, str]]) -> list[str]:
 
     tuned = {n: m["tuning"] for n, m in methods.items() if m.get("tuning")}
     if tuned:
-        rows = [["method", "chosen hyperparameters", f"{tag} {name}", "grid points", "search"]]
-        rows += [
-            [
-                n,
-                ", ".join(
-                    f"{k.split('__')[-1]}={val}"
-                    for k, val in (t["best_params"] or t.get("inner", {}).get("best_params", {})).items()
-                ),
-                number(t["valid"][sel["metric"]]),
-                str(t["grid_points"]) + (f" ({t['failed']} failed)" if t["failed"] else ""),
-                f"{t['search_seconds']:.1f} s",
-            ]
-            for n, t in tuned.items()
-        ]
-        md += ["### Tuned hyperparameters", "", markdown_table(rows), ""]
+        md += tuned_section(tuned, cvsel, sel["metric"], tag, protocol)
 
     if metrics.get("mcnemar"):
         rows = [["comparison", "only the first right", "only the second right", "p-value", "test"]]
