@@ -199,7 +199,7 @@ def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(mon
     def fake_fit(name, *a, **kw):
         fitted_by[name] = threading.current_thread().name
         time.sleep(1.0 if name == "softmax" else 0.01)  # the softmax outlasts every candidate
-        return {"estimator": name}
+        return {"estimator": name, "train_seconds": 0.0}
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(study, "fit_method", fake_fit)

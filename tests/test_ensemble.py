@@ -189,8 +189,14 @@ def test_the_study_ensemble_votes_with_the_members_it_fitted_alone_instead_of_re
     assert order.index("ensemble") > max(order.index(m) for m in ENSEMBLE_MEMBERS) and order[0] == "svm_tuned"
     alone = {m: study_module.fit_method(m, cfg, splits, classes, params[m]) for m in ENSEMBLE_MEMBERS}
     prefit = {m: r["estimator"] for m, r in alone.items()}
-    voted = study_module.fit_method("ensemble", cfg, splits, classes, params, prefit=prefit)["estimator"]
+    secs = {m: r["train_seconds"] for m, r in alone.items()}
+    res = study_module.fit_method("ensemble", cfg, splits, classes, params, prefit=prefit, prefit_seconds=secs)
+    voted = res["estimator"]
     assert voted.reused_ == list(ENSEMBLE_MEMBERS) and all(a is b for a, b in zip(voted.members_, prefit.values()))
+    # its train time is what training it costs: the members' fits it reused and its own step, never below them
+    assert res["train_seconds"] >= sum(secs.values()) and all(m in res["train_note"] for m in ENSEMBLE_MEMBERS)
+    cached = study_module.fit_method("ensemble", cfg, splits, classes, params, prefit=prefit, prefit_seconds=secs)
+    assert cached["cached_head"] and cached["train_seconds"] == res["train_seconds"]
     refit = study_module.chosen_head("ensemble", cfg, params).fit(Xt, yt, eval_set=(Xv, yv))
     assert refit.reused_ == []
     np.testing.assert_allclose(voted.predict_proba(Xv), refit.predict_proba(Xv), atol=1e-6)

@@ -164,10 +164,13 @@ def fit_method(
     classes: list[str],
     chosen: dict | None = None,
     prefit: dict | None = None,
+    prefit_seconds: dict | None = None,
 ) -> dict:
     """Fit one head on train, score it on valid and test; returns metrics and the fitted estimator. `chosen`:
     the hyperparameters repeated CV chose for it (`chosen_head`). `prefit`: for an ensemble, the study's fitted
-    heads by name, which it votes with as they are where they are its members at the same hyperparameters."""
+    heads by name, which it votes with as they are where they are its members at the same hyperparameters;
+    `prefit_seconds`: their training times, which the ensemble's train time then includes (it is what training it
+    costs; its own step is a few milliseconds)."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
     if chosen is not None:
         est = chosen_head(name, cfg, chosen)
@@ -185,7 +188,7 @@ def fit_method(
         est, meta = hit
         out = {
             "estimator": est,
-            "train_seconds": meta["train_seconds"],
+            "train_seconds": meta["train_seconds"],  # an ensemble's includes its members' (see below)
             "cached_head": True,
             "train_note": f"fitted head loaded from the cache in {time.perf_counter() - t0:.2f} s",
         }
@@ -196,7 +199,15 @@ def fit_method(
         else:
             est.fit(tr.fit_X, tr.y)
         out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
-        heads.put(key, est, {"method": name, "seed": cfg.seed, "train_seconds": out["train_seconds"]})
+        reused = [m for m in getattr(est, "reused_", []) if m in (prefit_seconds or {})]
+        if reused:
+            out["train_note"] = (
+                f"on cached features: its members' fits ({', '.join(reused)}, reused from their own rows) and "
+                f"its own {out['train_seconds']:.2f} s"
+            )
+            out["train_seconds"] += sum(prefit_seconds[m] for m in reused)
+        meta = {"method": name, "seed": cfg.seed, "train_seconds": out["train_seconds"]}
+        heads.put(key, est, meta | ({"train_note": out["train_note"]} if reused else {}))
     out["head_key"] = key
     out["tta"] = cfg.tta or cfg.flip_train  # it predicts on the mean of plain and flipped features (`extract_splits`)
     if len(va.y):
@@ -383,13 +394,16 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         ds.notes.append(budget.skip(name, f"its final fit (~{expected:.0f} s expected) did not fit the time budget"))
         return False
 
-    def fit(name: str, prefit: dict) -> dict:
+    def fit(name: str, done: dict) -> dict:
+        """`done`: the results fitted so far, which an ensemble votes with (`fit_method`'s `prefit`)."""
         if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
             from .finetune.tuner import fit_method as fit_finetune
 
             return fit_finetune(cfg, splits, ds.classes, bb)
         chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
-        return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit)
+        prefit = {m: r["estimator"] for m, r in done.items()}
+        secs = {m: r["train_seconds"] for m, r in done.items()}
+        return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit, prefit_seconds=secs)
 
     def done() -> None:
         bar.advance(task)
@@ -426,7 +440,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             bar.update(task, description=f"heads: {name}" + (f" (+ {', '.join(started)} alongside)" if started else ""))
             if fits_budget(name):
                 _seed_everything(cfg.seed)
-                results[name] = fit(name, {m: r["estimator"] for m, r in results.items()})
+                results[name] = fit(name, results)
             done()
         if alongside is not None:
             # The candidates are fitted: this thread takes the baselines the other has not started (at 101
