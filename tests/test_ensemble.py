@@ -116,6 +116,8 @@ def test_fixed_ensemble_refits_the_same_members_for_data_efficiency(data, cv):
     np.testing.assert_allclose(clone(fixed).fit(Xt, yt).predict_proba(Xv), est.predict_proba(Xv), atol=1e-6)
     curve = data_efficiency(est, Xt, yt, Xv, yv, seed=0, repeats=1, ks=(1, 5))
     assert [p["k"] for p in curve["points"]] == [1, 5, 15] and curve["points"][-1]["score"] is not None
+    # one image per class: LDA cannot fit, and the curve's point says which member it was
+    assert curve["points"][0]["score"] is None and curve["points"][0]["error"].startswith("ensemble member lda: ")
 
 
 def test_study_with_methods_ensemble_saves_a_bundle_with_the_same_probabilities(

@@ -113,8 +113,11 @@ class SoftVoteEnsemble(ClassifierMixin, BaseEstimator):
                     if eval_set is not None and "eval_set" in inspect.signature(est.fit).parameters
                     else {}
                 )
-                with warning_filter("ignore", ConvergenceWarning):
-                    est.fit(X, y, **kw)
+                try:
+                    with warning_filter("ignore", ConvergenceWarning):
+                        est.fit(X, y, **kw)
+                except ValueError as exc:  # e.g. LDA on one image per class: say which member could not fit
+                    raise ValueError(f"ensemble member {name}: {exc}") from exc
             if not np.array_equal(np.asarray(est.classes_), self.classes_):
                 raise ValueError(
                     f"ensemble member {name} learned classes {list(est.classes_)}, not {list(self.classes_)}"
