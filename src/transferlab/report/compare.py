@@ -2,7 +2,8 @@
 
 Each run folder's `metrics.json` gives one row per method: test accuracy, macro-F1 and balanced accuracy,
 validation macro-F1, feature-extraction time and training time. The validation macro-F1 is the one the run
-itself selected on: the validation split's, or the K-fold CV score of a run made with `--cv K`. The best row is
+itself selected on: the repeated CV score of a default run, the K-fold CV score of a run made with `--cv K`, or the
+validation split's (`--selection validation`, the seed's `--methods softmax,svm`). The best row is
 chosen by it only; test numbers are shown, never used to choose.
 """
 
@@ -107,7 +108,7 @@ def caveats(table: list[dict]) -> list[str]:
     if len(protocols) > 1:
         out.append(
             f"Validation macro-F1 comes from different protocols ({'; '.join(protocols)}): rerun with the "
-            f"same --cv for a like-for-like choice."
+            f"same --selection (and --cv) for a like-for-like choice."
         )
     metrics = sorted({r.get("select_metric", "macro_f1") for r in table})
     if len(metrics) > 1:
@@ -172,8 +173,8 @@ def render_html(table: list[dict]) -> str:
         f"<p><strong>★ {html.escape(summary(top))}</strong></p>",
         html_table([COLUMNS] + [cells(r, top) for r in table]),
         '<p class="note">Best is chosen by the metric the runs selected on (macro-F1 unless --select-metric; '
-        "the validation split's score, or the K-fold CV score "
-        "of a run made with --cv K); test numbers are shown, not used to choose. "
+        "a default run's repeated CV score, the K-fold CV score of a run made with --cv K, or the validation "
+        "split's); test numbers are shown, not used to choose. "
         "Extraction (cold): backbone forward + decoding for all images, as recorded when the features were "
         "computed; train: fitting the method on cached features.</p>",
     ]

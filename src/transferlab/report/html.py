@@ -1,7 +1,7 @@
 """HTML report: one self-contained `report.html` per run, built from the files the run wrote.
 
 It renders `report.md` (so every section there appears, tables made sortable, PNGs embedded as
-base64), puts a headline (each method's test numbers, the one best on validation, the findings)
+base64), puts a headline (each method's test numbers, the one selected, the findings)
 on top, and adds what markdown cannot show: per method the most confident mistakes and, per class,
 a few correctly classified test images, as JPEG thumbnails read from `methods/<method>/predictions.csv`
 (written here too). The page scaffolding (`page`, `table`, CSS and JS from assets/) also serves
