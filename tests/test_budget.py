@@ -50,6 +50,16 @@ def test_time_budget_flag_is_checked_by_argparse(capsys):
     assert "ten minutes" in capsys.readouterr().err
 
 
+def test_a_skip_says_what_was_left_or_how_far_the_budget_was_overrun():
+    # "its final fit (~0 s expected) did not fit the time budget" read as nonsense once fine-tuning had overrun it
+    budget = TimeBudget(60)
+    assert budget.short(12.4, "its final fit") == (
+        f"its final fit (~12 s expected) did not fit the {budget.left():.0f} s left of the time budget"
+    )
+    spent = TimeBudget(5, start=time.perf_counter() - 65)
+    assert spent.short(0.0, "its final fit") == "the time budget was spent (60 s over) before its final fit"
+
+
 def test_presets_add_fine_tuning_to_the_default_run_only_for_best():
     assert with_preset(["auto"], "quick") == ["auto"]
     assert with_preset(["auto"], "best") == ["auto", "finetune"]
@@ -144,6 +154,34 @@ def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_he
     assert not list((tmp_path / "run" / "methods" / "finetune" / "cv").rglob("*.ckpt"))
 
 
+def test_preset_best_with_the_progress_display_on_shows_lightnings_bars_and_finishes(tmp_path, capsys):
+    """Fine-tuning's Lightning progress bar (rich) cleared the study's own live display from rich's console, so
+    the study's display failed when it stopped ("pop from empty list") after the whole run's work. The study's
+    display now steps aside while Lightning's runs."""
+    from transferlab.study import StudyConfig, run_study
+
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"ant": 6, "bee": 5, "cat": 4}, "test": {"ant": 2, "bee": 2, "cat": 2}}
+    )
+    cfg = StudyConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        preset="best",
+        epochs=2,
+        num_workers=0,
+        progress=True,
+        data_efficiency=False,
+        cache_dir=str(tmp_path / "cache"),
+        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
+    )
+    m = run_study(cfg)
+    assert "finetune" in m["methods"] and "finetune" in m["selection"]["cv"]["methods"]
+    assert "selection: " in capsys.readouterr().out  # the study's own bars were shown, before and after
+
+
 def test_methods_scored_by_cv_whose_final_fit_was_skipped_are_reported_without_test_numbers(
     tmp_path, cache_dir, monkeypatch
 ):
@@ -162,6 +200,24 @@ def test_methods_scored_by_cv_whose_final_fit_was_skipped_are_reported_without_t
     report = (tmp_path / "run" / "report.md").read_text()
     assert all(f"| {n} |" in report for n in scored)
     assert "total" in m["timings"] and (tmp_path / "run" / "report.html").exists()
+
+
+def test_a_seed_baseline_skipped_by_the_budget_is_not_the_per_class_comparison(tmp_path, cache_dir, monkeypatch):
+    """The budget fitted the selected method and the seed's softmax (no CV timing: always tried) but not the seed's
+    SVM, whose CV score made it the per-class baseline: the analysis raised KeyError 'svm' after all the work. The
+    baseline is now the better fitted seed procedure on the validation split."""
+    import transferlab.evaluation.crossval as crossval
+
+    def logreg_wins(*a, **kw):
+        return {**decide(*a, **kw), "method": "logreg"}
+
+    monkeypatch.setattr(crossval, "decide", logreg_wins)
+    monkeypatch.setattr(TimeBudget, "fits", lambda self, expected: expected == 0)
+    data, args = _small_run(tmp_path, cache_dir)
+    assert main(["run", str(data), "--out", str(tmp_path / "run"), *args, "--time-budget", "1h"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["selected"] == "logreg" and "softmax" in m["methods"] and "svm" not in m["methods"]
+    assert m["selection"]["baseline"] == "softmax" and m["recall_changes"]["baseline"] == "softmax"
 
 
 def test_without_a_deadline_cv_runs_the_costliest_method_first_and_with_one_the_cheapest():

@@ -8,6 +8,8 @@ count, elapsed time and ETA always show whole.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich import get_console
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
@@ -25,3 +27,19 @@ def progress(*stats: ProgressColumn, enabled: bool = True, spinner: bool = False
     columns = [SpinnerColumn()] if spinner else []
     columns += [TextColumn("[bold]{task.description}", table_column=text), BarColumn(bar_width=bar), *stats]
     return Progress(*columns, disable=not enabled, transient=False, console=console)
+
+
+@contextmanager
+def paused(bar: Progress):
+    """`bar`'s live display stopped for the block and started again after it, below what the block printed: for
+    a block that shows a rich display of its own. Lightning's RichProgressBar (fine-tuning) clears whatever live
+    display it finds on rich's console when it starts, so a study's display left running under it fails when it
+    stops ("pop from empty list"), after all the run's work."""
+    if not bar.live.is_started:
+        yield
+        return
+    bar.stop()
+    try:
+        yield
+    finally:
+        bar.start()

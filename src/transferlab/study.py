@@ -29,7 +29,7 @@ from .heads.cache import HeadCache, head_key
 from .heads.registry import get as method_info
 from .heads.registry import make_head, resolve_methods
 from .heads.views import through_views
-from .progress import progress
+from .progress import paused, progress
 from .report import writer as report
 
 
@@ -256,7 +256,8 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
         views=views,
     )
     if finetune:
-        scored = _finetune_cv(cfg, splits, folds, backbone, deadline, step)
+        with paused(bar):  # Lightning shows its own bars
+            scored = _finetune_cv(cfg, splits, folds, backbone, deadline, step)
         if isinstance(scored, str):
             out["out_of_time"]["finetune"] = scored
         else:
@@ -277,10 +278,11 @@ class _OutOfTime(Exception):
 def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
     """`finetune`'s CV entry on the first repeat's K folds (`finetune.tuner.cross_val_predict`, the same folds:
     `heads.search.cv_folds` with the same seed): its score, per-fold scores, seconds. A string (why) instead when
-    the deadline passes first: after each fold, the time per fold projects the rest and the final fit."""
+    the deadline passes first: after each fold the time per fold projects the rest, and within a fold, after each
+    epoch, the fold's pace (`cross_val_predict(deadline=)`), so one slow fold does not spend the whole budget."""
     from dataclasses import replace
 
-    from .finetune.tuner import cross_val_predict
+    from .finetune.tuner import OutOfTime, cross_val_predict
     from .heads.search import METRICS, score
 
     if deadline is not None and time.perf_counter() > deadline:
@@ -303,10 +305,21 @@ def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
 
     try:
         pred = cross_val_predict(
-            replace(cfg, cv=folds.k), paths, y, np.concatenate([tr.X, va.X]), backbone, on_fold=on_fold
+            replace(cfg, cv=folds.k),
+            paths,
+            y,
+            np.concatenate([tr.X, va.X]),
+            backbone,
+            on_fold=on_fold,
+            deadline=deadline,
         )
     except _OutOfTime as exc:
         return str(exc)
+    except OutOfTime as exc:  # within a fold, after an epoch
+        return (
+            f"{exc.folds} fine-tunings at ~{exc.per_fold:.0f} s each (projected from {exc.epochs_seen} epoch(s)) "
+            f"would have ended {exc.over:.0f} s past the time budget's share for selection"
+        )
     held = [b for r, _, b in folds.folds if r == 0]
     return {
         "score": {m: float(v) for m, v in score(y, pred).items() if m in METRICS},
@@ -391,7 +404,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         expected = _expected_fit_seconds(name, cv_selection)
         if name == chosen_method or budget.fits(expected):
             return True
-        ds.notes.append(budget.skip(name, f"its final fit (~{expected:.0f} s expected) did not fit the time budget"))
+        ds.notes.append(budget.skip(name, budget.short(expected, "its final fit")))
         return False
 
     def fit(name: str, done: dict) -> dict:
@@ -399,7 +412,8 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
             from .finetune.tuner import fit_method as fit_finetune
 
-            return fit_finetune(cfg, splits, ds.classes, bb)
+            with paused(bar):  # Lightning shows its own bars
+                return fit_finetune(cfg, splits, ds.classes, bb)
         chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
         prefit = {m: r["estimator"] for m, r in done.items()}
         secs = {m: r["train_seconds"] for m, r in done.items()}
@@ -475,7 +489,7 @@ def _efficiency_fits(budget, results: dict, cv_selection: dict | None, notes: li
     expected = results[chosen].get("train_seconds", 0.0) * draws / default_jobs(draws)
     if budget.fits(expected):
         return True
-    notes.append(budget.skip("data-efficiency curve", f"~{expected:.0f} s expected; the time budget had less left"))
+    notes.append(budget.skip("data-efficiency curve", budget.short(expected, "the curve")))
     return False
 
 

@@ -90,8 +90,14 @@ def analyse(
         selection["valid"] = scores[cv_selection["method"]]
         selection["cv"] = {k: v for k, v in cv_selection.items() if k not in ("method", "left_out")}
     chosen = selection["method"]
-    seeds = [m for m in registry.names("seed") if m in scores]
-    baseline = select_method({m: scores[m] for m in seeds}, metric)["method"] if seeds else None
+    # The seed procedure the selected method is compared with per class: the better on the selection's scores of
+    # those fitted (a time budget may have skipped one); under repeated CV, where the seed's softmax has no score,
+    # the better of the fitted ones on the validation split.
+    fitted = [m for m in registry.names("seed") if m in results]
+    on = {m: scores[m] for m in fitted if m in scores}
+    if cv_selection is not None:
+        on = {m: results[m]["valid"] for m in fitted if results[m].get("valid")}
+    baseline = select_method(on, metric)["method"] if on else None
     selection.update(baseline=baseline, protocol=protocol, scores=scores, left_out=left_out)
     out = {"selected": chosen, "selection": selection}
     tr, va = splits["train"], splits["valid"]

@@ -59,6 +59,14 @@ class TimeBudget:
     def fits(self, expected: float) -> bool:
         return expected <= self.left()
 
+    def short(self, expected: float, what: str) -> str:
+        """Why `what`, expected to take `expected` seconds, does not fit: the seconds it would need and those left,
+        or by how much the budget is already spent."""
+        left = self.left()
+        if left <= 0:
+            return f"the time budget was spent ({-left:.0f} s over) before {what}"
+        return f"{what} (~{expected:.0f} s expected) did not fit the {left:.0f} s left of the time budget"
+
     def skip(self, what: str, why: str) -> str:
         self.skipped.append({"what": what, "why": why})
         return f"{what} skipped: {why}"

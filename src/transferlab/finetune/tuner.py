@@ -417,26 +417,70 @@ def fit_method(cfg, splits, classes: list[str], backbone: Backbone) -> dict:
     return out
 
 
-def cross_val_predict(cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=None) -> np.ndarray:
+class OutOfTime(RuntimeError):
+    """Fine-tuning's CV would end past its deadline (`cross_val_predict(deadline=)`): `per_fold` (projected
+    seconds a fold), `over` (seconds past the deadline), `epochs_seen` (the epochs the projection rests on)."""
+
+    def __init__(self, per_fold: float, over: float, epochs_seen: int, folds: int):
+        super().__init__(
+            f"{folds} fine-tunings at ~{per_fold:.0f} s each (projected from {epochs_seen} epoch(s)) would have "
+            f"ended {over:.0f} s past the deadline"
+        )
+        self.per_fold, self.over, self.epochs_seen, self.folds = per_fold, over, epochs_seen, folds
+
+
+class _Deadline(pl.Callback):
+    """After each training epoch of a CV fold, the fold's pace projects it and the `left` folds after it; past
+    `deadline` (a `time.perf_counter()` time) it stops with OutOfTime, so a fold that could not be used does not
+    spend the time the cheaper work after it needs (one epoch, not a whole fold: on a CPU a fold is minutes)."""
+
+    def __init__(self, deadline: float, left: int, folds: int):
+        self.deadline, self.left, self.folds = deadline, left, folds
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seen = trainer.current_epoch + 1
+        per_fold = (time.perf_counter() - self.t0) / seen * max(int(trainer.max_epochs), seen)
+        over = self.t0 + per_fold * (1 + self.left) - self.deadline
+        # every process stops if any is late (as EarlyStopping decides), so none waits alone in a collective
+        if trainer.strategy.reduce_boolean_decision(bool(over > 0), all=False):
+            raise OutOfTime(per_fold, max(over, 0.0), seen, self.folds)
+
+
+def cross_val_predict(
+    cfg, paths, y, X, backbone: Backbone, folds=None, on_fold=None, deadline: float | None = None
+) -> np.ndarray:
     """Out-of-fold predictions of fine-tuning under `cfg.cv`-fold CV: the heads' folds (`selection.cv_folds`).
 
     Each fold runs both stages from the pretrained backbone on its training share (stage 1 on the cached
     features `X`) for exactly `epochs` epochs: with no validation data there is no early stopping and the
     last epoch is kept. `folds` limits the run to those fold indices (others stay -1); `on_fold(i, pred)` is
     called after each, e.g. to save progress. Fold checkpoints are deleted; their CSV logs are kept in
-    OUT/methods/finetune/cv/fold<i>.
+    OUT/methods/finetune/cv/fold<i>. `deadline` (a `time.perf_counter()` time): after every epoch the pace so far
+    projects the folds left, and past it the CV stops with OutOfTime (the stopped fold's checkpoints deleted).
     """
     from ..heads.search import cv_folds
 
     y = np.asarray(y)
     pred = np.full(len(y), -1, dtype=y.dtype)
-    for i, (a, b) in enumerate(cv_folds(y, int(cfg.cv), cfg.seed)):
-        if folds is not None and i not in folds:
+    splits = cv_folds(y, int(cfg.cv), cfg.seed)
+    todo = [i for i in range(len(splits)) if folds is None or i in folds]
+    for i, (a, b) in enumerate(splits):
+        if i not in todo:
             continue
-        est = make_finetuner(cfg).set_params(
-            out_dir=str(method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"), resume=False
-        )
-        est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone)
+        out = method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"
+        est = make_finetuner(cfg).set_params(out_dir=str(out), resume=False)
+        left = len(todo) - todo.index(i) - 1
+        callbacks = [] if deadline is None else [_Deadline(deadline, left, len(todo))]
+        try:
+            est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone, callbacks=callbacks)
+        except OutOfTime:
+            if distributed.is_main():
+                for ckpt in out.rglob("*.ckpt"):
+                    ckpt.unlink(missing_ok=True)
+            raise
         pred[b] = est.predict([paths[j] for j in b])
         for ckpt in (est.best_checkpoint_, est.last_checkpoint_):
             if ckpt and distributed.is_main():
