@@ -67,6 +67,16 @@ def test_balanced_accuracy_is_mean_recall_over_present(case):
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
 
 
+def test_a_test_set_of_one_class_all_predicted_right_is_scored_without_a_warning():
+    # a CSV manifest whose only test image of one class was missing: scikit-learn's balanced accuracy warned
+    # "A single label was found in 'y_true' and 'y_pred'" on the user's screen, twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = evaluate([0, 0, 0], [0, 0, 0], ["forest", "street"], proba=[[0.9, 0.1]] * 3)
+    assert m["accuracy"] == m["balanced_accuracy"] == m["macro_f1"] == 1.0
+    assert m["confusion_matrix"] == [[3, 0], [0, 0]]
+
+
 def test_evaluate_log_loss_and_bad_labels():
     y_true, y_pred = imbalanced_case(n=200, seed=3)
     proba = np.full((200, 8), 0.02)

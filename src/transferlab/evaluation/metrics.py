@@ -40,7 +40,12 @@ def evaluate(y_true, y_pred, classes: list[str], proba=None) -> dict:
     for avg in ("macro", "weighted"):
         ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average=avg, zero_division=0)
         out.update({f"{avg}_precision": float(ap), f"{avg}_recall": float(ar), f"{avg}_f1": float(af)})
-    with warning_filter("ignore", UserWarning, "y_pred contains classes not in y_true"):  # ignored, as intended
+    # Ignored, as intended: predicted classes absent from y_true, and a test set of one class all predicted as
+    # it (its internal confusion matrix is then 1 x 1, which is right for a mean recall over present classes).
+    with (
+        warning_filter("ignore", UserWarning, "y_pred contains classes not in y_true"),
+        warning_filter("ignore", UserWarning, "A single label was found in 'y_true' and 'y_pred'"),
+    ):
         out["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))  # = mean recall over present
     out["per_class"] = {
         classes[c]: {
