@@ -419,7 +419,7 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
     assert "finetune: 2-fold CV" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_cv_past_its_deadline_stops_after_one_epoch_not_a_fold(data, tmp_path):
+def test_cv_past_its_deadline_stops_after_one_epoch_not_a_fold(data, tmp_path, capsys):
     """Under --time-budget, fine-tuning's CV projected its cost only after a whole fold: on a CPU the first fold
     (4 minutes on the demo's 612 images) spent a 4-minute budget, and every other final fit was skipped. Each
     epoch now projects the fold and the folds left, and the CV stops at the first epoch that overshoots."""
@@ -448,11 +448,14 @@ def test_cv_past_its_deadline_stops_after_one_epoch_not_a_fold(data, tmp_path):
         cross_val_predict(cfg, paths, y, X, bb, deadline=time.perf_counter() + 1e-3)
     assert err.value.epochs_seen == 1 and err.value.folds == 2 and err.value.over > 0 and err.value.per_fold > 0
     assert not list((tmp_path / "run").rglob("*.ckpt"))  # the stopped fold leaves no checkpoint
+    capsys.readouterr()
     seen = []
     pred = cross_val_predict(
         cfg, paths, y, X, bb, on_fold=lambda i, p: seen.append(i), deadline=time.perf_counter() + 3600
     )
     assert seen == [0, 1] and (pred >= 0).all()  # a deadline far enough changes nothing
+    # how long the CV will take, said once, after the first fold's first epoch
+    assert capsys.readouterr().err.count("transferlab: fine-tuning's 2-fold CV: ~") == 1
 
 
 def _ddp_fit_worker(rank: int, world: int, port: int, root: str, out: str, kw: dict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ from ..features.extract import (
     resolve_precision,
 )
 from ..heads.seed import SoftmaxHead, balanced_weights
+from ..report.format import seconds
 from ..report.layout import method_dir
 from .module import MONITORS, FineTuneModule, LabelledImages, lightning_precision, loggers, train_transform
 
@@ -429,13 +431,14 @@ class OutOfTime(RuntimeError):
         self.per_fold, self.over, self.epochs_seen, self.folds = per_fold, over, epochs_seen, folds
 
 
-class _Deadline(pl.Callback):
-    """After each training epoch of a CV fold, the fold's pace projects it and the `left` folds after it; past
-    `deadline` (a `time.perf_counter()` time) it stops with OutOfTime, so a fold that could not be used does not
-    spend the time the cheaper work after it needs (one epoch, not a whole fold: on a CPU a fold is minutes)."""
+class _Pace(pl.Callback):
+    """After each training epoch of a CV fold, the fold's pace projects it and the `left` folds after it. With
+    `announce`, the first epoch's projection is printed once (how long the CV will take: minutes a fold on a CPU);
+    past `deadline` (a `time.perf_counter()` time) the CV stops with OutOfTime, so a fold that could not be used
+    does not spend the time the cheaper work after it needs (one epoch, not a whole fold)."""
 
-    def __init__(self, deadline: float, left: int, folds: int):
-        self.deadline, self.left, self.folds = deadline, left, folds
+    def __init__(self, deadline: float | None, left: int, folds: int, announce: bool = False):
+        self.deadline, self.left, self.folds, self.announce = deadline, left, folds, announce
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.t0 = time.perf_counter()
@@ -443,7 +446,17 @@ class _Deadline(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seen = trainer.current_epoch + 1
         per_fold = (time.perf_counter() - self.t0) / seen * max(int(trainer.max_epochs), seen)
-        over = self.t0 + per_fold * (1 + self.left) - self.deadline
+        end = self.t0 + per_fold * (1 + self.left)
+        if self.announce and seen == 1 and distributed.is_main():
+            self.announce = False
+            print(
+                f"transferlab: fine-tuning's {self.folds}-fold CV: ~{seconds(end - time.perf_counter())} more "
+                f"(~{seconds(per_fold)} a fold, projected from its first epoch)",
+                file=sys.stderr,
+            )
+        if self.deadline is None:
+            return
+        over = end - self.deadline
         # every process stops if any is late (as EarlyStopping decides), so none waits alone in a collective
         if trainer.strategy.reduce_boolean_decision(bool(over > 0), all=False):
             raise OutOfTime(per_fold, max(over, 0.0), seen, self.folds)
@@ -458,8 +471,9 @@ def cross_val_predict(
     features `X`) for exactly `epochs` epochs: with no validation data there is no early stopping and the
     last epoch is kept. `folds` limits the run to those fold indices (others stay -1); `on_fold(i, pred)` is
     called after each, e.g. to save progress. Fold checkpoints are deleted; their CSV logs are kept in
-    OUT/methods/finetune/cv/fold<i>. `deadline` (a `time.perf_counter()` time): after every epoch the pace so far
-    projects the folds left, and past it the CV stops with OutOfTime (the stopped fold's checkpoints deleted).
+    OUT/methods/finetune/cv/fold<i>. After the first fold's first epoch its pace projects the CV's time, printed
+    once. `deadline` (a `time.perf_counter()` time): after every epoch the pace so far projects the folds left, and
+    past it the CV stops with OutOfTime (the stopped fold's checkpoints deleted).
     """
     from ..heads.search import cv_folds
 
@@ -473,7 +487,7 @@ def cross_val_predict(
         out = method_dir(cfg.out, "finetune") / "cv" / f"fold{i}"
         est = make_finetuner(cfg).set_params(out_dir=str(out), resume=False)
         left = len(todo) - todo.index(i) - 1
-        callbacks = [] if deadline is None else [_Deadline(deadline, left, len(todo))]
+        callbacks = [_Pace(deadline, left, len(todo), announce=i == todo[0])]
         try:
             est.fit([paths[j] for j in a], y[a], features=(X[a], X[:0]), backbone=backbone, callbacks=callbacks)
         except OutOfTime:
