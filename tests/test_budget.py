@@ -123,13 +123,14 @@ def test_a_run_over_its_budget_still_selects_fits_and_reports_and_lists_what_it_
     assert (tmp_path / "tight" / "report.html").exists()
 
 
-def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_heads(tmp_path):
-    from transferlab.study import StudyConfig, run_study
+def _preset_best(tmp_path, progress: bool = False):
+    """A default run with --preset best on a tiny image folder (random tiny backbone, one fine-tuning epoch)."""
+    from transferlab.study import StudyConfig
 
     data = make_imagefolder(
         tmp_path / "data", {"train": {"ant": 6, "bee": 5, "cat": 4}, "test": {"ant": 2, "bee": 2, "cat": 2}}
     )
-    cfg = StudyConfig(
+    return StudyConfig(
         data=str(data),
         out=str(tmp_path / "run"),
         backbone="test_efficientnet",
@@ -138,12 +139,17 @@ def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_he
         preset="best",
         epochs=2,
         num_workers=0,
-        progress=False,
+        progress=progress,
         data_efficiency=False,
         cache_dir=str(tmp_path / "cache"),
         finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
     )
-    m = run_study(cfg)
+
+
+def test_preset_best_scores_fine_tuning_on_the_first_repeats_folds_beside_the_heads(tmp_path):
+    from transferlab.study import run_study
+
+    m = run_study(_preset_best(tmp_path))
     cv = m["selection"]["cv"]
     ft = cv["methods"]["finetune"]
     k = cv["k"]
@@ -158,26 +164,9 @@ def test_preset_best_with_the_progress_display_on_shows_lightnings_bars_and_fini
     """Fine-tuning's Lightning progress bar (rich) cleared the study's own live display from rich's console, so
     the study's display failed when it stopped ("pop from empty list") after the whole run's work. The study's
     display now steps aside while Lightning's runs."""
-    from transferlab.study import StudyConfig, run_study
+    from transferlab.study import run_study
 
-    data = make_imagefolder(
-        tmp_path / "data", {"train": {"ant": 6, "bee": 5, "cat": 4}, "test": {"ant": 2, "bee": 2, "cat": 2}}
-    )
-    cfg = StudyConfig(
-        data=str(data),
-        out=str(tmp_path / "run"),
-        backbone="test_efficientnet",
-        weights="random",
-        input_size=(32, 40),
-        preset="best",
-        epochs=2,
-        num_workers=0,
-        progress=True,
-        data_efficiency=False,
-        cache_dir=str(tmp_path / "cache"),
-        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
-    )
-    m = run_study(cfg)
+    m = run_study(_preset_best(tmp_path, progress=True))
     assert "finetune" in m["methods"] and "finetune" in m["selection"]["cv"]["methods"]
     assert "selection: " in capsys.readouterr().out  # the study's own bars were shown, before and after
 

@@ -369,25 +369,41 @@ def test_loss_flags_reach_the_fine_tuner():
     assert plain.class_weight is None and plain.label_smoothing == 0.0
 
 
-def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, tmp_path):
-    from transferlab.finetune.tuner import cross_val_predict
-    from transferlab.heads.search import cv_folds
-    from transferlab.study import StudyConfig, run_study
+def _cv_config(data, tmp_path, ft_epochs: int = 1, **kw):
+    """A study config for fine-tuning's CV on the module's tiny image folder (random tiny backbone)."""
+    from transferlab.study import StudyConfig
 
-    cfg = StudyConfig(
+    return StudyConfig(
         data=str(data.root),
         out=str(tmp_path / "run"),
         backbone="test_efficientnet",
         weights="random",
         input_size=(32, 40),
-        methods=["softmax", "finetune"],
-        epochs=5,
         cv=2,
         num_workers=0,
         progress=False,
-        data_efficiency=False,
-        finetune={"epochs": 1, "batch_size": 8, "augment": "none", "patience": 0},
+        finetune={"epochs": ft_epochs, "batch_size": 8, "augment": "none", "patience": 0},
+        **kw,
     )
+
+
+def _cv_inputs(data):
+    """Train + valid paths, labels 0..k-1 and the backbone, as the study hands them to `cross_val_predict`."""
+    y = np.concatenate([data.labels("train"), data.labels("valid")])
+    y = np.searchsorted(np.unique(y), y)
+    return (
+        data.paths("train") + data.paths("valid"),
+        y,
+        load_backbone("test_efficientnet", weights="random", input_size=(32, 40)),
+    )
+
+
+def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, tmp_path):
+    from transferlab.finetune.tuner import cross_val_predict
+    from transferlab.heads.search import cv_folds
+    from transferlab.study import run_study
+
+    cfg = _cv_config(data, tmp_path, methods=["softmax", "finetune"], epochs=5, data_efficiency=False)
     m = run_study(cfg)
     sel = m["selection"]
     assert sel["protocol"] == "2-fold CV on train + valid" and sel["left_out"] == []
@@ -399,10 +415,7 @@ def test_cv_scores_fine_tuning_on_the_heads_folds_and_selection_uses_them(data, 
     assert (tmp_path / "run" / "methods" / "finetune" / "checkpoints" / "best.ckpt").exists()  # the final model's kept
 
     # one fold at a time: its held-out images get predictions, the rest stay -1; the folds are the heads'
-    y = np.concatenate([data.labels("train"), data.labels("valid")])
-    y = np.searchsorted(np.unique(y), y)
-    paths = data.paths("train") + data.paths("valid")
-    bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    paths, y, bb = _cv_inputs(data)
     seen = []
     pred = cross_val_predict(
         cfg,
@@ -426,23 +439,9 @@ def test_cv_past_its_deadline_stops_after_one_epoch_not_a_fold(data, tmp_path, c
     import time
 
     from transferlab.finetune.tuner import OutOfTime, cross_val_predict
-    from transferlab.study import StudyConfig
 
-    cfg = StudyConfig(
-        data=str(data.root),
-        out=str(tmp_path / "run"),
-        backbone="test_efficientnet",
-        weights="random",
-        input_size=(32, 40),
-        cv=2,
-        num_workers=0,
-        progress=False,
-        finetune={"epochs": 4, "batch_size": 8, "augment": "none", "patience": 0},
-    )
-    y = np.concatenate([data.labels("train"), data.labels("valid")])
-    y = np.searchsorted(np.unique(y), y)
-    paths = data.paths("train") + data.paths("valid")
-    bb = load_backbone("test_efficientnet", weights="random", input_size=(32, 40))
+    cfg = _cv_config(data, tmp_path, ft_epochs=4)
+    paths, y, bb = _cv_inputs(data)
     X = np.zeros((len(y), bb.num_features), np.float32)
     with pytest.raises(OutOfTime) as err:
         cross_val_predict(cfg, paths, y, X, bb, deadline=time.perf_counter() + 1e-3)
