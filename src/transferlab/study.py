@@ -316,10 +316,7 @@ def _finetune_cv(cfg: StudyConfig, splits, folds, backbone, deadline, step):
     except _OutOfTime as exc:
         return str(exc)
     except OutOfTime as exc:  # within a fold, after an epoch
-        return (
-            f"{exc.folds} fine-tunings at ~{exc.per_fold:.0f} s each (projected from {exc.epochs_seen} epoch(s)) "
-            f"would have ended {exc.over:.0f} s past the time budget's share for selection"
-        )
+        return f"{exc} (the time budget's share for selection)"
     held = [b for r, _, b in folds.folds if r == 0]
     return {
         "score": {m: float(v) for m, v in score(y, pred).items() if m in METRICS},
@@ -407,16 +404,16 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         ds.notes.append(budget.skip(name, budget.short(expected, "its final fit")))
         return False
 
-    def fit(name: str, done: dict) -> dict:
-        """`done`: the results fitted so far, which an ensemble votes with (`fit_method`'s `prefit`)."""
+    def fit(name: str, fitted: dict) -> dict:
+        """`fitted`: the results so far, which an ensemble votes with (`fit_method`'s `prefit`)."""
         if method_info(name).kind == "end-to-end":  # `finetune`: on images; scored and reported like a head
             from .finetune.tuner import fit_method as fit_finetune
 
             with paused(bar):  # Lightning shows its own bars
                 return fit_finetune(cfg, splits, ds.classes, bb)
         chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
-        prefit = {m: r["estimator"] for m, r in done.items()}
-        secs = {m: r["train_seconds"] for m, r in done.items()}
+        prefit = {m: r["estimator"] for m, r in fitted.items()}
+        secs = {m: r["train_seconds"] for m, r in fitted.items()}
         return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit, prefit_seconds=secs)
 
     def done() -> None:

@@ -426,7 +426,7 @@ class OutOfTime(RuntimeError):
     def __init__(self, per_fold: float, over: float, epochs_seen: int, folds: int):
         super().__init__(
             f"{folds} fine-tunings at ~{per_fold:.0f} s each (projected from {epochs_seen} epoch(s)) would have "
-            f"ended {over:.0f} s past the deadline"
+            f"ended {over:.0f} s past its deadline"
         )
         self.per_fold, self.over, self.epochs_seen, self.folds = per_fold, over, epochs_seen, folds
 
