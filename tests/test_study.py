@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from sklearn.metrics import classification_report
 
 from transferlab.cli import main
+from transferlab.data.datasets import DatasetWarning
 from transferlab.study import StudyConfig, run_study
 
 TINY = [
@@ -143,6 +145,29 @@ def test_same_seed_same_metrics_and_second_run_uses_cache(study, tmp_path, cache
         a, b = first["methods"][name], again["methods"][name]
         assert a["per_class"] == b["per_class"] and a["confusion_matrix"] == b["confusion_matrix"]
         assert a["accuracy"] == b["accuracy"] and a["macro_f1"] == b["macro_f1"]
+
+
+def test_a_rerun_into_the_same_folder_sets_aside_the_earlier_runs_other_methods(small_folder, tmp_path, cache_dir):
+    """A second run into the same --out with fewer methods left the first run's bundles in models/ (they still
+    predicted) beside a report that no longer spoke of them. They are moved aside, whole, with one warning."""
+    import transferlab
+
+    out = tmp_path / "run"
+    args = [str(small_folder), "--out", str(out), "--cache-dir", str(cache_dir), *TINY, "--epochs", "3"]
+    assert main(["run", *args, "--methods", "softmax,svm,logreg"]) == 0
+    with pytest.warns(DatasetWarning, match=r"methods this run did not fit \(logreg\): moved to"):
+        assert main(["run", *args, "--methods", "softmax,svm"]) == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["softmax", "svm"]
+    assert sorted(p.name for p in (out / "methods").iterdir()) == ["softmax", "svm"]
+    (earlier,) = (out / "earlier").iterdir()
+    images = sorted(str(p) for p in (small_folder / "test").rglob("*.png"))[:2]
+    assert len(transferlab.load(earlier / "models" / "logreg").predict(images)) == 2  # set aside whole: it predicts
+    assert (earlier / "methods" / "logreg" / "predictions.csv").exists()
+    assert any("earlier run" in n for n in json.loads((out / "metrics.json").read_text())["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # the same methods again: nothing to set aside
+        assert main(["run", *args, "--methods", "softmax,svm"]) == 0
+    assert len(list((out / "earlier").iterdir())) == 1
 
 
 def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):

@@ -30,6 +30,7 @@ from .heads.registry import get as method_info
 from .heads.registry import make_head, resolve_methods
 from .heads.views import through_views
 from .progress import paused, progress
+from .report import layout
 from .report import writer as report
 
 
@@ -503,7 +504,7 @@ def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics.
 
     metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()  # `started`: what an earlier run left is older
     budget = TimeBudget(None if cfg.time_budget is None else parse_duration(cfg.time_budget), start=start)
     out = Path(cfg.out)
     cfg.methods = with_preset(cfg.methods, cfg.preset)  # --preset best: fine-tuning joins the default run
@@ -598,6 +599,14 @@ def run_study(cfg: StudyConfig) -> dict:
 
         t0 = time.perf_counter()
         task = bar.add_task("report: bundles, tables, plots, report.html", total=2)
+        moved = layout.set_aside(out, set(results), since=started)
+        if moved:  # --out held an earlier run's methods this run did not fit: its report no longer describes them
+            msg = (
+                f"{out} held what an earlier run saved for methods this run did not fit ({', '.join(moved[1])}): "
+                f"moved to {moved[0]}, so models/ holds only the models this report describes"
+            )
+            ds.notes.append(msg)
+            warnings.warn(msg, DatasetWarning, stacklevel=2)
         save_study_bundles(
             out / "models",
             results,

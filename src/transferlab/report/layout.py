@@ -8,10 +8,13 @@ README.txt saying what is where); each method's files under `methods/<name>/`, i
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 TOP_FILES = ("report.html", "report.md", "metrics.json", "config.yaml", "README.txt")
 METHODS, MODELS, PLOTS = "methods", "models", "plots"
+EARLIER = "earlier"  # earlier/<stamp>/: what an earlier run left here for methods a later one did not fit
 
 # the per-method files, in methods/<name>/
 REPORT_TSV = "report.tsv"  # the seed's table layout
@@ -24,7 +27,7 @@ LR = "lr.png"
 README = f"""\
 report.html: the report to open (self-contained); report.md: the same as markdown; metrics.json: every number; config.yaml: reruns this study (transferlab run --config config.yaml).
 {METHODS}/<method>/: per method {REPORT_TSV} (the seed's table layout), {PREDICTIONS} (one row per test image), {HISTORY}, {CONFUSION}, {LEARNING_CURVES}, {LR}; fine-tuning also keeps its checkpoints and logs there.
-{MODELS}/<method>/: the saved models (transferlab predict, transferlab.load); {PLOTS}/: plots of the data and the selection (class distribution, data efficiency).
+{MODELS}/<method>/: the saved models (transferlab predict, transferlab.load); {PLOTS}/: plots of the data and the selection (class distribution, data efficiency); {EARLIER}/<time>/ (after a rerun here): an earlier run's methods/ and models/ entries for methods the later run did not fit, moved aside whole.
 """
 
 
@@ -41,3 +44,27 @@ def plot_path(out, filename: str) -> Path:
 def relative(out, path) -> str:
     """`path` relative to the run folder, with forward slashes: how report.md links to it."""
     return Path(path).relative_to(Path(out)).as_posix()
+
+
+def set_aside(out, keep, since: float) -> tuple[Path, list[str]] | None:
+    """What an earlier run left in the run folder `out` for methods this run did not produce: each `methods/<m>/`
+    and `models/<m>/` with m not in `keep` and nothing in it written since `since` (a `time.time()`), moved to
+    `earlier/<stamp>/` under the same names. models/ then holds only the models this run's report describes (a
+    stale bundle still predicts, for a study no file here speaks of any more); nothing is deleted (it may be
+    hours of fine-tuning). Returns the folder and the methods moved, or None when there were none."""
+    out = Path(out)
+    stale = [
+        d
+        for kind in (METHODS, MODELS)
+        if (out / kind).is_dir()
+        for d in sorted((out / kind).iterdir())
+        if d.is_dir() and d.name not in keep and max(p.stat().st_mtime for p in [d, *d.rglob("*")]) < since
+    ]
+    if not stale:
+        return None
+    folder = out / EARLIER / time.strftime("%Y%m%d-%H%M%S", time.localtime(since))
+    for d in stale:
+        target = folder / d.parent.name / d.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(d), str(target))
+    return folder, sorted({d.name for d in stale})
