@@ -125,6 +125,22 @@ def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
 # --- files that are not read --------------------------------------------------------------------
 
 
+def test_a_run_folder_inside_the_data_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`--out DATA/results` made the next run over DATA read its own report's plots as a class "results"."""
+    from transferlab.cli import main
+    from transferlab.study import StudyConfig, run_study
+
+    data = make_imagefolder(tmp_path / "data", {"train": {"ant": 4, "bee": 4}})
+    for out in (data / "results", data):
+        assert main(["run", str(data), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"transferlab: error: --out {out} is inside the data folder {data}" in err
+    assert sorted(p.name for p in data.iterdir()) == ["train"]  # nothing written there
+    with pytest.raises(DatasetError, match="inside the data folder"):
+        run_study(StudyConfig(data=str(data), out=str(data / "sub" / "run")))
+    assert sorted(p.name for p in data.iterdir()) == ["train"]
+
+
 def test_unknown_extension_and_no_extension_are_listed_as_skipped(tmp_path):
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
     (root / "train" / "a" / "notes.txt").write_text("shot on a sunny day")

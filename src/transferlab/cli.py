@@ -483,7 +483,7 @@ def _study_config(args, **over):
 
 def cmd_run(args) -> int:
     from .report.writer import console_summary
-    from .study import run_study
+    from .study import check_out_outside_data, run_study
 
     cfg = _study_config(args)
     if getattr(args, "config", None):  # the file's values, then the flags actually given
@@ -505,6 +505,7 @@ def cmd_run(args) -> int:
             cfg.time_budget = parse_duration(cfg.time_budget)  # a config file may say "10m"
     except (ValueError, ConfigError) as exc:
         raise DatasetError(str(exc)) from None
+    check_out_outside_data(cfg.out, cfg.data)  # before _check_writable creates it
     _check_writable(cfg.out)
     _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)
     metrics = run_study(cfg)

@@ -500,6 +500,19 @@ def _progress(enabled: bool):
         yield bar
 
 
+def check_out_outside_data(out, data) -> None:
+    """Refuse a run folder inside a data folder: the next run over that folder would read the report's plots as a
+    class of images (a run into DATA/results once made a class "results" of its own confusion matrices)."""
+    from .data.datasets import DatasetError
+
+    root = Path(data).resolve()
+    if root.is_dir() and Path(out).resolve().is_relative_to(root):
+        raise DatasetError(
+            f"--out {out} is inside the data folder {data}: the next run would read the report's images as a class "
+            "of its own; choose a folder outside it"
+        )
+
+
 def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics.
 
@@ -507,6 +520,7 @@ def run_study(cfg: StudyConfig) -> dict:
     start, started = time.perf_counter(), time.time()  # `started`: what an earlier run left is older
     budget = TimeBudget(None if cfg.time_budget is None else parse_duration(cfg.time_budget), start=start)
     out = Path(cfg.out)
+    check_out_outside_data(out, cfg.data)
     cfg.methods = with_preset(cfg.methods, cfg.preset)  # --preset best: fine-tuning joins the default run
     cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head; "auto": the default run's
