@@ -206,3 +206,26 @@ def test_discover_never_writes_in_dataset(small_folder):
     discover(small_folder)
     assert {p: p.stat().st_mtime_ns for p in small_folder.rglob("*")} == before
     assert os.access(small_folder, os.R_OK)
+
+
+def test_a_class_folder_named_train_is_a_class_and_loose_split_folders_are_refused(tmp_path):
+    """A root of class folders whose classes include "train" (a scenes set's trains) was taken for a train/ split
+    and failed with "no training images found"; train/ and test/ of loose images are refused, not learned as two
+    classes."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "scenes"
+    for c, name in enumerate(("street", "train")):
+        for i in range(5):
+            make_image(root / name / f"{i}.png", c, rng)
+    ds = discover(root)
+    assert ds.classes == ["street", "train"] and ds.layout == "class-folders"
+    assert sum(len(ds.split(s)) for s in ("train", "valid", "test")) == 10
+    loose = tmp_path / "loose"
+    for split in ("train", "test"):
+        for i in range(3):
+            make_image(loose / split / f"{i}.png", 0, rng)
+    with pytest.raises(
+        DatasetError, match=r"train holds images but no class folders, beside the split folder\(s\) test"
+    ):
+        discover(loose)
+    assert discover(make_imagefolder(tmp_path / "splits", {"train": {"a": 3, "b": 3}})).layout == "imagefolder"

@@ -219,6 +219,22 @@ def _training_classes(folder: Path, notes: list[str], skipped: list[dict]) -> tu
     return classes, samples
 
 
+def _train_is_a_class(root: Path) -> bool:
+    """Whether `root/train` is a class folder among others (images in it, no class folders under it: a scenes set's
+    trains), not a split. The same beside split folders is refused: `train/` and `test/` of loose images would
+    otherwise be learned as two classes."""
+    train = root / "train"
+    if _class_dirs(train) or not any(p.is_file() and is_image_file(p) for p in train.iterdir()):
+        return False
+    splits = [n for n in SPLIT_ALIASES if n != "train" and SPLIT_ALIASES[n] != "train" and (root / n).is_dir()]
+    if splits:
+        raise DatasetError(
+            f"{train} holds images but no class folders, beside the split folder(s) {', '.join(splits)}: put each "
+            "class's images in train/<class>/ (and the same under the other splits)"
+        )
+    return True
+
+
 def _from_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
     notes: list[str] = []
@@ -340,7 +356,7 @@ def discover(
         if root.suffix.lower() != ".csv":
             raise DatasetError(f"{root} is a file but not a CSV manifest (path,label[,split])")
         ds = _from_csv(root, allow_outside)
-    elif (root / "train").is_dir():
+    elif (root / "train").is_dir() and not _train_is_a_class(root):
         ds = _from_imagefolder(root)
     else:
         ds = _from_class_folders(root, test_fraction, hashes)
