@@ -226,7 +226,7 @@ def _train_is_a_class(root: Path) -> bool:
     train = root / "train"
     if _class_dirs(train) or not any(p.is_file() and is_image_file(p) for p in train.iterdir()):
         return False
-    splits = [n for n in SPLIT_ALIASES if n != "train" and SPLIT_ALIASES[n] != "train" and (root / n).is_dir()]
+    splits = [n for n, split in SPLIT_ALIASES.items() if split != "train" and (root / n).is_dir()]
     if splits:
         raise DatasetError(
             f"{train} holds images but no class folders, beside the split folder(s) {', '.join(splits)}: put each "
