@@ -18,6 +18,8 @@ from transferlab.features.backbones import BackboneError, load_backbone, parse_s
 from transferlab.features.cache import FeatureCache
 from transferlab.features.extract import ExtractionError, extract_features
 
+from .conftest import make_imagefolder
+
 # --- backbones ----------------------------------------------------------------------------------
 
 
@@ -365,3 +367,26 @@ def test_cache_holds_what_was_asked_for_not_the_whole_cache(cache_dir):
     np.testing.assert_array_equal(got[chunks[11][1][0]], chunks[11][2][0])
     assert held < 256 * 1024, held  # three rows and the index, not 4 MiB of features
     assert peak < 3 * 256 * 1024, peak  # one chunk at a time is read and checked
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error_naming_it(monkeypatch, tmp_path, capsys):
+    """`--device cuda` on a machine without CUDA ended in a traceback from inside torch's first forward."""
+    import torch
+
+    from transferlab.cli import main
+    from transferlab.features.extract import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExtractionError, match="--device cuda: this machine has no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ExtractionError, match="'gpu0' is not a device"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ExtractionError, match="cuda:2: this machine has 1 CUDA device"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = make_imagefolder(tmp_path / "data", {"train": {"a": 3, "b": 3}})
+    assert main(["run", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", "--no-progress"]) == 2
+    assert "transferlab: error: --device cuda: this machine has no CUDA device" in capsys.readouterr().err

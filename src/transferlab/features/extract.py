@@ -62,8 +62,21 @@ class Extraction:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device `device` names ("auto": CUDA, else MPS, else CPU); ExtractionError, naming the value, for
+    one this machine does not have (torch's own error came as a traceback from deep inside the first forward)."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ExtractionError(f"--device {device!r} is not a device (e.g. auto, cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ExtractionError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ExtractionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps and mps.is_available()):
+            raise ExtractionError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
