@@ -175,6 +175,14 @@ def test_auto_runtime_choice_and_explicit_conflicts():
         resolve_runtime("tensorrt", cpu, "auto")
 
 
+def test_conflicting_runtime_flags_are_one_error_line_not_a_traceback(small_folder, tmp_path, capsys):
+    from transferlab.cli import main
+
+    argv = ["run", str(small_folder), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, "--runtime", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "transferlab: error: ONNX Runtime runs fp32 graphs, not bf16" in capsys.readouterr().err
+
+
 def test_threads_are_restored_and_never_oversubscribed(small_folder, tiny_backbone, tmp_path, monkeypatch):
     seen = []
     real = R.OrtBackbone.__call__

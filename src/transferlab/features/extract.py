@@ -43,6 +43,10 @@ class ExtractionError(RuntimeError):
     """Extraction cannot go on (e.g. --strict and an unreadable image)."""
 
 
+class SettingsError(ExtractionError, ValueError):
+    """Extraction settings that do not go together (e.g. --runtime onnxruntime with --precision bf16)."""
+
+
 @dataclass
 class Extraction:
     features: np.ndarray
@@ -111,20 +115,20 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
     torch on CUDA/MPS (autocast) or under torch.distributed. With --precision auto on a bf16-capable CPU it
     still picks ONNX Runtime fp32: measured faster than torch bf16 autocast there (benchmarks/speed.py row 7)."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+        raise SettingsError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if runtime == "torch":
         return "torch"
     if device.type != "cpu":
         if runtime == "onnxruntime":
-            raise ValueError(
+            raise SettingsError(
                 f"--runtime onnxruntime runs on the CPU, not {device.type}; use --device cpu or --runtime auto"
             )
         return "torch"
     if precision in ("bf16", "fp16"):
         if runtime == "onnxruntime":
-            raise ValueError(f"ONNX Runtime runs fp32 graphs, not {precision}; use --precision fp32 or auto")
+            raise SettingsError(f"ONNX Runtime runs fp32 graphs, not {precision}; use --precision fp32 or auto")
         return "torch"
     if distributed.is_distributed():
         return "torch"
