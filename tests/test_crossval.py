@@ -440,6 +440,17 @@ def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path
     assert no_times(m2["selection"]["cv"]) == no_times(sel["cv"])  # every CV score, SE and choice
 
 
+def test_repeated_cv_with_no_head_to_cross_validate_is_refused_before_extraction(tmp_path, capsys):
+    # --methods softmax --selection repeated-cv ran the extraction, then died in a ValueError traceback
+    # ("none of  can be cross-validated on features")
+    data = _wide_data(tmp_path / "data")
+    argv = ["run", str(data), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main([*argv, "--methods", "softmax", "--selection", "repeated-cv"]) == 2
+    err = capsys.readouterr().err
+    assert "transferlab: error: --selection repeated-cv needs a head it can cross-validate" in err
+    assert "--methods softmax,svm" in err and not (tmp_path / "cache").exists()  # nothing extracted
+
+
 def test_flip_train_default_run_selects_by_cv_on_both_views_without_test_labels(tmp_path, cache_dir):
     data = _wide_data(tmp_path / "data")
     args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "3", "--workers", "0"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.progress import MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import StudyConfig, resolve_selection, with_preset
+from .config import ConfigError, StudyConfig, resolve_selection, with_preset
 from .data.datasets import DatasetWarning, discover
 from .evaluation.budget import TimeBudget, parse_duration
 from .evaluation.metrics import evaluate, full_proba
@@ -524,6 +524,12 @@ def run_study(cfg: StudyConfig) -> dict:
     cfg.methods = with_preset(cfg.methods, cfg.preset)  # --preset best: fine-tuning joins the default run
     cfg.selection = resolve_selection(cfg)  # before "auto" among the methods is expanded
     cfg.methods = resolve_methods(cfg.methods)  # "all": every head; "auto": the default run's
+    if cfg.selection == "repeated-cv" and not any(method_info(m).cv is not None for m in cfg.methods):
+        raise ConfigError(
+            "--selection repeated-cv needs a head it can cross-validate on the cached features; the methods asked "
+            f"for ({', '.join(cfg.methods)}) have none (the seed's softmax is a baseline only, fine-tuning is scored "
+            f"beside the heads): add one, e.g. --methods {','.join([*cfg.methods, 'svm'])}, or drop --selection"
+        )
     _seed_everything(cfg.seed)
     ds = discover(
         cfg.data,
