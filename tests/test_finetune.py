@@ -61,6 +61,23 @@ def _fit(ds, out, arch="test_efficientnet", callbacks=(), **kw):
     return est, bb
 
 
+@pytest.mark.parametrize("batch_size", [18, 12, 36])  # 2, 3 and 1 steps: one-step warm-ups and a one-step run
+def test_onecycle_with_a_one_step_warmup_trains(data, tmp_path, batch_size):
+    """--schedule onecycle with 1 epoch of 2 batches: the one-step warm-up ended OneCycleLR's rising phase at step 0
+    and it divided by the phase's zero length (ZeroDivisionError in the first step)."""
+    est, _ = _fit(data, tmp_path, schedule="onecycle", epochs=1, warmup_epochs=1.0, batch_size=batch_size)
+    assert est.epochs_run_ == 1 and all(np.isfinite(est.history_["train_loss"]))
+
+
+def test_an_unknown_augmentation_is_refused_before_extraction(small_folder, tmp_path, capsys):
+    from transferlab.cli import main
+
+    argv = ["finetune", str(small_folder), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*argv, "--augment", "strong", "--no-progress"]) == 2
+    assert "transferlab: error: --augment: unknown augmentation(s) strong" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing extracted first
+
+
 def test_tiny_model_fine_tunes_and_its_loss_falls(data, tmp_path):
     est, _ = _fit(data, tmp_path, epochs=4, lr=3e-3, augment="none", patience=0)
     hist = est.history_

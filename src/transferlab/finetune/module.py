@@ -279,12 +279,11 @@ class FineTuneModule(pl.LightningModule):
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
         warmup = min(total - 1, int(round(self.warmup_epochs * per_epoch)))
         if self.schedule == "onecycle":
+            pct = max(0.01, min(0.5, warmup / total)) if warmup else 0.3
+            if abs(pct * total - 1) < 1e-9:  # a one-step warm-up: OneCycleLR's rising phase would end at step 0 and
+                pct = 2 / total if total > 2 else 0.75  # divide by its zero length (seen: 1 epoch of 2 batches)
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt,
-                max_lr=[g["lr"] for g in groups],
-                total_steps=total,
-                pct_start=max(0.01, min(0.5, warmup / total)) if warmup else 0.3,
-                cycle_momentum=False,
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=pct, cycle_momentum=False
             )
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.schedule, total, warmup))
