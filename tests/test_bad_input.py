@@ -122,6 +122,26 @@ def test_config_file_numbers_get_the_same_checks(tmp_path, capsys):
     assert "epochs must be a positive integer, got -3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        ("select_metric: f1", "select_metric must be one of macro_f1, accuracy, balanced_accuracy, got 'f1'"),
+        ("runtime: tensorrt", "runtime must be one of auto, torch, onnxruntime, got 'tensorrt'"),
+        ("finetune: {schedule: linear}", "finetune.schedule must be one of cosine, onecycle, constant, got 'linear'"),
+        ("finetune: {bn: none}", "finetune.bn must be one of train, frozen, got 'none'"),
+        ("finetune: {class_weight: inverse}", "finetune.class_weight must be one of balanced, got 'inverse'"),
+    ],
+)
+def test_config_file_choices_get_the_same_checks_as_their_flags(tmp_path, capsys, setting, said):
+    # each failed in a ValueError traceback, the fine-tuning ones after the whole extraction
+    from transferlab.cli import main
+
+    data = tmp_path / "data"
+    (tmp_path / "c.yaml").write_text(f"data: {data}\n{setting}\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert f"transferlab: error: {tmp_path / 'c.yaml'}: {said}" in capsys.readouterr().err
+
+
 # --- files that are not read --------------------------------------------------------------------
 
 

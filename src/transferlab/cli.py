@@ -118,6 +118,28 @@ def _check_numbers(cfg, source) -> None:
             raise ConfigError(f"{source}: {name} {exc}") from None
 
 
+def _check_choices(cfg, source) -> None:
+    """A config file's named choices pass the checks their flags have (`--schedule linear` and `schedule: linear`
+    alike), against the `run` flag's own choices, before any work: a bad one failed in a traceback after extraction."""
+    from .config import DEST_TO_FIELD
+
+    run = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    ft = cfg.finetune or {}
+    for action in run._actions:
+        if not action.choices:
+            continue
+        field = DEST_TO_FIELD.get(action.dest, action.dest)
+        if hasattr(cfg, field):
+            name, value = field, getattr(cfg, field)
+        else:  # a fine-tuning flag: finetune.<dest>, or without its "ft_" (config.merge's rule)
+            key = next((k for k in (action.dest, action.dest.removeprefix("ft_")) if k in ft), None)
+            if key is None:
+                continue
+            name, value = f"finetune.{key}", ft[key]
+        if value is not None and value not in action.choices:
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+
+
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
@@ -491,6 +513,7 @@ def cmd_run(args) -> int:
 
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
         _check_numbers(cfg, args.config)
+        _check_choices(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
     from .config import ConfigError, resolve_selection, with_preset
