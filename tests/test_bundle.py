@@ -241,6 +241,10 @@ def test_predict_cli_folder_csv_topk_and_evaluate(trained, tiny_backbone, tmp_pa
     assert main(args) == 0
     assert "0 through the backbone, 9 from cache" in capsys.readouterr().out
     assert _rows(out)[0].keys() >= {"path", "predicted", "probability"}
+    # one class folder given: its images are that class (it was refused: "269 are not (e.g. in test/glioma)")
+    args[2] = str(test_dir / "ant")
+    assert main(args + ["--evaluate"]) == 0
+    assert {r["label"] for r in _rows(out)} == {"ant"} and "macro avg" in capsys.readouterr().out
 
 
 def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):

@@ -4,8 +4,8 @@ Folders are searched recursively. Features go through the feature cache, so imag
 already saw (e.g. during `transferlab run`) skip the forward pass. The CSV has `path, predicted,
 probability` (the head's own prediction and its probability), then `top1, top1_probability, ...` with
 `--top-k K`, and `label` when the images are labelled by class folders. Labels come from the first folder
-under a given folder (`test/Gondola/x.jpg` given `test/`) or a given file's parent folder, when that name is
-one of the bundle's classes.
+under a given folder (`test/Gondola/x.jpg` given `test/`), or the image's own folder for a given file or an image
+directly in a given folder (`test/Gondola/` given), when that name is one of the bundle's classes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def collect_images(inputs, classes: list[str]) -> list[tuple[str, str | None]]:
         item = Path(item).expanduser()
         if item.is_dir():
             for p in list_images(item):
-                first = p.relative_to(item).parts[0] if len(p.relative_to(item).parts) > 1 else None
+                parts = p.relative_to(item).parts  # an image directly in the folder given: that folder is its own
+                first = parts[0] if len(parts) > 1 else item.resolve().name
                 found.append((str(p), first if first in known else None))
         elif item.is_file():
             found.append((str(item), item.parent.name if item.parent.name in known else None))
