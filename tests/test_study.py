@@ -170,6 +170,15 @@ def test_a_rerun_into_the_same_folder_sets_aside_the_earlier_runs_other_methods(
     assert len(list((out / "earlier").iterdir())) == 1
 
 
+def test_extract_save_makes_its_folder_and_names_the_file_it_wrote(small_folder, tmp_path, cache_dir, capsys):
+    # `--save new/feats` failed after the extraction (no such folder), and without .npz printed a name np.savez
+    # had not written
+    save = tmp_path / "new" / "feats"
+    assert main(["extract", str(small_folder), "--cache-dir", str(cache_dir), "--save", str(save), *TINY]) == 0
+    assert f"saved {save}.npz" in capsys.readouterr().out
+    assert np.load(f"{save}.npz")["features"].shape[0] == 34
+
+
 def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):
     from .conftest import make_imagefolder
 

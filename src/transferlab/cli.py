@@ -621,15 +621,18 @@ def cmd_extract(args) -> int:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
         by_path = {s.path: s for s in ds.samples}
+        save = Path(args.save)
+        save = save if save.suffix == ".npz" else save.with_name(save.name + ".npz")  # what np.savez writes
+        save.parent.mkdir(parents=True, exist_ok=True)  # as predict's --out
         np.savez(
-            args.save,
+            save,
             features=ex.features,
             labels=np.array([by_path[p].label for p in ex.paths]),
             paths=np.array(ex.paths),
             splits=np.array([by_path[p].split for p in ex.paths]),
             classes=np.array(ds.classes),
         )
-        print(f"saved {args.save}")
+        print(f"saved {save}")
     return 0
 
 
