@@ -518,7 +518,6 @@ def cmd_run(args) -> int:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")
     from .config import ConfigError, resolve_selection, with_preset
     from .evaluation.budget import parse_duration
-    from .heads.registry import get as method_info
     from .heads.registry import resolve_methods
 
     try:
@@ -529,13 +528,6 @@ def cmd_run(args) -> int:
             cfg.time_budget = parse_duration(cfg.time_budget)  # a config file may say "10m"
     except (ValueError, ConfigError) as exc:
         raise DatasetError(str(exc)) from None
-    if any(method_info(m).kind == "end-to-end" for m in cfg.methods):  # a typo here failed after extraction
-        from .finetune.module import parse_augment
-
-        try:
-            parse_augment((cfg.finetune or {}).get("augment", "none"))
-        except ValueError as exc:
-            raise ConfigError(f"--augment: {exc}") from None
     check_out_outside_data(cfg.out, cfg.data)  # before _check_writable creates it
     _check_writable(cfg.out)
     _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)

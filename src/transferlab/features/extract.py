@@ -65,6 +65,11 @@ class Extraction:
         return (self.computed + self.from_cache) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device `device` names ("auto": CUDA, else MPS, else CPU); ExtractionError, naming the value, for
     one this machine does not have (torch's own error came as a traceback from deep inside the first forward)."""
@@ -77,13 +82,12 @@ def resolve_device(device: str = "auto") -> torch.device:
             raise ExtractionError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ExtractionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        mps = getattr(torch.backends, "mps", None)
-        if dev.type == "mps" and not (mps and mps.is_available()):
+        if dev.type == "mps" and not _mps_available():
             raise ExtractionError(f"--device {device}: MPS is not available here; use --device cpu or auto")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
