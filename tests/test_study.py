@@ -168,6 +168,11 @@ def test_a_rerun_into_the_same_folder_sets_aside_the_earlier_runs_other_methods(
         warnings.simplefilter("error", DatasetWarning)  # the same methods again: nothing to set aside
         assert main(["run", *args, "--methods", "softmax,svm"]) == 0
     assert len(list((out / "earlier").iterdir())) == 1
+    # a rerun that draws no data-efficiency curve left the earlier run's plot in plots/, linked from no report
+    assert (out / "plots" / "data_efficiency.png").exists()
+    assert main(["run", *args, "--methods", "softmax,svm", "--no-data-efficiency"]) == 0
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["class_distribution.png"]
+    assert "data_efficiency.png" not in (out / "report.md").read_text()
 
 
 def test_extract_save_makes_its_folder_and_names_the_file_it_wrote(small_folder, tmp_path, cache_dir, capsys):

@@ -656,6 +656,7 @@ def run_study(cfg: StudyConfig) -> dict:
             timings=timings,
         )
         write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
+        layout.remove_unlinked_plots(out)  # an earlier run's figures this report does not show
         bar.advance(task)
     timings.update(report=time.perf_counter() - t0, total=time.perf_counter() - start)
     report.write_timings(out, metrics, timings)  # the last two are known only now

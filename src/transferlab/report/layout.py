@@ -8,6 +8,7 @@ README.txt saying what is where); each method's files under `methods/<name>/`, i
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -68,3 +69,18 @@ def set_aside(out, keep, since: float) -> tuple[Path, list[str]] | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(d), str(target))
     return folder, sorted({d.name for d in stale})
+
+
+def remove_unlinked_plots(out) -> list[str]:
+    """Delete the images in plots/ that report.md does not show: an earlier run's figure this run did not draw (its
+    data-efficiency curve after a rerun with --no-data-efficiency), which nothing links any more. Plots are drawn
+    from metrics.json, so nothing computed is lost. Returns the names removed."""
+    out = Path(out)
+    folder, md = out / PLOTS, out / "report.md"
+    if not folder.is_dir() or not md.exists():
+        return []
+    linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text(encoding="utf-8")))
+    stale = [p for p in sorted(folder.glob("*.png")) if relative(out, p) not in linked]
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
