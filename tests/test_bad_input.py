@@ -253,3 +253,32 @@ def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, c
         assert metrics["methods"][name]["per_class"]["cat"]["recall"] == 0.0
     assert any("'cat'" in n and "cannot predict" in n for n in metrics["notes"])
     assert "cannot predict" in (Path(cfg.out) / "report.md").read_text()
+
+
+def test_images_extraction_cannot_read_are_named_on_screen_not_only_in_the_report(tmp_path, cache_dir):
+    """A truncated JPEG was skipped and listed in report.md's notes only: the terminal said nothing."""
+    from transferlab.study import StudyConfig, run_study
+
+    root = make_imagefolder(tmp_path / "d", {"train": {"ant": 8, "bee": 8}, "test": {"ant": 3, "bee": 3}})
+    good = next((root / "train" / "bee").iterdir())
+    Image.open(good).convert("RGB").save(root / "train" / "bee" / "whole.jpg")
+    (root / "train" / "bee" / "cut.jpg").write_bytes((root / "train" / "bee" / "whole.jpg").read_bytes()[:300])
+    cfg = StudyConfig(
+        data=str(root),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        methods=["svm"],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_study(cfg)
+    ours = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+    assert len(ours) == 1 and "1 image could not be read and was skipped" in ours[0] and "cut.jpg" in ours[0], ours
+    assert [Path(s["path"]).name for s in metrics["skipped"]] == ["cut.jpg"]
+    assert "1 unreadable image skipped:" in (Path(cfg.out) / "report.md").read_text()

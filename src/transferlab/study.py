@@ -108,7 +108,8 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
 
 
 def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[dict]) -> list[str]:
-    """Training classes none of whose training images could be read: one warning each, also in the notes.
+    """Training classes none of whose training images could be read: one warning each, also in the notes; then
+    one warning for the other unreadable images (the report's notes list them all).
 
     The study goes on, as it does past any unreadable image (`--strict` stops at the first): such a class
     keeps its place in the class list, no head is trained on it, and its valid and test images are still
@@ -130,6 +131,16 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
         warnings.warn(msg, DatasetWarning, stacklevel=2)
         ds.notes.append(msg)
         found.append(name)
+    named = {s.path for s in ds.split("train") if ds.classes[s.label] in found}
+    rest = [s for s in skipped if s["path"] not in named]  # the class warnings above name the others
+    if rest:
+        n = len(rest)
+        warnings.warn(
+            f"{n} image{'s' * (n != 1)} could not be read and {'were' if n != 1 else 'was'} skipped "
+            f"(e.g. {rest[0]['path']}: {rest[0]['reason']}); the report's notes list {'them' if n != 1 else 'it'} (--strict stops instead)",
+            DatasetWarning,
+            stacklevel=2,
+        )
     return found
 
 

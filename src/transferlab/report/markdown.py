@@ -239,7 +239,8 @@ def render_markdown(metrics: dict, figures: dict) -> str:
     md += ["## Findings", ""] + [f"- {line}" for line in findings(metrics, classes)] + [""]
     notes = list(metrics["notes"])
     if metrics["skipped"]:
-        notes.append(f"{len(metrics['skipped'])} unreadable images skipped:")
+        n = len(metrics["skipped"])
+        notes.append(f"{n} unreadable image{'s' * (n != 1)} skipped:")
         notes += [f"  - `{s['path']}`: {s['reason']}" for s in metrics["skipped"][:50]]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" if not n.startswith("  ") else n for n in notes] + [""]
