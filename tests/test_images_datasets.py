@@ -201,6 +201,17 @@ def test_hard_errors_are_clear(tmp_path, case):
         discover(target)
 
 
+def test_one_class_holding_the_class_folders_names_the_folder_to_point_at(tmp_path):
+    """A data set unzipped into a folder of its name (data/flowers/<class>/, beside __MACOSX/) was "a single class
+    (flowers)" with no word of the classes one level down."""
+    make_imagefolder(tmp_path / "data", {"flowers": {"daisy": 2, "rose": 2, "tulip": 1}})
+    (tmp_path / "data" / "__MACOSX" / "flowers").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"single class \(flowers\).*holds folders of images \(daisy, rose, tulip\)"):
+        discover(tmp_path / "data")
+    with pytest.raises(DatasetError, match=r"single class \(only\): a classifier needs at least two$"):
+        discover(make_imagefolder(tmp_path / "s", {"train": {"only": 3}}))  # no hint where there is nothing below
+
+
 def test_discover_never_writes_in_dataset(small_folder):
     before = {p: p.stat().st_mtime_ns for p in small_folder.rglob("*")}
     discover(small_folder)

@@ -219,6 +219,18 @@ def _training_classes(folder: Path, notes: list[str], skipped: list[dict]) -> tu
     return classes, samples
 
 
+def _nested_classes_hint(root: Path, name: str) -> str:
+    """When the one class's folder holds class folders of its own (a data set unzipped into a folder of its name),
+    the folder to point at instead."""
+    for folder in (root / name, root / "train" / name):
+        if folder.is_dir():
+            inner = [d.name for d in _class_dirs(folder) if any(is_image_file(p) for p in d.rglob("*"))]
+            if len(inner) >= 2:
+                shown = ", ".join(inner[:5]) + (f" and {len(inner) - 5} more" if len(inner) > 5 else "")
+                return f"; {folder} holds folders of images ({shown}): if they are the classes, run on {folder}"
+    return ""
+
+
 def _train_is_a_class(root: Path) -> bool:
     """Whether `root/train` is a class folder among others (images in it, no class folders under it: a scenes set's
     trains), not a split. The same beside split folders is refused: `train/` and `test/` of loose images would
@@ -368,7 +380,10 @@ def discover(
             f"(looked for {', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}{why})"
         )
     if len(ds.classes) < 2:
-        raise DatasetError(f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two")
+        raise DatasetError(
+            f"{root} has a single class ({', '.join(ds.classes)}): a classifier needs at least two"
+            + _nested_classes_hint(root, ds.classes[0])
+        )
     if not ds.split("valid"):
         ds = carve_validation(ds, valid_fraction, seed, hashes=hashes)
     if ds.skipped:
