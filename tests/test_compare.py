@@ -160,3 +160,17 @@ def test_best_ranks_by_the_metric_each_run_selected_on():
         "selected on different metrics" in c
         for c in caveats([{**r, "data": "d", "test_counts": {}, "classes": []} for r in mixed])
     )
+
+
+def test_compare_a_folder_of_runs_compares_the_runs_in_it(two_runs, tmp_path, capsys):
+    """`transferlab compare runs/` (runs written by --out runs/a, --out runs/b) was 'not a transferlab run
+    folder': it now compares the runs one level down, in name order (the data and cache folders beside them hold no
+    metrics.json and are passed over)."""
+    parent = two_runs[0].parent
+    assert not (parent / "metrics.json").exists() and (parent / "data").is_dir()
+    assert main(["compare", str(parent)]) == 0
+    assert "Best on validation" in capsys.readouterr().out
+    assert rows([parent]) == rows(two_runs)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    assert "no metrics.json in it or in its subfolders" in capsys.readouterr().err

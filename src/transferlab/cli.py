@@ -427,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(ext)
 
     cmp = sub.add_parser("compare", help="one table across runs (e.g. backbones or input sizes on the same data)")
-    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `transferlab run`")
+    cmp.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="folders written by `transferlab run`, or a folder of them"
+    )
     cmp.add_argument("--out", help="also write compare.md and compare.html into this folder")
 
     pred = sub.add_parser("predict", help="apply a saved model bundle (RUN/models/METHOD) to images and folders")

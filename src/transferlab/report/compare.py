@@ -37,7 +37,9 @@ SHORT = ["run", "backbone", "input", "method", "test acc.", "test F1", "test bal
 def load_run(run_dir) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a transferlab run folder (no metrics.json)")
+        raise FileNotFoundError(
+            f"{run_dir} is not a transferlab run folder (no metrics.json in it or in its subfolders)"
+        )
     return json.loads(path.read_text())
 
 
@@ -49,8 +51,18 @@ def _labels(run_dirs: list[Path]) -> list[str]:
     return [str(p) for p in run_dirs]
 
 
+def expand_runs(run_dirs) -> list[Path]:
+    """The run folders: each given folder, or, for a folder of runs (no metrics.json in it, some in its
+    subfolders, e.g. `runs/` after `--out runs/a`, `--out runs/b`), those subfolders in name order."""
+    found: list[Path] = []
+    for d in map(Path, run_dirs):
+        inner = [] if (d / "metrics.json").is_file() or not d.is_dir() else sorted(d.glob("*/metrics.json"))
+        found += [m.parent for m in inner] or [d]
+    return found
+
+
 def rows(run_dirs) -> list[dict]:
-    run_dirs = [Path(p) for p in run_dirs]
+    run_dirs = expand_runs(run_dirs)
     out = []
     for label, run_dir in zip(_labels(run_dirs), run_dirs):
         m = load_run(run_dir)
