@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):
     assert "unexpected file(s): notes.txt" in capsys.readouterr().err
 
 
-def test_study_saves_bundles(tmp_path, small_folder):
+def test_study_saves_bundles(tmp_path, small_folder, capsys):
     from transferlab.study import StudyConfig, run_study
 
     cfg = StudyConfig(
@@ -291,6 +292,16 @@ def test_study_saves_bundles(tmp_path, small_folder):
         model = transferlab.load(run / "models" / name, cache_dir=cfg.cache_dir)
         pred = model.predict(test_paths)  # the study's own test predictions, from the saved bundle
         assert np.mean(pred == np.array(labels)) == pytest.approx(metrics["methods"][name]["accuracy"])
+    # the run folder (or its models/) stands for the selected method's bundle: it was "unexpected file(s)"
+    for given in (run, run / "models"):
+        assert transferlab.load(given).path == run / "models" / metrics["selected"]
+    assert main(["predict", str(run), test_paths[0], "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert f"model: {run / 'models' / metrics['selected']} (the selected method" in capsys.readouterr().err
+    shutil.rmtree(run / "models" / metrics["selected"])
+    with pytest.raises(
+        BundleError, match=rf"selected method \({metrics['selected']}\) has no saved model.*\((softmax|svm)\)"
+    ):
+        transferlab.load(run)
 
 
 def test_no_cache_keeps_the_exported_graph_and_no_features(trained, tiny_backbone, tmp_path, monkeypatch):

@@ -433,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", help="also write compare.md and compare.html into this folder")
 
     pred = sub.add_parser("predict", help="apply a saved model bundle (RUN/models/METHOD) to images and folders")
-    pred.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
+    pred.add_argument(
+        "bundle", help="bundle folder, e.g. runs/study/models/softmax, or a run folder (its selected method's)"
+    )
     pred.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     pred.add_argument("--out", default="predictions.csv", help="CSV: path, predicted, probability[, top-k][, label]")
     pred.add_argument("--top-k", type=_positive_int, default=1, help="also write the K most probable classes")
@@ -447,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--no-cache", action="store_true", help="compute every image's features, cache nothing")
 
     exp = sub.add_parser("export", help="export a bundle's backbone + head as one ONNX graph")
-    exp.add_argument("bundle", help="bundle folder, e.g. runs/study/models/softmax")
+    exp.add_argument(
+        "bundle", help="bundle folder, e.g. runs/study/models/softmax, or a run folder (its selected method's)"
+    )
     exp.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
     exp.add_argument("--opset", type=_positive_int, default=17)
     _add_bundle_args(exp)
@@ -645,6 +649,8 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
     )
+    if model.path != Path(args.bundle):
+        print(f"model: {model.path} (the selected method of the run in {args.bundle})", file=sys.stderr)
     preds = predict_paths(model, args.images, progress=not args.no_progress)
     out = write_csv(preds, args.out, top_k=args.top_k, with_labels=args.evaluate)
     for s in preds.skipped:
@@ -664,9 +670,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .model.bundle import resolve
     from .model.export import export_onnx
 
-    out = export_onnx(args.bundle, args.onnx, weights=args.weights, opset=args.opset)
+    bundle = resolve(args.bundle)
+    if bundle != Path(args.bundle):
+        print(f"model: {bundle} (the selected method of the run in {args.bundle})", file=sys.stderr)
+    out = export_onnx(bundle, args.onnx, weights=args.weights, opset=args.opset)
     print(f"ONNX: {out} (input 'image' float32 NCHW, preprocessing in its metadata; output 'probabilities')")
     return 0
 

@@ -209,6 +209,32 @@ def save_bundle(
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
+def resolve(directory) -> Path:
+    """The bundle folder `directory` names: itself, or for a run folder (RUN or RUN/models, written by `transferlab
+    run`) the bundle of the method the run selected (metrics.json's `selected`, the report's starred method)."""
+    d = Path(directory)
+    if (d / CONFIG).is_file():
+        return d
+    run = d if (d / "metrics.json").is_file() else d.parent if d.name == "models" else None
+    if run is None or not (run / "metrics.json").is_file():
+        return d
+    try:
+        selected = json.loads((run / "metrics.json").read_text()).get("selected")
+    except (OSError, ValueError, AttributeError):
+        return d
+    saved = (
+        sorted(p.name for p in (run / "models").iterdir() if (p / CONFIG).is_file())
+        if (run / "models").is_dir()
+        else []
+    )
+    if selected in saved:
+        return run / "models" / selected
+    raise BundleError(
+        f"{d} is a run folder whose selected method ({selected}) has no saved model; pass one of its bundles, "
+        f"{run / 'models'}/<method> ({', '.join(saved) or 'none saved'})"
+    )
+
+
 def read_config(directory) -> dict:
     """config.json of a bundle, after checking that the folder holds only expected, untampered files."""
     directory = Path(directory)
@@ -314,8 +340,9 @@ def load(
     num_workers: int | None = None,
     runtime: str = "auto",
 ) -> Model:
-    """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights."""
-    directory = Path(directory)
+    """Load a bundle folder as a `Model`; `weights=PATH` points a `file:` bundle at its backbone weights. A run
+    folder (RUN or RUN/models) loads the bundle of the run's selected method (`resolve`)."""
+    directory = resolve(directory)
     config = read_config(directory)
     try:
         estimator = load_head(config["head"], directory)
