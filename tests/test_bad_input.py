@@ -28,6 +28,36 @@ def _rows(n=3) -> list[str]:
     return [f"imgs/all/{c}/{i:03d}.png,{c},train" for c in ("a", "b") for i in range(n)]
 
 
+def test_csv_header_names_its_columns_in_any_order(tmp_path):
+    """A header other than `path,...` (e.g. `filename,class`) was read as an image row: a class "class" of one
+    unreadable image "filename", or, with the columns swapped, every path taken for a label."""
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 4, "b": 4}})
+    rows = [(f"imgs/all/{c}/{i:03d}.png", c, "test" if i == 3 else "train") for c in ("a", "b") for i in range(4)]
+    for header, cell in [
+        ("filename,class", lambda p, c, s: f"{p},{c}"),
+        ("Label,Image_Path,Split", lambda p, c, s: f"{c},{p},{s}"),
+        ("image,category,width", lambda p, c, s: f"{p},{c},640"),  # a column of its own, not a split
+    ]:
+        m = tmp_path / "m.csv"
+        m.write_text("\n".join([header, *(cell(*r) for r in rows)]) + "\n")
+        ds = discover(m, valid_fraction=0)
+        assert ds.classes == ["a", "b"], header
+        assert sorted(Path(x.path).name for x in ds.samples) == sorted(Path(p).name for p, _, _ in rows)
+        want = 2 if "Split" in header else 0
+        assert len(ds.split("test")) == want, header
+    m.write_text("name,kind\n" + "\n".join(f"{p},{c}" for p, c, _ in rows) + "\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:1: 'name,kind' is not an image row and not a header"):
+        discover(m)
+
+
+def test_csv_written_on_windows_reads_its_backslash_paths(tmp_path):
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
+    m = tmp_path / "m.csv"
+    m.write_text("\n".join(f"imgs\\all\\{c}\\{i:03d}.png,{c}" for c in "ab" for i in range(3)) + "\n")
+    ds = discover(m, valid_fraction=0)
+    assert all(Path(x.path).is_file() for x in ds.samples) and len(ds.samples) == 6
+
+
 def test_csv_empty_label_names_file_and_line(tmp_path):
     m = _manifest(tmp_path, _rows() + ["imgs/all/a/003.png, ,train"])
     with pytest.raises(DatasetError, match=r"m\.csv:8: empty label"):

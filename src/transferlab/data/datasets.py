@@ -292,31 +292,69 @@ def _from_class_folders(root: Path, test_fraction: float, hashes: dict[str, byte
     return ImageDataset(root, classes, samples, "class-folders", notes, skipped)
 
 
+# a CSV header's column names (any order, any case): the path, the label and the optional split
+HEADER_NAMES = {
+    "path": ("path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "img"),
+    "label": ("label", "labels", "class", "class_name", "classname", "category", "target"),
+    "split": ("split", "set", "subset"),
+}
+
+
+def _csv_columns(manifest: Path, row: list[str]) -> tuple[int, int, int | None] | None:
+    """(path, label, split) column positions named by the first row when it is a header, else None (no header:
+    `path,label[,split]`). A first row that reads as neither (its first cell no image file, no path and label
+    named) is an error: taken for data it became a class of one unreadable "image"."""
+    cells = [c.strip().lower() for c in row]
+    found = {k: next((i for i, c in enumerate(cells) if c in names), None) for k, names in HEADER_NAMES.items()}
+    if cells and cells[0] == "path":  # `path,<anything>`: the documented header, the split third when named or not
+        found["path"], found["label"] = 0, 1
+    if found["path"] is not None and found["label"] is not None:
+        unnamed = (found["path"], found["label"]) == (0, 1) and len(cells) == 2  # rows may still add a split
+        return found["path"], found["label"], 2 if unnamed else found["split"]
+    first = row[0].strip() if row else ""
+    if first and Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (manifest.parent / first).exists():
+        raise DatasetError(
+            f"{manifest}:1: {','.join(row)!r} is not an image row and not a header naming the path and label "
+            f"columns (name them e.g. path,label[,split] or filename,class; without a header, rows are "
+            "path,label[,split])"
+        )
+    return None
+
+
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
-    """Rows `path,label[,split]`; an empty path or label, or a path listed twice with another label or split,
-    is an error naming the line(s); a row repeated exactly is read once, with a note."""
+    """Rows `path,label[,split]`, or the columns a header names (`HEADER_NAMES`, e.g. `filename,class`); an empty
+    path or label, or a path listed twice with another label or split, is an error naming the line(s); a row
+    repeated exactly is read once, with a note."""
     base = manifest.parent.resolve()
     rows = []
     first: dict[Path, tuple[str, str, int]] = {}  # file -> (label, split, line) of its first row
     repeats: list[tuple[int, int]] = []
+    columns: tuple[int, int, int | None] | None = None
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
                 continue
-            if lineno == 1 and row[0].strip().lower() == "path":
-                continue
-            if len(row) < 2:
+            if columns is None:  # the first row with cells: a header, or the first image
+                header = _csv_columns(manifest, row)
+                columns = header or (0, 1, 2)
+                if header:
+                    continue
+            ip, il, isp = columns
+            if len(row) <= max(ip, il):
                 raise DatasetError(f"{manifest}:{lineno}: expected 'path,label[,split]', got {row!r}")
-            path, label = row[0].strip(), row[1].strip()
+            path, label = row[ip].strip(), row[il].strip()
             if not path:
                 raise DatasetError(f"{manifest}:{lineno}: empty path (every row needs path,label[,split])")
             if not label:
                 raise DatasetError(
                     f"{manifest}:{lineno}: empty label for {path!r} (every row needs path,label[,split])"
                 )
-            split = SPLIT_ALIASES.get(row[2].strip().lower(), None) if len(row) > 2 and row[2].strip() else "train"
+            given = row[isp].strip() if isp is not None and len(row) > isp else ""
+            split = SPLIT_ALIASES.get(given.lower(), None) if given else "train"
             if split is None:
-                raise DatasetError(f"{manifest}:{lineno}: unknown split {row[2]!r} (use train, valid or test)")
+                raise DatasetError(f"{manifest}:{lineno}: unknown split {given!r} (use train, valid or test)")
+            if "\\" in path and os.sep == "/" and not (base / path).exists():  # a manifest written on Windows
+                path = path.replace("\\", "/")
             full = (base / path).resolve()
             if not allow_outside and not full.is_relative_to(base):
                 raise DatasetError(
