@@ -50,6 +50,16 @@ def test_csv_header_names_its_columns_in_any_order(tmp_path):
         discover(m)
 
 
+def test_csv_separated_by_semicolons_or_tabs_is_read(tmp_path):
+    """A spreadsheet's CSV in a comma-decimal locale (';') or a TSV was one cell per row: 'expected path,label'."""
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
+    for sep, name in ((";", "m.csv"), ("\t", "m.tsv")):
+        rows = [f"imgs/all/{c}/{i:03d}.png{sep}{c}" for c in "ab" for i in range(3)]
+        (tmp_path / name).write_text("\ufeff" + "\n".join([f"filename{sep}label", *rows]) + "\n")  # with a BOM
+        ds = discover(tmp_path / name, valid_fraction=0)
+        assert ds.classes == ["a", "b"] and len(ds.samples) == 6 and all(Path(x.path).is_file() for x in ds.samples)
+
+
 def test_csv_written_on_windows_reads_its_backslash_paths(tmp_path):
     make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
     m = tmp_path / "m.csv"

@@ -322,7 +322,8 @@ def _csv_columns(manifest: Path, row: list[str]) -> tuple[int, int, int | None] 
 
 
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
-    """Rows `path,label[,split]`, or the columns a header names (`HEADER_NAMES`, e.g. `filename,class`); an empty
+    """Rows `path,label[,split]` (or separated by ';' or tabs, as the first line is), or the columns a header names
+    (`HEADER_NAMES`, e.g. `filename,class`); an empty
     path or label, or a path listed twice with another label or split, is an error naming the line(s); a row
     repeated exactly is read once, with a note."""
     base = manifest.parent.resolve()
@@ -331,7 +332,10 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
     repeats: list[tuple[int, int]] = []
     columns: tuple[int, int, int | None] | None = None
     with open(manifest, newline="", encoding="utf-8-sig") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
+        line = f.readline()
+        f.seek(0)  # a spreadsheet's export in a comma-decimal locale separates by ';', a TSV by tabs
+        sep = next((d for d in ",;\t" if d in line), ",")
+        for lineno, row in enumerate(csv.reader(f, delimiter=sep), start=1):
             if not row or all(not c.strip() for c in row):
                 continue
             if columns is None:  # the first row with cells: a header, or the first image
@@ -403,7 +407,7 @@ def discover(
     if not root.exists():
         raise DatasetError(f"dataset not found: {root}")
     if root.is_file():
-        if root.suffix.lower() != ".csv":
+        if root.suffix.lower() not in (".csv", ".tsv"):
             raise DatasetError(f"{root} is a file but not a CSV manifest (path,label[,split])")
         ds = _from_csv(root, allow_outside)
     elif (root / "train").is_dir() and not _train_is_a_class(root):
