@@ -304,6 +304,10 @@ def _hard_case(case: str, tmp: Path) -> tuple[list, str]:
         make_imagefolder(tmp / "d", {"train": {"a": 3, "b": 3}})
         (tmp / "file").write_text("a file, not a folder")
         return [a if a != tmp / "out" else tmp / "file" / "out" for a in run], "cannot write the report folder"
+    if case == "cache_is_a_file":  # was "[Errno 20] Not a directory: '.../onnx'"
+        make_imagefolder(tmp / "d", {"train": {"a": 3, "b": 3}})
+        (tmp / "cachefile").write_text("a file, not a folder")
+        return [a if a != tmp / "cache" else tmp / "cachefile" for a in run], "cachefile: it is a file, not a folder"
     if case == "malicious_pickle_weights":
         make_imagefolder(tmp / "d", {"train": {"a": 3, "b": 3}})
         with open(tmp / "evil.pth", "wb") as f:
@@ -320,6 +324,7 @@ HARD = [
     "all_images_of_a_class_unreadable",
     "csv_path_outside",
     "out_not_writable",
+    "cache_is_a_file",
     "malicious_pickle_weights",
 ]
 

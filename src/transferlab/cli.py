@@ -33,16 +33,27 @@ USER_ERRORS = (
 )
 
 
-def _check_writable(folder) -> None:
-    """Fail now, not after minutes of extraction, when the report folder cannot be written."""
+def _check_writable(folder, what: str = "the report folder") -> None:
+    """Fail now, not after minutes of extraction, when the report (or cache) folder cannot be written."""
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write {what} {path}: it is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".transferlab-write-check-{uuid.uuid4().hex}"
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write the report folder {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+
+
+def _check_cache(cache_dir) -> None:
+    """`--cache-dir` (or the default) must be a folder that can be written: it was a traceback-like
+    "[Errno 20] Not a directory: 'afile/onnx'" when it named a file."""
+    from .features.cache import default_cache_dir
+
+    if cache_dir is not False:
+        _check_writable(cache_dir or default_cache_dir(), "the feature cache folder (--cache-dir)")
 
 
 def _similarity(text: str) -> float:
@@ -536,6 +547,7 @@ def cmd_run(args) -> int:
         raise DatasetError(str(exc)) from None
     check_out_outside_data(cfg.out, cfg.data)  # before _check_writable creates it
     _check_writable(cfg.out)
+    _check_cache(cfg.cache_dir)
     _launch(cfg)  # --devices/--num-nodes/--strategy (also from a config file)
     metrics = run_study(cfg)
     if metrics is None:  # not global rank 0: rank 0 reports
@@ -583,6 +595,7 @@ def cmd_extract(args) -> int:
     from .features.distributed import is_main
     from .features.extract import extract_features
 
+    _check_cache(args.cache_dir)
     _launch(args)
     ds = discover(
         args.data,
@@ -639,6 +652,7 @@ def cmd_predict(args) -> int:
     from .model.bundle import load
     from .model.predict import evaluate_predictions, predict_paths, write_csv
 
+    _check_cache(args.cache_dir)  # --no-cache still keeps the backbone's ONNX graph there
     model = load(
         args.bundle,
         weights=args.weights,
