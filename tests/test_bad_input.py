@@ -60,6 +60,21 @@ def test_csv_separated_by_semicolons_or_tabs_is_read(tmp_path):
         assert ds.classes == ["a", "b"] and len(ds.samples) == 6 and all(Path(x.path).is_file() for x in ds.samples)
 
 
+def test_classes_written_two_ways_are_named_in_a_warning(tmp_path):
+    """'Cat' in one row and 'cat' in another (or golden_retriever beside 'Golden Retriever') were two classes,
+    silently: the model split one class in two."""
+    make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3, "c": 3}})
+    names = {"a": "Golden Retriever", "b": "golden_retriever", "c": "beagle"}
+    m = tmp_path / "m.csv"
+    m.write_text("\n".join(f"imgs/all/{c}/{i:03d}.png,{names[c]}" for c in "abc" for i in range(3)) + "\n")
+    with pytest.warns(DatasetWarning, match=r"'Golden Retriever' and 'golden_retriever' differ only in case"):
+        ds = discover(m, valid_fraction=0)
+    assert len(ds.classes) == 3 and any("differ only" in n for n in ds.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # distinct names: no word
+        discover(make_imagefolder(tmp_path / "f", {"train": {"cat": 2, "cats": 2, "dog": 2}}))
+
+
 def test_csv_written_on_windows_reads_its_backslash_paths(tmp_path):
     make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
     m = tmp_path / "m.csv"

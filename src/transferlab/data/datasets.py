@@ -437,7 +437,24 @@ def discover(
             DatasetWarning,
             stacklevel=2,
         )
+    for msg in _near_same_classes(ds.classes):
+        ds.notes.append(msg)
+        warnings.warn(msg, DatasetWarning, stacklevel=2)
     return ds
+
+
+def _near_same_classes(classes: list[str]) -> list[str]:
+    """Class names that differ only in case, spaces, '-' or '_' ('Golden Retriever', 'golden_retriever'): two
+    classes the model must tell apart, most often one class written two ways."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault("".join(ch for ch in c.casefold() if ch.isalnum()), []).append(c)
+    return [
+        f"classes {' and '.join(repr(c) for c in same)} differ only in case or separators: they are learned as "
+        f"{len(same)} classes (rename to one name if they are the same)"
+        for same in groups.values()
+        if len(same) > 1
+    ]
 
 
 def _by_reason(skipped: list[dict]) -> dict[str, list[str]]:
