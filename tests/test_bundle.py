@@ -260,7 +260,12 @@ def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.jpg" in err and len(_rows(out)) == 1
     assert main(base + ["--evaluate"]) == 2
-    assert "folder named after one of the bundle's classes" in capsys.readouterr().err
+    assert "folder named after one of the bundle's classes; 1 is not (e.g. in " in capsys.readouterr().err
+    misspelt = tmp_path / "labelled" / "Bees"
+    misspelt.mkdir(parents=True)
+    Image.open(trained["ds"].paths("test")[0]).save(misspelt / "y.png")
+    assert main([*base[:2], str(misspelt.parent), *base[3:], "--evaluate"]) == 2
+    assert f"1 is not (e.g. in {misspelt} (class bee?))" in capsys.readouterr().err  # the class it is closest to
     (bundle / "notes.txt").write_text("hi")
     assert main(base) == 2
     assert "unexpected file(s): notes.txt" in capsys.readouterr().err

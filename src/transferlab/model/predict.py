@@ -113,10 +113,19 @@ def evaluate_predictions(preds: Predictions) -> dict:
 
     unlabelled = [p for p, lab in zip(preds.paths, preds.labels) if lab is None]
     if unlabelled:
+        from difflib import get_close_matches
+
+        folded = {c.casefold(): c for c in preds.classes}
+
+        def named(folder: str) -> str:  # a misspelt class folder: the class it is closest to
+            close = get_close_matches(Path(folder).name.casefold(), list(folded), n=1)
+            return folder + (f" (class {folded[close[0]]}?)" if close else "")
+
         folders = sorted({str(Path(p).parent) for p in unlabelled})
+        n = len(unlabelled)
         raise BundleError(
             f"--evaluate needs every image in a folder named after one of the bundle's classes; "
-            f"{len(unlabelled)} are not (e.g. in {', '.join(folders[:3])}); classes: "
+            f"{n} {'are' if n != 1 else 'is'} not (e.g. in {', '.join(map(named, folders[:3]))}); classes: "
             f"{', '.join(preds.classes)}"
         )
     index = {c: i for i, c in enumerate(preds.classes)}
