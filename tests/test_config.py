@@ -146,6 +146,24 @@ def test_bad_config_files_are_user_errors(tmp_path, capsys):
     assert kw["methods"] == ["softmax", "svm"] and kw["input_size"] == (64, 80)
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [("224", (224, 224)), ("[224, 300]", (224, 300)), ("auto", "auto"), ("'96x128'", (96, 128)), ("[224, x]", None)]
+    + [(v, None) for v in ("2.5", "[4, 4]", "true", "{h: 1}", "[1, 2, 3]")],
+)
+def test_config_input_size_is_a_size_or_an_error_naming_the_value(tmp_path, capsys, value, expected):
+    """`input_size: 224` in a config file was a TypeError traceback from load_backbone after the data was read."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data: x\ninput_size: {value}\n")
+    if expected is not None:
+        assert load(f)["input_size"] == expected
+        return
+    with pytest.raises(ConfigError, match=r"c\.yaml: input"):
+        load(f)
+    assert main(["run", "--config", str(f)]) == 2
+    assert "c.yaml: input" in capsys.readouterr().err
+
+
 def test_cv_from_the_command_line_is_the_protocol_used_over_a_config_file(first_run, recwarn):
     """Issue 18, bug 1: config.yaml used to store `cv` (and holdout, n_jobs, n_threads) under every tuned head and
     re-apply it, so `--config c.yaml --cv 2` tuned on the validation split while reporting 2-fold CV."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .features.backbones import DEFAULT_BACKBONE, parse_size
+from .features.backbones import DEFAULT_BACKBONE, BackboneError, parse_size
 from .heads.search import ValidationSearch
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
@@ -208,12 +208,15 @@ def load(path) -> dict:
     size = kw.get("input_size")
     if isinstance(size, str) and size.lower() == "auto":
         kw["input_size"] = "auto"
-    elif isinstance(size, str):
-        kw["input_size"] = parse_size(size)
-    elif isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            raise ConfigError(f"{path}: input_size must be [height, width], got {size}")
-        kw["input_size"] = (int(size[0]), int(size[1]))
+    elif size is not None:  # "224x288", 224 (a square), [224, 288]; anything else names the value
+        ok = isinstance(size, (str, int)) and not isinstance(size, bool)
+        ok = ok or (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int for v in size))
+        if not ok:
+            raise ConfigError(f"{path}: input_size must be [height, width], HxW, a side or auto, got {size!r}")
+        try:
+            kw["input_size"] = parse_size(size if isinstance(size, (str, int)) else f"{size[0]}x{size[1]}")
+        except BackboneError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     if kw.get("data") is not None:
         kw["data"] = str(kw["data"])
     return kw
