@@ -191,3 +191,67 @@ def test_protocol_keys_in_an_old_config_are_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="methods.logreg.cv"):
         kw = load(old)
     assert kw["params"] == {"logreg": {}, "svm": {"C": 2.0}}
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("tta: yes_please", "tta must be true or false, got 'yes_please'"),
+        ("weights: 12", "weights must be text, got 12"),
+        ("backbone: [a]", "backbone must be text"),
+        ("devices: many", "devices must be auto, a number of devices"),
+        ("finetune: 3", "finetune must be a mapping"),
+        ("params: 5", "params must be a mapping"),
+        ("methods: {svm: {C: big}}", "methods.svm.C must be a float like its default 1.0, got 'big'"),
+        ("methods: {svm: {Cc: 1}}", "methods.svm.Cc is not a hyperparameter of svm (known: C, "),
+        ("methods: {svm: {probability: 1}}", "methods.svm.probability must be true or false"),
+        ("params: {nope: {a: 1}}", "unknown method 'nope'"),
+    ],
+)
+def test_config_types_and_head_hyperparameters_are_checked_before_any_work(tmp_path, capsys, monkeypatch, line, says):
+    """Each was a traceback (some after the extraction) or, for tta, a string taken for true."""
+    import transferlab.study
+
+    def never(*a, **k):
+        raise AssertionError("the study started")
+
+    monkeypatch.setattr(transferlab.study, "run_study", never)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data: {tmp_path}\n{line}\n")
+    assert main(["run", "--config", str(f), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"transferlab: error: {f}: ") and says in err, err
+
+
+def test_devices_flag_is_checked_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "data", "--devices", "many"])
+    assert (
+        "--devices: must be auto, a number of devices, -1 (all) or ids like 0,1, got 'many'" in capsys.readouterr().err
+    )
+    from transferlab.cli import _devices
+
+    assert [_devices(t) for t in ("auto", "2", "-1", "0,1", "1,")] == ["auto", "2", "-1", "0,1", "1,"]
+
+
+def test_a_hyperparameter_the_fit_refuses_is_a_config_error_naming_the_method(tmp_path, small_folder, cache_dir):
+    """`methods: {svm: {C: -1.0}}` has the default's kind; scikit-learn refuses it in the fit: a config error, not
+    its InvalidParameterError traceback."""
+    from transferlab.study import StudyConfig, run_study
+
+    cfg = StudyConfig(
+        data=str(small_folder),
+        out=str(tmp_path / "out"),
+        backbone="test_efficientnet",
+        weights="random",
+        input_size=(32, 40),
+        epochs=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        data_efficiency=False,
+        methods=["svm"],
+        params={"svm": {"C": -1.0}},
+    )
+    with pytest.raises(ConfigError, match=r"methods\.svm \{'C': -1\.0\} .*'C' parameter of SVC"):
+        run_study(cfg)

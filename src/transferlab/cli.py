@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 import uuid
 import warnings
@@ -52,8 +54,19 @@ def _check_cache(cache_dir) -> None:
     "[Errno 20] Not a directory: 'afile/onnx'" when it named a file."""
     from .features.cache import default_cache_dir
 
-    if cache_dir is not False:
-        _check_writable(cache_dir or default_cache_dir(), "the feature cache folder (--cache-dir)")
+    if cache_dir is False:
+        return
+    path = Path(cache_dir or default_cache_dir())
+    what = "the feature cache folder (--cache-dir)"
+    if path.is_dir():
+        _check_writable(path, what)
+        return
+    above = next(p for p in [path, *path.parents] if p.exists())  # not created here: the first feature does that
+    if not above.is_dir():
+        where = "it" if above == path else str(above)
+        raise OutputError(f"cannot write {what} {path}: {where} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what} {path}: {above} is not writable")
 
 
 def _similarity(text: str) -> float:
@@ -127,6 +140,77 @@ def _check_numbers(cfg, source) -> None:
             check(str(value))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{source}: {name} {exc}") from None
+
+
+def _devices(text: str) -> str:
+    """--devices: Lightning's forms, checked before any work ('many' was Lightning's TypeError traceback)."""
+    t = str(text).strip()
+    if not re.fullmatch(r"auto|-1|[1-9]\d*|(\d+\s*,\s*)+\d*", t):
+        raise argparse.ArgumentTypeError(f"must be auto, a number of devices, -1 (all) or ids like 0,1, got {text!r}")
+    return t
+
+
+CONFIG_BOOLS = ("strict", "allow_outside", "progress", "tta", "data_efficiency", "flip_train")
+CONFIG_TEXTS = ("data", "out", "backbone", "weights", "cache_dir", "precision", "device", "runtime", "strategy")
+CONFIG_TEXTS += ("select_metric", "selection", "preset")
+
+
+def _check_types(cfg, source) -> None:
+    """A config file's switches, names and mappings have the types their flags give (`tta: yes_please` was taken
+    for true, `weights: 12` and `finetune: 3` were tracebacks), and its heads' hyperparameters exist and have
+    their defaults' kinds (`methods: {svm: {C: big}}` failed in the fit, after extraction)."""
+    for name in CONFIG_BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in CONFIG_TEXTS:
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{source}: {name} must be text, got {value!r}")
+    try:
+        _devices(cfg.devices)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{source}: devices {exc}") from None
+    for name in ("finetune", "params"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise ConfigError(f"{source}: {name} must be a mapping of settings, got {getattr(cfg, name)!r}")
+    _check_params(cfg.params, source)
+
+
+def _same_kind(value, default) -> bool:
+    if default is None or isinstance(default, (tuple, list, dict)):
+        return True  # e.g. class_weight: None or "balanced"; scikit-learn checks it in the fit
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value is None or isinstance(value, type(default))
+
+
+def _check_params(params: dict, source) -> None:
+    """Each head's hyperparameters (`methods: {svm: {C: 2}}`): a known method, known names, the defaults' kinds."""
+    from .heads.registry import get, make_head
+
+    for name, given in params.items():
+        try:
+            info = get(name)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: methods: {exc}") from None
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: methods.{name} must be a mapping of hyperparameters, got {given!r}")
+        if info.build is None:  # fine-tuning's settings are under `finetune`
+            continue
+        defaults = make_head(name).get_params(deep=False)
+        for key, value in given.items():
+            if key not in defaults:
+                raise ConfigError(
+                    f"{source}: methods.{name}.{key} is not a hyperparameter of {name} "
+                    f"(known: {', '.join(sorted(defaults))})"
+                )
+            if not _same_kind(value, defaults[key]):
+                kind = "true or false" if isinstance(defaults[key], bool) else f"a {type(defaults[key]).__name__}"
+                raise ConfigError(
+                    f"{source}: methods.{name}.{key} must be {kind} like its default {defaults[key]!r}, got {value!r}"
+                )
 
 
 def _check_choices(cfg, source) -> None:
@@ -220,7 +304,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default="1", help="processes per node through Lightning, e.g. 4 GPUs (default 1)")
+    p.add_argument(
+        "--devices", type=_devices, default="1", help="processes per node through Lightning, e.g. 4 GPUs (default 1)"
+    )
     p.add_argument(
         "--num-nodes", type=_positive_int, default=1, help="nodes (launch with torchrun or SLURM: see docs/finetune.md)"
     )
@@ -530,6 +616,7 @@ def cmd_run(args) -> int:
 
         cfg = merge(load(args.config), cfg, given_dests(build_parser(), args.argv))
         _check_numbers(cfg, args.config)
+        _check_types(cfg, args.config)
         _check_choices(cfg, args.config)
     elif not cfg.data:
         raise DatasetError("give DATA (a folder of images or a CSV manifest), or --config FILE")

@@ -206,10 +206,15 @@ def fit_method(
         }
     else:
         kw = {"prefit": prefit} if prefit and "prefit" in inspect.signature(est.fit).parameters else {}
-        if "eval_set" in inspect.signature(est.fit).parameters:
-            est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y), **kw)
-        else:
-            est.fit(tr.fit_X, tr.y)
+        try:
+            if "eval_set" in inspect.signature(est.fit).parameters:
+                est.fit(tr.fit_X, tr.y, eval_set=(va.fit_X, va.y), **kw)
+            else:
+                est.fit(tr.fit_X, tr.y)
+        except ValueError as exc:  # scikit-learn's InvalidParameterError among them: the config file's value
+            if not cfg.params.get(name):
+                raise
+            raise ConfigError(f"methods.{name} {cfg.params[name]} (the config file's hyperparameters): {exc}") from None
         out = {"estimator": est, "train_seconds": time.perf_counter() - t0}
         reused = [m for m in getattr(est, "reused_", []) if m in (prefit_seconds or {})]
         if reused:
