@@ -74,7 +74,33 @@ def test_an_unknown_augmentation_is_refused_before_extraction(small_folder, tmp_
 
     argv = ["finetune", str(small_folder), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
     assert main([*argv, "--augment", "strong", "--no-progress"]) == 2
-    assert "transferlab: error: --augment: unknown augmentation(s) strong" in capsys.readouterr().err
+    assert "transferlab: error: fine-tuning: unknown augmentation(s) strong" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing extracted first
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("epochs: x", "The 'epochs' parameter of FineTuner must be an int in the range [1, inf). Got 'x'"),
+        ("lr: -1.0", "The 'lr' parameter of FineTuner must be a float in the range [0.0, inf). Got -1.0"),
+        ("batch_size: -4", "The 'batch_size' parameter of FineTuner must be an int in the range [1, inf). Got -4"),
+        (
+            "label_smoothing: 1.0",
+            "The 'label_smoothing' parameter of FineTuner must be a float in the range [0.0, 1.0)",
+        ),
+        ("unfreeze: some", "unfreeze must be 'all' or a number of last stages, got 'some'"),
+        ("nonsense: 1", "unknown fine-tuning option(s) nonsense; known: accumulate, augment,"),
+    ],
+)
+def test_a_config_files_fine_tuning_options_are_checked_before_extraction(small_folder, tmp_path, capsys, line, says):
+    """Each failed in the fine-tuning's fit, a traceback after the extraction (and the heads)."""
+    from transferlab.cli import main
+
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data: {small_folder}\nmethods: [svm, finetune]\nfinetune: {{{line}}}\n")
+    argv = ["run", "--config", str(f), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*argv, "--no-progress"]) == 2
+    assert f"transferlab: error: fine-tuning: {says}" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing extracted first
 
 

@@ -546,13 +546,13 @@ def run_study(cfg: StudyConfig) -> dict:
             f"for ({', '.join(cfg.methods)}) have none (the seed's softmax is a baseline only, fine-tuning is scored "
             f"beside the heads): add one, e.g. --methods {','.join([*cfg.methods, 'svm'])}, or drop --selection"
         )
-    if any(method_info(m).kind == "end-to-end" for m in cfg.methods):  # a typo here failed after extraction
-        from .finetune.module import parse_augment
+    if any(method_info(m).kind == "end-to-end" for m in cfg.methods):  # a bad option here failed after extraction
+        from .finetune.tuner import make_finetuner
 
         try:
-            parse_augment((cfg.finetune or {}).get("augment", "none"))
+            make_finetuner(cfg).check_options()
         except ValueError as exc:
-            raise ConfigError(f"--augment: {exc}") from None
+            raise ConfigError(f"fine-tuning: {exc}") from None
     _seed_everything(cfg.seed)
     ds = discover(
         cfg.data,

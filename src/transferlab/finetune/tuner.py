@@ -18,6 +18,7 @@ import math
 import sys
 import time
 import warnings
+from numbers import Integral, Real
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.utils.data import DataLoader
@@ -45,7 +47,18 @@ from ..features.extract import (
 from ..heads.seed import SoftmaxHead, balanced_weights
 from ..report.format import seconds
 from ..report.layout import method_dir
-from .module import MONITORS, FineTuneModule, LabelledImages, lightning_precision, loggers, train_transform
+from .module import (
+    BN_MODES,
+    MONITORS,
+    SCHEDULES,
+    FineTuneModule,
+    LabelledImages,
+    lightning_precision,
+    loggers,
+    parse_augment,
+    parse_unfreeze,
+    train_transform,
+)
 
 
 class FineTuner(ClassifierMixin, BaseEstimator):
@@ -57,6 +70,30 @@ class FineTuner(ClassifierMixin, BaseEstimator):
     lr, train_seconds, images_per_second), `best_checkpoint_`, `last_checkpoint_`, `stage1_seconds_`,
     `stage2_seconds_`, `images_per_second_` (training throughput over all processes).
     """
+
+    # scikit-learn's parameter validation (`check_options`, and `fit` first): the training options' types and
+    # ranges, as the CLI's flags check them; a bad one from a config file failed mid-fit, after the extraction
+    _parameter_constraints: dict = {
+        "unfreeze": [str, Interval(Integral, 0, None, closed="left")],  # then `parse_unfreeze`
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="left")],  # 0: nothing moves (stage 1 as it is)
+        "layer_decay": [Interval(Real, 0, 1, closed="right")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "warmup_epochs": [Interval(Real, 0, None, closed="left")],
+        "schedule": [StrOptions(set(SCHEDULES))],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "accumulate": [Interval(Integral, 1, None, closed="left")],
+        "augment": [str, None],  # then `parse_augment`
+        "crop_scale": [Interval(Real, 0, 1, closed="right")],
+        "color_jitter": [Interval(Real, 0, None, closed="left")],
+        "bn": [StrOptions(set(BN_MODES))],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "class_weight": [StrOptions({"balanced"}), None],
+        "patience": [Interval(Integral, 0, None, closed="left")],
+        "monitor": [StrOptions(set(MONITORS))],
+        "head_epochs": [Interval(Integral, 1, None, closed="left")],
+        "resume": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -145,11 +182,19 @@ class FineTuner(ClassifierMixin, BaseEstimator):
         eval_set = (Xva, valid[1]) if valid is not None and len(valid[1]) else None
         return SoftmaxHead(epochs=self.head_epochs, seed=self.seed).fit(Xtr, self.classes_[y_idx], eval_set=eval_set)
 
+    def check_options(self) -> None:
+        """Raise ValueError naming the first training option out of its type or range (scikit-learn's
+        `InvalidParameterError`), an unknown augmentation or a bad `unfreeze`; cheap, before any work."""
+        self._validate_params()
+        parse_augment(self.augment)
+        parse_unfreeze(self.unfreeze)
+
     def fit(self, paths, y, *, valid=None, features=None, backbone: Backbone | None = None, callbacks=()):
         """Stage 1 on cached features (`features=(X_train, X_valid)`, extracted here when absent), then stage 2.
 
         `valid=(paths, y)` drives early stopping and the best checkpoint; `backbone` reuses a loaded one.
         """
+        self.check_options()
         paths = list(paths)
         self.classes_, y_idx = np.unique(np.asarray(y), return_inverse=True)
         if valid is not None:
@@ -357,7 +402,9 @@ def make_finetuner(cfg) -> FineTuner:
     opts = dict(getattr(cfg, "finetune", None) or {})
     unknown = set(opts) - set(FINETUNE_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown fine-tuning option(s) {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"unknown fine-tuning option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FINETUNE_OPTIONS))}"
+        )
     return FineTuner(
         backbone=cfg.backbone,
         weights=cfg.weights,
