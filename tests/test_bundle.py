@@ -328,3 +328,20 @@ def test_no_cache_keeps_the_exported_graph_and_no_features(trained, tiny_backbon
     np.testing.assert_allclose(model.predict_proba(paths), first, atol=1e-6)
     assert len(exports) == 1 and len(list((usual / "onnx").glob("*.onnx"))) == 1
     assert sorted(p.name for p in usual.iterdir()) == ["onnx"]  # no feature folder
+
+
+def test_arrays_and_empty_input_predict_like_files(trained, tiny_backbone, tmp_path):
+    """A uint8 RGB array (what numpy / OpenCV-converted code holds) was an ImageError printing the whole array;
+    `predict([])` was an AttributeError."""
+    est = _fit("svm", trained)
+    model = transferlab.load(save_bundle(tmp_path / "b", est, tiny_backbone, trained["ds"].classes), cache_dir=False)
+    paths = trained["ds"].paths("test")[:3]
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    want = model.predict_proba(paths)
+    np.testing.assert_allclose(model.predict_proba(arrays[0]), want[:1], atol=1e-6)  # one image
+    np.testing.assert_allclose(model.predict_proba(np.stack(arrays)), want, atol=1e-6)  # N x H x W x 3
+    np.testing.assert_allclose(model.predict_proba([arrays[0], paths[1]]), want[:2], atol=1e-6)
+    k = len(trained["ds"].classes)
+    assert model.predict_proba([]).shape == (0, k) and model.predict([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"must be uint8, H x W or H x W x 3 .* got float32 \(32, 40, 3\)"):
+        model.predict(np.zeros((32, 40, 3), dtype=np.float32))

@@ -363,8 +363,33 @@ def load(
     )
 
 
+def image_list(images) -> list:
+    """What `Model` predicts on, as a list of paths and PIL images: a path, a PIL image, a numpy array (one
+    H x W or H x W x C uint8 RGB image, or a stack N x H x W x C), or a list of any of these."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray):
+        one = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+        images = [images] if one else list(images)
+    elif isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    else:
+        images = list(images)
+    return [_array_image(x) if isinstance(x, np.ndarray) else x for x in images]
+
+
+def _array_image(a: np.ndarray):
+    from PIL import Image
+
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))):
+        raise ValueError(
+            f"an image array must be uint8, H x W or H x W x 3 (RGB; 1 or 4 channels too), got {a.dtype} {a.shape}"
+        )
+    return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+
+
 class Model:
-    """A loaded bundle: backbone + head, predicting from image paths or PIL images.
+    """A loaded bundle: backbone + head, predicting from image paths, PIL images or uint8 RGB arrays.
 
     `predict` returns class names, `predict_proba` an (n, n_classes) array over `classes` (the bundle's
     order). Features of image files go through the feature cache (`cache_dir`, default the usual one), so
@@ -410,7 +435,9 @@ class Model:
 
         from ..features.extract import Extraction, extract_features
 
-        images = list(images) if not isinstance(images, (str, Path, Image.Image)) else [images]
+        images = image_list(images)
+        if not images:
+            return Extraction(features=np.zeros((0, self.backbone.num_features), dtype=np.float32), paths=[])
         paths = [str(x) for x in images if not isinstance(x, Image.Image)]
         pil_rows = [i for i, x in enumerate(images) if isinstance(x, Image.Image)]
         kw = dict(
@@ -505,6 +532,8 @@ class Model:
     # head --------------------------------------------------------------------------------------------------
     def proba_from_features(self, X) -> np.ndarray:
         """Probabilities over all bundle classes (classes the head never saw get 0)."""
+        if len(X) == 0:  # no image: scikit-learn refuses an empty array
+            return np.zeros((0, len(self.classes)), dtype=np.float64)
         p = np.asarray(self.estimator.predict_proba(X), dtype=np.float64)
         full = np.zeros((len(p), len(self.classes)), dtype=np.float64)
         full[:, self._columns] = p
@@ -512,16 +541,18 @@ class Model:
 
     def predict_indices_from_features(self, X) -> np.ndarray:
         """The head's own predictions (e.g. SVC's vote, not the argmax of its probabilities: they differ on ties of votes) as indices."""
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.int64)
         pred = np.asarray(self.estimator.predict(X))
         seen = np.asarray(self.estimator.classes_)
         return self._columns[np.searchsorted(seen, pred)] if len(pred) else np.zeros(0, dtype=np.int64)
 
     def predict_proba(self, images) -> np.ndarray:
-        """(n, n_classes) probabilities for image paths and/or PIL images."""
+        """(n, n_classes) probabilities for image paths, PIL images and/or arrays (`image_list`)."""
         return self.proba_from_features(self.features(images))
 
     def predict(self, images) -> np.ndarray:
-        """Predicted class names for image paths and/or PIL images."""
+        """Predicted class names for image paths, PIL images and/or arrays (`image_list`)."""
         idx = self.predict_indices_from_features(self.features(images))
         return np.array(self.classes, dtype=object)[idx]
 
