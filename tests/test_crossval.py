@@ -392,7 +392,7 @@ def _wide_data(root):
     return make_imagefolder(root, counts)  # 48x40 pictures: aspect 1.2
 
 
-def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path, cache_dir):
+def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path, cache_dir, capsys):
     data = _wide_data(tmp_path / "data")
     args = ["--backbone", "test_efficientnet", "--weights", "random", "--epochs", "3", "--workers", "0"]
     out = tmp_path / "run"
@@ -418,6 +418,20 @@ def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path
         assert rows[name][2:4] == [f"{cv['point_score']['macro_f1']:.3f}", str(cv["grid_points"])]
         assert cv["grid_points"] > 1
     assert m["config"]["selection"] == "repeated-cv"
+    # the results table and the terminal's show the score the choice was made on (they showed only the validation
+    # split's, which can star a method with a lower number than another's)
+    head, *body = [r for r in report.split("## Results (test set)")[1].split("\n\n")[1].splitlines() if r]
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[5:7] == ["CV macro-F1", "valid macro-F1"], cols
+    cv_col = {
+        r.strip("|").split("|")[0].strip().removesuffix(" (selected)"): r.strip("|").split("|")[5].strip()
+        for r in body[1:]
+    }
+    assert cv_col == {n: f"{sel['scores'][n]['macro_f1']:.3f}" if n in sel["scores"] else "–" for n in m["methods"]}
+    printed = capsys.readouterr().out
+    assert (
+        "CV" in printed and "valid macro-F1" not in printed and "selected by macro-F1 on" in " ".join(printed.split())
+    )
 
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder
     cfg = StudyConfig(

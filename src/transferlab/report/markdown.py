@@ -100,11 +100,25 @@ def render_markdown(metrics: dict, figures: dict) -> str:
     md += ["### Images per class", "", markdown_table(rows), ""]
     md += [f"![{t}]({f})" for t, f in figures["data"]] + [""]
 
+    chosen_on, scores = sections.selection_column(metrics)  # the score "selected" was chosen on, if not valid's
+    cv = [chosen_on] if chosen_on.startswith("CV") else []
     md += [
         "## Results (test set)",
         "",
         markdown_table(
-            [["method", "accuracy", "macro-F1", "weighted F1", "balanced acc.", "valid macro-F1", "train", "predict"]]
+            [
+                [
+                    "method",
+                    "accuracy",
+                    "macro-F1",
+                    "weighted F1",
+                    "balanced acc.",
+                    *cv,
+                    "valid macro-F1",
+                    "train",
+                    "predict",
+                ]
+            ]
             + [
                 [
                     n + (" (selected)" if n == metrics.get("selected") else ""),
@@ -112,6 +126,7 @@ def render_markdown(metrics: dict, figures: dict) -> str:
                     number(m["macro_f1"]),
                     number(m["weighted_f1"]),
                     number(m["balanced_accuracy"]),
+                    *([number(scores[n])] if cv else []),
                     number(m.get("valid", {}).get("macro_f1")),
                     seconds(m["train_seconds"]),
                     seconds(m["predict_seconds"]),

@@ -16,6 +16,19 @@ from .format import interval, markdown_table, number, p_value
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
+def selection_column(metrics: dict) -> tuple[str, dict]:
+    """The score each method was selected on, as a results table's column: (header, {method: value}). Under CV
+    the CV score ("CV macro-F1"; none for a baseline CV did not score, e.g. the seed's softmax), else the
+    validation split's. A table that showed the validation split's score beside a CV choice starred a method
+    with a lower number than another's."""
+    sel = metrics.get("selection") or {}
+    metric = sel.get("metric", "macro_f1")
+    label = METRIC_NAMES.get(metric, metric)
+    if "CV" in (sel.get("protocol") or "") and sel.get("scores"):
+        return f"CV {label}", {n: (sel["scores"].get(n) or {}).get(metric) for n in metrics["methods"]}
+    return f"valid {label}", {n: (m.get("valid") or {}).get(metric) for n, m in metrics["methods"].items()}
+
+
 def selection_figures(out: Path, metrics: dict) -> list[tuple[str, str]]:
     """plots/data_efficiency.png for the selected method, as [(caption, relative path)] (empty without a curve)."""
     eff = metrics.get("data_efficiency")

@@ -201,7 +201,8 @@ def console_summary(metrics: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"transferlab: {metrics['backbone']} {'x'.join(map(str, metrics['input_size']))}")
-    for col in ("method", "accuracy", "macro-F1", "balanced acc.", "valid macro-F1", "train", "predict"):
+    chosen_on, scores = sections.selection_column(metrics)  # the score the star was chosen on
+    for col in ("method", "accuracy", "macro-F1", "balanced acc.", chosen_on, "train", "predict"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for n, m in metrics["methods"].items():
         table.add_row(
@@ -209,13 +210,16 @@ def console_summary(metrics: dict) -> None:
             number(m["accuracy"]),
             number(m["macro_f1"]),
             number(m["balanced_accuracy"]),
-            number(m.get("valid", {}).get("macro_f1")),
+            number(scores[n]),
             seconds(m["train_seconds"]),
             seconds(m["predict_seconds"]),
         )
     if metrics.get("selected"):
         sel = metrics["selection"]
-        table.caption = f"* selected on {sel.get('protocol', 'validation')} {sel['metric']}"
+        label = sections.METRIC_NAMES.get(sel["metric"], sel["metric"])
+        table.caption = (
+            f"* selected by {label} on {sel.get('protocol', 'validation')}; accuracy, macro-F1, balanced acc.: test set"
+        )
     console = Console(stderr=False)
     console.print(table)
     stages = metrics.get("timings") or {}
