@@ -228,3 +228,7 @@ def test_headline_and_gallery_name_the_selected_method_not_the_best_validation_s
     crowned = re.findall(r'<div class="card best"><h3>(\w+)<span class="badge">selected', page)
     assert crowned == ["cv_best"]
     assert "by accuracy on the 5-fold CV on train + valid" in page and "0.860" in page
+    # a baseline CV did not score showed its validation split's score among the CV scores
+    methods["baseline"] = {**methods["split_best"], "valid": {"accuracy": 0.95}}
+    card = headline(metrics).split("<h3>baseline")[1].split("</div>")[0]
+    assert "<dt>selection: CV accuracy</dt><dd>–</dd>" in card and "0.950" not in card, card

@@ -27,7 +27,7 @@ from ..data.images import ImageError, load_rgb
 from . import layout
 from .format import number, seconds
 from .markdown import findings
-from .sections import METRIC_NAMES
+from .sections import METRIC_NAMES, selection_column
 
 MAX_MISTAKES = 24  # thumbnails per method
 EXAMPLES_PER_CLASS = 3
@@ -226,16 +226,15 @@ BIG = ' class="big"'
 def headline(metrics: dict) -> str:
     methods = metrics["methods"]
     best, metric, protocol = selected(metrics)
-    scores = (metrics.get("selection") or {}).get("scores") or {}
+    chosen_on, scores = selection_column(metrics)  # a baseline CV did not score has none (not its valid score)
     label = METRIC_NAMES.get(metric, metric)
     cards = []
     for name, m in methods.items():
-        on = (scores.get(name) or m.get("valid") or {}).get(metric)
         rows = [
             ("test accuracy", number(m.get("accuracy")), True),
             ("test macro-F1", number(m.get("macro_f1")), True),
             ("balanced accuracy", number(m.get("balanced_accuracy")), False),
-            (f"selection {label}", number(on), False),
+            (f"selection: {chosen_on}", number(scores[name]), False),
             ("train", seconds(m.get("train_seconds")), False),
         ]
         dl = "".join(f"<dt>{k}</dt><dd{BIG if big else ''}>{v}</dd>" for k, v, big in rows)
