@@ -277,3 +277,30 @@ def test_progress_shows_each_stage_after_extraction(small_folder, tmp_path, cach
     shown = capsys.readouterr().out
     for stage in ("heads", "analysis: selection, statistics, leakage", "report: bundles, tables, plots, report.html"):
         assert stage in shown
+
+
+def test_three_images_a_class_run_by_default_and_refuse_validation_selection_before_extraction(
+    tmp_path, cache_dir, capsys
+):
+    """Three images a class leave two in train and none in valid. The default run died in a tuned head's final fit
+    (a one-point grid took a holdout it had no images for) and then in the data-efficiency curve (scored on the
+    empty validation split); --methods all died after the extraction; --methods all --cv 2 died in LDA's fit on
+    folds of one image a class, losing the other heads."""
+    from .conftest import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "tiny", {"all": {f"c{i}": 3 for i in range(4)}}) / "all"
+    args = [str(data), "--cache-dir", str(cache_dir), *TINY, "--epochs", "3"]
+    assert main(["run", *args, "--out", str(tmp_path / "default")]) == 0
+    m = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert m["n_valid"] == 0 and m["selection"]["cv"]["k"] == 2 and len(m["methods"]) == 6
+    assert "data_efficiency" not in m and any("validation split is empty" in n for n in m["notes"])
+
+    capsys.readouterr()
+    assert main(["run", *args, "--out", str(tmp_path / "all"), "--methods", "all"]) == 2
+    assert "the validation split is empty and class 'c0' has 2 training image(s)" in capsys.readouterr().err
+
+    with pytest.warns(DatasetWarning, match="lda could not be fitted on these data and is left out"):
+        assert main(["run", *args, "--out", str(tmp_path / "cv2"), "--methods", "all", "--cv", "2"]) == 0
+    m = json.loads((tmp_path / "cv2" / "metrics.json").read_text())
+    assert "lda" not in m["methods"] and {"svm_tuned", "logreg", "knn"} <= set(m["methods"])
+    assert any(n.startswith("lda could not be fitted") for n in m["notes"])

@@ -20,7 +20,7 @@ import torch
 from rich.progress import MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import ConfigError, StudyConfig, resolve_selection, with_preset
-from .data.datasets import DatasetWarning, discover
+from .data.datasets import DatasetError, DatasetWarning, discover
 from .evaluation.budget import TimeBudget, parse_duration
 from .evaluation.metrics import evaluate, full_proba
 from .features.backbones import load_backbone
@@ -431,7 +431,17 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
         prefit = {m: r["estimator"] for m, r in fitted.items()}
         secs = {m: r["train_seconds"] for m, r in fitted.items()}
-        return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit, prefit_seconds=secs)
+        try:
+            return fit_method(name, cfg, splits, ds.classes, chosen, prefit=prefit, prefit_seconds=secs)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # these data do not allow it (e.g. LDA on CV folds of 1 image a class)
+            if name == chosen_method:
+                raise
+            msg = f"{name} could not be fitted on these data and is left out: {exc}"
+            ds.notes.append(msg)
+            warnings.warn(msg, DatasetWarning, stacklevel=2)
+            return None
 
     def done() -> None:
         bar.advance(task)
@@ -449,7 +459,8 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
         while (name := take()) is not None:
             if here:  # the candidates' thread, whose fits the bar names
                 bar.update(task, description=f"heads: {name}")
-            out[name] = fit(name, {})
+            if (r := fit(name, {})) is not None:
+                out[name] = r
             done()
         return out
 
@@ -468,14 +479,15 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             bar.update(task, description=f"heads: {name}" + (f" (+ {', '.join(started)} alongside)" if started else ""))
             if fits_budget(name):
                 _seed_everything(cfg.seed)
-                results[name] = fit(name, results)
+                if (r := fit(name, results)) is not None:
+                    results[name] = r
             done()
         if alongside is not None:
             # The candidates are fitted: this thread takes the baselines the other has not started (at 101
             # classes the other thread had fitted the SVM and then the softmax, 10 s, while the candidates took 5 s).
             mine = fit_side(here=True)
             side_results = {**alongside.result(), **mine}
-            results.update({m: side_results[m] for m in started})  # in their order, whoever fitted them
+            results.update({m: side_results[m] for m in started if m in side_results})  # in their order
 
 
 def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
@@ -514,6 +526,23 @@ def _progress(enabled: bool):
     stats = MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
     with progress(*stats, enabled=enabled, spinner=True) as bar:
         yield bar
+
+
+def _check_validation(cfg: StudyConfig, ds) -> None:
+    """Before extraction: tuned heads selected on the validation split need one, or a holdout of three images a
+    class from train (a data set of 3 images a class had an empty validation split, and they failed after the
+    extraction in a ValueError traceback)."""
+    tuned = [m for m in cfg.methods if method_info(m).kind in ("tuned", "ensemble")]
+    if cfg.selection != "validation" or ds.split("valid") or not tuned:
+        return
+    counts = ds.counts()["train"]
+    smallest = min(counts.values())
+    if smallest < 3:
+        raise ConfigError(
+            f"the validation split is empty and class '{min(counts, key=counts.get)}' has {smallest} training "
+            f"image(s): {', '.join(tuned)} have nothing to tune on. Run the default selection (repeated CV: "
+            "without --methods/--selection), or --cv 2, or give each class at least three images"
+        )
 
 
 def check_out_outside_data(out, data) -> None:
@@ -561,6 +590,7 @@ def run_study(cfg: StudyConfig) -> dict:
         test_fraction=cfg.test_fraction,
         allow_outside=cfg.allow_outside,
     )
+    _check_validation(cfg, ds)
     auto_size = cfg.input_size == "auto"
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=None if auto_size else cfg.input_size)
     cv_selection = size_choice = None
@@ -580,8 +610,6 @@ def run_study(cfg: StudyConfig) -> dict:
         splits, extract_info = extract_splits(cfg, ds, bb)
     timings = {"extract": time.perf_counter() - start}
     if len(np.unique(splits["train"].y)) < 2:
-        from .data.datasets import DatasetError
-
         skipped = extract_info["skipped"]
         hint = (
             f" ({len(skipped)} images unreadable, e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
@@ -605,6 +633,8 @@ def run_study(cfg: StudyConfig) -> dict:
         task = bar.add_task("heads", total=len(cfg.methods))
         _final_fits(cfg, splits, ds, bb, cv_selection, budget, results, bar, task)
         results = {n: results[n] for n in cfg.methods if n in results}  # the report's order
+        if not results:
+            raise DatasetError(f"no method could be fitted on these data ({'; '.join(ds.notes[-3:])})")
         cfg.methods = list(results)
         bar.update(task, description="heads")
         timings["heads"] = time.perf_counter() - t0
@@ -618,6 +648,9 @@ def run_study(cfg: StudyConfig) -> dict:
         task = bar.add_task("analysis: selection, statistics, leakage", total=2)
         _seed_everything(cfg.seed)
         efficiency = cfg.data_efficiency and _efficiency_fits(budget, results, cv_selection, ds.notes)
+        if efficiency and not len(splits["valid"].y):  # the curve is scored on validation
+            efficiency = False
+            ds.notes.append("no data-efficiency curve: the validation split is empty (too few images per class)")
         analysis = analyse(
             results,
             splits,

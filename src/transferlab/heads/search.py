@@ -179,8 +179,11 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         X, y = fit_inputs(self, X, y)
         eval_set = eval_set_inputs(self, eval_set)
-        folds = self._splits(X, y, eval_set)
         points = list(ParameterGrid(self.param_grid))
+        if len(points) == 1 and not (self.cv and self.cv >= 2) and (eval_set is None or not len(eval_set[1])):
+            self.validation_ = "none (one grid point, no validation split)"  # nothing to choose: no holdout
+            return self._fit_only_point(points[0], X, y, None, t0)
+        folds = self._splits(X, y, eval_set)
         if len(points) == 1 and self.validation_ == "validation split":  # nothing to choose: fit it once
             return self._fit_only_point(points[0], X, y, folds[0], t0)
         search = dict(self.search_params or {})
@@ -232,13 +235,13 @@ class ValidationSearch(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_only_point(self, point: dict, X, y, fold, t0: float):
-        """A one-point grid on a validation split (e.g. hyperparameters chosen by `evaluation.crossval`): the final
-        model (without search-only settings) is fitted once on (X, y) and scored on the validation split."""
+        """A one-point grid (e.g. hyperparameters chosen by `evaluation.crossval`): the final model (without
+        search-only settings) is fitted once on (X, y) and scored on the validation split `fold` (None: no score)."""
         with warning_filter("ignore", ConvergenceWarning):
             model = clone(self.estimator).set_params(**point).fit(X, y)
-        s = score(fold[3], model.predict(fold[2]))
+        s = score(fold[3], model.predict(fold[2])) if fold is not None else None  # None: nothing to score on
         self.results_ = [{"params": point, "valid": s, "fit_seconds": time.perf_counter() - t0}]
-        self.best_params_, self.best_valid_, self.best_score_ = dict(point), s, s[self.scoring]
+        self.best_params_, self.best_valid_, self.best_score_ = dict(point), s, s[self.scoring] if s else None
         self.best_estimator_ = model
         self.search_seconds_ = time.perf_counter() - t0
         return self
