@@ -595,3 +595,29 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(data, tmp
     logits = torch.as_tensor(ddp["valid_logits"])
     assert ddp["history"]["valid_loss"][best] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
     assert ddp["history"]["valid_acc"][best] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+
+
+def test_lightnings_advert_for_a_logging_service_is_not_shown():
+    """Every fit printed "💡 Tip: For seamless cloud logging ... try installing litlogger" on the user's screen."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    import transferlab.finetune.tuner  # noqa: F401  (installs the filter)
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler, loggers = Keep(), [logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.fabric")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero_info("GPU available: False, used: False")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert seen == ["GPU available: False, used: False"]

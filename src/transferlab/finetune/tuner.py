@@ -14,6 +14,7 @@ The Lightning module, stages, augmentation and schedules are in `finetune.module
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import time
@@ -59,6 +60,17 @@ from .module import (
     parse_unfreeze,
     train_transform,
 )
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning's Trainer logs a tip to install a cloud logging service on every fit: not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoAdverts())  # whichever module's logger rank_zero_info uses
 
 
 class FineTuner(ClassifierMixin, BaseEstimator):
