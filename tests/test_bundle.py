@@ -261,6 +261,10 @@ def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):
     assert "broken.jpg" in err and len(_rows(out)) == 1
     assert main(base + ["--evaluate"]) == 2
     assert "folder named after one of the bundle's classes; 1 is not (e.g. in " in capsys.readouterr().err
+    folder = tmp_path / "outdir"  # --out an existing folder: was IsADirectoryError after the predictions
+    folder.mkdir()
+    assert main([*base[:4], str(folder), *base[5:]]) == 0
+    assert len(_rows(folder / "predictions.csv")) == 1 and f"-> {folder / 'predictions.csv'}" in capsys.readouterr().out
     misspelt = tmp_path / "labelled" / "Bees"
     misspelt.mkdir(parents=True)
     Image.open(trained["ds"].paths("test")[0]).save(misspelt / "y.png")

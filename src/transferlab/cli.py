@@ -534,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bundle", help="bundle folder, e.g. runs/study/models/softmax, or a run folder (its selected method's)"
     )
     pred.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
-    pred.add_argument("--out", default="predictions.csv", help="CSV: path, predicted, probability[, top-k][, label]")
+    pred.add_argument(
+        "--out",
+        default="predictions.csv",
+        help="CSV (or a folder, for FOLDER/predictions.csv): path, predicted, probability[, top-k][, label]",
+    )
     pred.add_argument("--top-k", type=_positive_int, default=1, help="also write the K most probable classes")
     pred.add_argument(
         "--evaluate",
@@ -737,9 +741,10 @@ def cmd_extract(args) -> int:
 def cmd_predict(args) -> int:
     from .evaluation.metrics import format_report
     from .model.bundle import load
-    from .model.predict import evaluate_predictions, predict_paths, write_csv
+    from .model.predict import csv_path, evaluate_predictions, predict_paths, write_csv
 
     _check_cache(args.cache_dir)  # --no-cache still keeps the backbone's ONNX graph there
+    _check_writable(csv_path(args.out).parent, "the predictions' folder")  # before the images, not after
     model = load(
         args.bundle,
         weights=args.weights,

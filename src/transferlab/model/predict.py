@@ -84,9 +84,17 @@ def predict_paths(model: Model, inputs, *, progress: bool = True) -> Predictions
     )
 
 
+def csv_path(out) -> Path:
+    """Where `--out` puts the predictions: the file named, or predictions.csv in a folder that exists (or is named
+    with a trailing slash); writing to the folder itself was an IsADirectoryError after every image was predicted."""
+    path = Path(out)
+    return path / "predictions.csv" if path.is_dir() or str(out).endswith(("/", "\\")) else path
+
+
 def write_csv(preds: Predictions, out, *, top_k: int = 1, with_labels: bool = False) -> Path:
-    """One row per image: path, predicted, probability, [top1, top1_probability, ...], [label]."""
-    out = Path(out)
+    """One row per image: path, predicted, probability, [top1, top1_probability, ...], [label]. `out` is the CSV
+    file, or a folder to write predictions.csv into."""
+    out = csv_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max(0, min(top_k, len(preds.classes))) if top_k > 1 else 0
     header = ["path", "predicted", "probability"]
