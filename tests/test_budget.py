@@ -104,14 +104,17 @@ def test_time_budget_object_reports_what_it_skipped():
     assert b.summary()["skipped"] == [{"what": "lda", "why": "late"}]
 
 
-def test_a_run_over_its_budget_still_selects_fits_and_reports_and_lists_what_it_skipped(tmp_path, cache_dir):
+def test_a_run_over_its_budget_still_selects_fits_and_reports_and_lists_what_it_skipped(tmp_path, cache_dir, capsys):
     data, args = _small_run(tmp_path, cache_dir)
     assert main(["run", str(data), "--out", str(tmp_path / "free"), *args]) == 0
     free = json.loads((tmp_path / "free" / "metrics.json").read_text())
     assert "budget" not in free and set(free["methods"]) == {"softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"}
 
+    capsys.readouterr()
     assert main(["run", str(data), "--out", str(tmp_path / "tight"), "--time-budget", "0.001s", *args]) == 0
     m = json.loads((tmp_path / "tight" / "metrics.json").read_text())
+    printed = " ".join(capsys.readouterr().out.split())  # the terminal says what was skipped, not only the report
+    assert "time budget 0.00 s: skipped " in printed and "ensemble" in printed.split("skipped ")[-1], printed
     skipped = {s["what"]: s["why"] for s in m["budget"]["skipped"]}
     assert m["budget"]["seconds"] == pytest.approx(0.001)
     assert m["selected"] in m["methods"]  # something is always selected, fitted and reported

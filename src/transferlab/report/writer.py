@@ -226,3 +226,7 @@ def console_summary(metrics: dict) -> None:
     if stages:
         # one line, unwrapped by rich (at 80 columns it split "15.86 s" between the number and its unit)
         console.print("time: " + ", ".join(f"{k} {seconds(v)}" for k, v in stages.items()), soft_wrap=True)
+    budget = metrics.get("budget") or {}
+    if budget.get("skipped"):  # was only in the report's notes: a budgeted run's short table went unexplained
+        whats = ", ".join(s["what"] for s in budget["skipped"])
+        console.print(f"time budget {seconds(budget['seconds'])}: skipped {whats} (the report's notes say why)")
