@@ -83,6 +83,8 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 def test_unknown_name_and_missing_weights_explain_what_to_do(tmp_path):
     with pytest.raises(BackboneError, match="unknown backbone"):
         load_backbone("resnet_does_not_exist")
+    with pytest.raises(BackboneError, match=r"'resnet5O' \(not a timm model; nearest names: resnet50, "):
+        load_backbone("resnet5O")  # a typo: the names it is nearest (they listed bat_resnext26ts, cspresnet50, ...)
     with pytest.raises(BackboneError, match="not found"):
         load_backbone("test_resnet", weights=tmp_path / "nope.safetensors")
     wrong = timm.create_model("test_vit", pretrained=False).state_dict()

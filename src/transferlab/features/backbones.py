@@ -234,10 +234,13 @@ def load_backbone(
     arch = name.split(".")[0]
     extra: dict = {}
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch[:5]}*")[:5]
+        from difflib import get_close_matches
+
+        close = get_close_matches(arch.lower(), timm.list_models(), n=5, cutoff=0.6)  # a typo: the nearest names
         raise BackboneError(
-            f"unknown backbone '{name}' (not a timm model; e.g. {', '.join(close) or 'resnet50.tv_in1k'}"
-            f"; embedded offline: {', '.join(EMBEDDED)})"
+            f"unknown backbone '{name}' (not a timm model; "
+            + (f"nearest names: {', '.join(close)}" if close else "e.g. resnet50.tv_in1k")
+            + f"; embedded offline: {', '.join(EMBEDDED)})"
         )
     if weights is not None and str(weights) != "random":
         model = timm.create_model(name, pretrained=False, num_classes=0)
