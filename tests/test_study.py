@@ -304,3 +304,19 @@ def test_three_images_a_class_run_by_default_and_refuse_validation_selection_bef
     m = json.loads((tmp_path / "cv2" / "metrics.json").read_text())
     assert "lda" not in m["methods"] and {"svm_tuned", "logreg", "knn"} <= set(m["methods"])
     assert any(n.startswith("lda could not be fitted") for n in m["notes"])
+
+
+def test_out_holding_a_users_files_of_the_reports_names_is_refused_before_any_work(small_folder, tmp_path, capsys):
+    """`--out .` in a project folder replaced its README.txt and config.yaml with the run's, silently."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.txt").write_text("my notes\n")
+    (project / "config.yaml").write_text("lr: 3\n")
+    args = [str(small_folder), "--cache-dir", str(tmp_path / "c"), *TINY, "--methods", "svm"]
+    assert main(["run", *args, "--out", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert "holds config.yaml, README.txt that transferlab did not write" in err, err
+    assert (project / "README.txt").read_text() == "my notes\n" and not (tmp_path / "c").exists()
+    run = tmp_path / "run"  # a run folder of its own is rerun into as before
+    assert main(["run", *args, "--out", str(run)]) == 0
+    assert main(["run", *args, "--out", str(run)]) == 0

@@ -547,7 +547,8 @@ def _check_validation(cfg: StudyConfig, ds) -> None:
 
 def check_out_outside_data(out, data) -> None:
     """Refuse a run folder inside a data folder: the next run over that folder would read the report's plots as a
-    class of images (a run into DATA/results once made a class "results" of its own confusion matrices)."""
+    class of images (a run into DATA/results once made a class "results" of its own confusion matrices); and one
+    holding files of the report's names that transferlab did not write (`layout.foreign_files`)."""
     from .data.datasets import DatasetError
 
     root = Path(data).resolve()
@@ -555,6 +556,12 @@ def check_out_outside_data(out, data) -> None:
         raise DatasetError(
             f"--out {out} is inside the data folder {data}: the next run would read the report's images as a class "
             "of its own; choose a folder outside it"
+        )
+    foreign = layout.foreign_files(out)
+    if foreign:  # e.g. --out . in a project folder: its own README.txt or config.yaml would be replaced
+        raise DatasetError(
+            f"--out {out} holds {', '.join(foreign)} that transferlab did not write: the run would overwrite "
+            f"{'them' if len(foreign) > 1 else 'it'}; choose a new or empty folder"
         )
 
 

@@ -32,6 +32,32 @@ report.html: the report to open (self-contained); report.md: the same as markdow
 """
 
 
+# how each top file of a run folder begins, to tell transferlab's own from a user's file of the same name
+SIGNATURES = {
+    "report.html": "<title>transferlab",
+    "report.md": "# transferlab",
+    "metrics.json": '"backbone"',
+    "config.yaml": "# transferlab",
+    "README.txt": "report.html:",
+}
+
+
+def foreign_files(out) -> list[str]:
+    """The files in `out` a run would overwrite that transferlab did not write (a user's README.txt or config.yaml
+    in a folder given as --out), by how its own begin (`SIGNATURES`)."""
+    found = []
+    for name, mark in SIGNATURES.items():
+        path = Path(out) / name
+        if path.is_file():
+            try:
+                head = path.read_bytes()[:2048].decode("utf-8", errors="replace")
+            except OSError:
+                head = ""
+            if mark not in head:
+                found.append(name)
+    return found
+
+
 def method_dir(out, name: str) -> Path:
     """methods/<name>/ of the run folder `out` (not created)."""
     return Path(out) / METHODS / name
