@@ -185,7 +185,7 @@ def test_csv_manifest_with_splits_and_escape_refused(tmp_path):
     assert len(discover(tmp_path / "sub" / "evil.csv", allow_outside=True, valid_fraction=0).classes) == 2
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "single", "not_csv"])
+@pytest.mark.parametrize("case", ["missing", "empty", "single", "not_csv", "zip"])
 def test_hard_errors_are_clear(tmp_path, case):
     if case == "missing":
         target, match = tmp_path / "nope", "not found"
@@ -194,9 +194,12 @@ def test_hard_errors_are_clear(tmp_path, case):
         target, match = tmp_path / "e", "no training images"
     elif case == "single":
         target, match = make_imagefolder(tmp_path / "s", {"train": {"only": 3}}), "single class"
+    elif case == "zip":
+        (tmp_path / "flowers.zip").write_bytes(b"PK\x03\x04")
+        target, match = tmp_path / "flowers.zip", "not a CSV manifest .*: unpack the archive and point at the folder"
     else:
         (tmp_path / "x.txt").write_text("hi")
-        target, match = tmp_path / "x.txt", "not a CSV"
+        target, match = tmp_path / "x.txt", "not a CSV manifest \\(path,label\\[,split\\]\\)$"
     with pytest.raises(DatasetError, match=match):
         discover(target)
 

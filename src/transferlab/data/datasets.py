@@ -408,7 +408,9 @@ def discover(
         raise DatasetError(f"dataset not found: {root}")
     if root.is_file():
         if root.suffix.lower() not in (".csv", ".tsv"):
-            raise DatasetError(f"{root} is a file but not a CSV manifest (path,label[,split])")
+            archive = root.name.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".7z", ".rar"))
+            hint = ": unpack the archive and point at the folder of class folders" if archive else ""
+            raise DatasetError(f"{root} is a file but not a CSV manifest (path,label[,split]){hint}")
         ds = _from_csv(root, allow_outside)
     elif (root / "train").is_dir() and not _train_is_a_class(root):
         ds = _from_imagefolder(root)
