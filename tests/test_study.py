@@ -320,3 +320,18 @@ def test_out_holding_a_users_files_of_the_reports_names_is_refused_before_any_wo
     run = tmp_path / "run"  # a run folder of its own is rerun into as before
     assert main(["run", *args, "--out", str(run)]) == 0
     assert main(["run", *args, "--out", str(run)]) == 0
+
+
+def test_the_python_entry_point_runs_the_study_and_loads_its_selected_model(small_folder, tmp_path):
+    import transferlab
+
+    out = tmp_path / "run"
+    kw = dict(backbone="test_efficientnet", weights="random", input_size=(32, 40), epochs=3, progress=False)
+    metrics = transferlab.run(
+        small_folder, out=out, cache_dir=tmp_path / "c", num_workers=0, methods=["svm", "lda"], **kw
+    )
+    assert metrics == json.loads((out / "metrics.json").read_text()) | {"timings": metrics["timings"]}
+    model = transferlab.load(out)
+    assert model.path == out / "models" / metrics["selected"]
+    with pytest.raises(TypeError, match="learning_rate"):
+        transferlab.run(small_folder, out=out, learning_rate=3)

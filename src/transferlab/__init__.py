@@ -8,6 +8,15 @@ import scipy.special  # noqa: F401, E402
 __version__ = "0.1.0"
 
 
+def run(data, out="runs/study", **settings) -> dict:
+    """`transferlab run DATA --out OUT` from Python: `settings` are `transferlab.study.StudyConfig`'s fields
+    (methods, input_size, time_budget, preset, cache_dir, progress, ...). Writes the run folder and returns what
+    metrics.json holds; `transferlab.load(out)` then loads the selected model."""
+    from .study import StudyConfig, run_study
+
+    return run_study(StudyConfig(data=str(data), out=str(out), **settings))
+
+
 def load(path, **kwargs):
     """Load a saved model bundle (see `transferlab.bundle.load`): `transferlab.load(DIR).predict(images)`."""
     from .model.bundle import load as _load

@@ -12,6 +12,7 @@ import argparse
 import inspect
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,11 @@ class StudyConfig:
     dup_threshold: float = 0.95  # leakage check: cosine similarity above which images count as near-duplicates
     preset: str = "quick"  # quick: frozen-feature heads (the default run); best: adds `finetune`, on the same folds
     time_budget: float | None = None  # seconds of wall time for the run (evaluation.budget); None: unlimited
+
+    def __post_init__(self):  # paths given as pathlib.Path (the Python API) are kept, and written, as text
+        for name in ("data", "out", "cache_dir", "weights"):
+            if isinstance(getattr(self, name), PathLike):
+                setattr(self, name, str(getattr(self, name)))
 
 
 class ConfigError(ValueError):
