@@ -335,3 +335,6 @@ def test_the_python_entry_point_runs_the_study_and_loads_its_selected_model(smal
     assert model.path == out / "models" / metrics["selected"]
     with pytest.raises(TypeError, match="learning_rate"):
         transferlab.run(small_folder, out=out, learning_rate=3)
+    for size in ("32x40", [32, 40], 32):  # as the CLI and config files take it (a string was read as characters)
+        assert StudyConfig(data="d", input_size=size).input_size == ((32, 32) if size == 32 else (32, 40))
+    assert StudyConfig(data="d", input_size="auto").input_size == "auto"

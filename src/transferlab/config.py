@@ -69,10 +69,15 @@ class StudyConfig:
     preset: str = "quick"  # quick: frozen-feature heads (the default run); best: adds `finetune`, on the same folds
     time_budget: float | None = None  # seconds of wall time for the run (evaluation.budget); None: unlimited
 
-    def __post_init__(self):  # paths given as pathlib.Path (the Python API) are kept, and written, as text
+    def __post_init__(self):  # the Python API's pathlib paths kept (and written) as text, sizes as (h, w)
         for name in ("data", "out", "cache_dir", "weights"):
             if isinstance(getattr(self, name), PathLike):
                 setattr(self, name, str(getattr(self, name)))
+        size = self.input_size  # "224x288", 224 or [224, 288] as on the command line and in config files
+        if isinstance(size, (str, int)) and not isinstance(size, bool) and str(size).lower() != "auto":
+            self.input_size = parse_size(str(size))
+        elif isinstance(size, list):
+            self.input_size = tuple(size)
 
 
 class ConfigError(ValueError):
