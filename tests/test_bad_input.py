@@ -75,6 +75,14 @@ def test_classes_written_two_ways_are_named_in_a_warning(tmp_path):
         discover(make_imagefolder(tmp_path / "f", {"train": {"cat": 2, "cats": 2, "dog": 2}}))
 
 
+def test_a_class_with_training_images_only_is_named_in_a_warning(tmp_path):
+    """A class of one image stays in train: no test or validation image measures it, and nothing said so."""
+    root = make_imagefolder(tmp_path / "d", {"all": {"a": 6, "b": 6, "lily": 1}}) / "all"
+    with pytest.warns(DatasetWarning, match=r"class 'lily' \(1\) has training images only, no test or validation"):
+        ds = discover(root)
+    assert ds.counts()["train"]["lily"] == 1 and any("'lily'" in n for n in ds.notes)
+
+
 def test_csv_written_on_windows_reads_its_backslash_paths(tmp_path):
     make_imagefolder(tmp_path / "imgs", {"all": {"a": 3, "b": 3}})
     m = tmp_path / "m.csv"

@@ -439,10 +439,28 @@ def discover(
             DatasetWarning,
             stacklevel=2,
         )
-    for msg in _near_same_classes(ds.classes):
+    for msg in _near_same_classes(ds.classes) + _unmeasured_classes(ds):
         ds.notes.append(msg)
         warnings.warn(msg, DatasetWarning, stacklevel=2)
     return ds
+
+
+def _unmeasured_classes(ds: ImageDataset) -> list[str]:
+    """Classes with training images but none to score them on, where the other classes have test images (a class
+    of one image stays in train): every number in the report leaves them out."""
+    counts = ds.counts()
+    if "test" not in counts:
+        return []
+    held = [c for c in ds.classes if not counts["test"][c] and not counts.get("valid", {}).get(c)]
+    if not held:
+        return []
+    shown = ", ".join(f"'{c}' ({counts['train'][c]})" for c in held[:10]) + (" ..." if len(held) > 10 else "")
+    one = len(held) == 1
+    who = f"class {shown} has" if one else f"{len(held)} classes have"
+    return [
+        f"{who} training images only, no test or validation image{'' if one else ' (' + shown + ')'}: the model "
+        f"learns {'it' if one else 'them'}, but no score in the report measures {'it' if one else 'them'}"
+    ]
 
 
 def _near_same_classes(classes: list[str]) -> list[str]:
