@@ -350,6 +350,23 @@ def test_median_aspect_reads_headers_and_skips_unreadable_files(tmp_path):
     assert median_aspect([str(tmp_path / "bad.png")]) is None
 
 
+def test_median_aspect_passes_over_an_image_too_large_to_decode_safely(tmp_path, monkeypatch):
+    """A 195-megapixel PNG stopped the run in PIL's DecompressionBombError from reading its header (before the
+    extraction, which skips it with its reason)."""
+    import warnings
+
+    from PIL import Image
+
+    Image.new("RGB", (120, 40)).save(tmp_path / "wide.png")  # 4,800 pixels: read
+    Image.new("RGB", (100, 400)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels: over twice the limit, an error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a DecompressionBombWarning on the screen
+        assert median_aspect([str(tmp_path / "wide.png"), str(tmp_path / "bomb.png")]) == pytest.approx(3.0)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # between one and two limits: a warning in PIL
+        assert median_aspect([str(tmp_path / "bomb.png")]) == pytest.approx(0.25)
+
+
 def test_median_aspect_is_the_aspect_of_the_image_as_decoded_after_exif_orientation(tmp_path):
     """A phone photo held upright is stored landscape with an EXIF orientation of 6 (or 5, 7, 8): decoded (`load_rgb`
     applies the orientation) it is portrait, and its input size must be too."""

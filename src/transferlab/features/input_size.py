@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import ORIENTATION, TURNED
+from ..warning_filters import warning_filter
 
 SQUARE_WITHIN = 1.15  # median aspects closer to 1 than this keep the native square size
 MAX_ASPECT = 4.0
@@ -29,11 +30,11 @@ def median_aspect(paths: list[str]) -> float | None:
     aspects = []
     for i in idx:
         try:
-            with Image.open(paths[i]) as im:
+            with warning_filter("ignore", Image.DecompressionBombWarning), Image.open(paths[i]) as im:
                 w, h = im.size
                 if im.getexif().get(ORIENTATION) in TURNED:  # `load_rgb` applies the orientation
                     w, h = h, w
-        except (OSError, ValueError):  # unreadable files are reported by extraction, not here
+        except Exception:  # noqa: BLE001  unreadable (or too large) files are reported by extraction, not here
             continue
         if w > 0 and h > 0:
             aspects.append(w / h)
