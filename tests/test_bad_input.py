@@ -345,3 +345,37 @@ def test_images_extraction_cannot_read_are_named_on_screen_not_only_in_the_repor
     assert len(ours) == 1 and "1 image could not be read and was skipped" in ours[0] and "cut.jpg" in ours[0], ours
     assert [Path(s["path"]).name for s in metrics["skipped"]] == ["cut.jpg"]
     assert "1 unreadable image skipped:" in (Path(cfg.out) / "report.md").read_text()
+
+
+def test_photos_with_a_corrupt_exif_block_are_read_without_a_warning_each(tmp_path, cache_dir):
+    """Pillow printed "UserWarning: Corrupt EXIF data" for every such photo (twice: header and decode), a wall of
+    warnings for a camera's folder, though the pixels are read all the same."""
+    import transferlab
+    from transferlab.study import StudyConfig, run_study
+
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}})
+    bad_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\xff\xff"
+    for p in list(root.rglob("*.png")):
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), exif=bad_exif)
+        p.unlink()
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):  # what Pillow does on its own
+        Image.open(next(root.rglob("*.jpg"))).getexif()
+    cfg = StudyConfig(
+        data=str(root),
+        out=str(tmp_path / "run"),
+        backbone="test_efficientnet",
+        weights="random",
+        epochs=2,
+        cache_dir=str(cache_dir),
+        progress=False,
+        num_workers=0,
+        methods=["svm"],
+        data_efficiency=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_study(cfg)
+        model = transferlab.load(Path(cfg.out) / "models" / "svm", cache_dir=False)
+        assert len(model.predict(sorted(map(str, root.rglob("*.jpg"))))) == 16
+    assert metrics["n_train"] + metrics["n_valid"] + metrics["n_test"] == 16 and not metrics["skipped"]
+    assert not [str(w.message) for w in caught if "EXIF" in str(w.message)]

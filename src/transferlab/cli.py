@@ -685,6 +685,7 @@ def cmd_extract(args) -> int:
     from .features.backbones import load_backbone
     from .features.distributed import is_main
     from .features.extract import extract_features
+    from .warning_filters import quiet_decoding
 
     _check_cache(args.cache_dir)
     _launch(args)
@@ -700,19 +701,20 @@ def cmd_extract(args) -> int:
     torch.manual_seed(args.seed)  # --weights random: the same network as `run --seed N`, so reruns resume
     bb = load_backbone(args.backbone, weights=args.weights, input_size=parse_size(args.input_size))
     paths = [s.path for s in ds.samples]
-    ex = extract_features(
-        paths,
-        bb,
-        cache_dir=args.cache_dir,
-        precision=args.precision,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        strict=args.strict,
-        progress=not args.no_progress,
-        chunk_size=args.chunk_size,
-        runtime=args.runtime,
-    )
+    with quiet_decoding():
+        ex = extract_features(
+            paths,
+            bb,
+            cache_dir=args.cache_dir,
+            precision=args.precision,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            strict=args.strict,
+            progress=not args.no_progress,
+            chunk_size=args.chunk_size,
+            runtime=args.runtime,
+        )
     if not is_main():
         return 0
     print(

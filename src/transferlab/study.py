@@ -569,6 +569,13 @@ def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics.
 
     metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
+    from .warning_filters import quiet_decoding
+
+    with quiet_decoding():
+        return _run_study(cfg)
+
+
+def _run_study(cfg: StudyConfig) -> dict:
     start, started = time.perf_counter(), time.time()  # `started`: what an earlier run left is older
     budget = TimeBudget(None if cfg.time_budget is None else parse_duration(cfg.time_budget), start=start)
     out = Path(cfg.out)

@@ -45,3 +45,10 @@ def warning_filter(action: str, category: type[Warning] = Warning, message: str 
                 mutated = getattr(warnings, "_filters_mutated", None)
                 if mutated is not None:  # clears the per-module caches of which warnings were shown
                     mutated()
+
+
+def quiet_decoding():
+    """What decoding a folder of photos must not print once per photo: Pillow's "Corrupt EXIF data" UserWarning
+    (a camera's malformed EXIF block; the pixels are read all the same). Held around a study, an extraction or a
+    prediction."""
+    return warning_filter("ignore", UserWarning, "Corrupt EXIF data")

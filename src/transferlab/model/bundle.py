@@ -429,6 +429,12 @@ class Model:
 
         With the bundle's `tta`, features are the mean of the image's and its horizontal flip's, as in training.
         """
+        from ..warning_filters import quiet_decoding
+
+        with quiet_decoding():
+            return self._extract(images, progress=progress, strict=strict, description=description)
+
+    def _extract(self, images, *, progress: bool, strict: bool, description: str):
         import contextlib
 
         from PIL import Image
