@@ -45,6 +45,15 @@ def make_photo(path: Path, size=(1600, 1200), orientation: int | None = None) ->
     return path
 
 
+def tiny_study(data, out, cache_dir, **settings):
+    """A StudyConfig on the tiny random-init backbone at 32x40, two epochs, quiet, in-process decoding: what the
+    study tests vary (`settings` override any of these)."""
+    from transferlab.study import StudyConfig
+
+    base = dict(backbone="test_efficientnet", weights="random", input_size=(32, 40), epochs=2, progress=False)
+    return StudyConfig(data=str(data), out=str(out), cache_dir=str(cache_dir), **{**base, "num_workers": 0, **settings})
+
+
 @pytest.fixture
 def small_folder(tmp_path) -> Path:
     """3 imbalanced classes with train and test splits (no valid)."""

@@ -13,7 +13,7 @@ from transferlab.cli import build_parser
 from transferlab.data.datasets import DatasetError, DatasetWarning, discover
 from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
 
-from .conftest import make_imagefolder
+from .conftest import make_imagefolder, tiny_study
 
 # --- CSV manifests ------------------------------------------------------------------------------
 
@@ -287,25 +287,14 @@ def test_class_folder_of_only_skipped_files_says_why_it_is_ignored(tmp_path):
 
 
 def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, cache_dir):
-    from transferlab.study import StudyConfig, run_study
+    from transferlab.study import run_study
 
     root = make_imagefolder(
         tmp_path / "d", {"train": {"ant": 8, "bee": 8, "cat": 6}, "test": {"ant": 3, "bee": 3, "cat": 2}}
     )
     for p in (root / "train" / "cat").iterdir():
         p.write_bytes(b"not a picture")
-    cfg = StudyConfig(
-        data=str(root),
-        out=str(tmp_path / "run"),
-        backbone="test_efficientnet",
-        weights="random",
-        input_size=(32, 40),
-        epochs=2,
-        cache_dir=str(cache_dir),
-        progress=False,
-        num_workers=0,
-        methods=["softmax", "svm"],
-    )
+    cfg = tiny_study(root, tmp_path / "run", cache_dir, methods=["softmax", "svm"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = run_study(cfg)
@@ -320,24 +309,13 @@ def test_training_class_with_no_readable_image_warns_and_is_reported(tmp_path, c
 
 def test_images_extraction_cannot_read_are_named_on_screen_not_only_in_the_report(tmp_path, cache_dir):
     """A truncated JPEG was skipped and listed in report.md's notes only: the terminal said nothing."""
-    from transferlab.study import StudyConfig, run_study
+    from transferlab.study import run_study
 
     root = make_imagefolder(tmp_path / "d", {"train": {"ant": 8, "bee": 8}, "test": {"ant": 3, "bee": 3}})
     good = next((root / "train" / "bee").iterdir())
     Image.open(good).convert("RGB").save(root / "train" / "bee" / "whole.jpg")
     (root / "train" / "bee" / "cut.jpg").write_bytes((root / "train" / "bee" / "whole.jpg").read_bytes()[:300])
-    cfg = StudyConfig(
-        data=str(root),
-        out=str(tmp_path / "run"),
-        backbone="test_efficientnet",
-        weights="random",
-        input_size=(32, 40),
-        epochs=2,
-        cache_dir=str(cache_dir),
-        progress=False,
-        num_workers=0,
-        methods=["svm"],
-    )
+    cfg = tiny_study(root, tmp_path / "run", cache_dir, methods=["svm"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = run_study(cfg)
@@ -351,7 +329,7 @@ def test_photos_with_a_corrupt_exif_block_are_read_without_a_warning_each(tmp_pa
     """Pillow printed "UserWarning: Corrupt EXIF data" for every such photo (twice: header and decode), a wall of
     warnings for a camera's folder, though the pixels are read all the same."""
     import transferlab
-    from transferlab.study import StudyConfig, run_study
+    from transferlab.study import run_study
 
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}})
     bad_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\xff\xff"
@@ -360,18 +338,7 @@ def test_photos_with_a_corrupt_exif_block_are_read_without_a_warning_each(tmp_pa
         p.unlink()
     with pytest.warns(UserWarning, match="Corrupt EXIF"):  # what Pillow does on its own
         Image.open(next(root.rglob("*.jpg"))).getexif()
-    cfg = StudyConfig(
-        data=str(root),
-        out=str(tmp_path / "run"),
-        backbone="test_efficientnet",
-        weights="random",
-        epochs=2,
-        cache_dir=str(cache_dir),
-        progress=False,
-        num_workers=0,
-        methods=["svm"],
-        data_efficiency=False,
-    )
+    cfg = tiny_study(root, tmp_path / "run", cache_dir, methods=["svm"], data_efficiency=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = run_study(cfg)

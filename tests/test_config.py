@@ -11,7 +11,7 @@ import yaml
 from transferlab.cli import build_parser, main
 from transferlab.config import ConfigError, given_dests, load
 
-from .conftest import make_imagefolder
+from .conftest import make_imagefolder, tiny_study
 
 TINY = [
     "--backbone",
@@ -237,21 +237,9 @@ def test_devices_flag_is_checked_before_any_work(capsys):
 def test_a_hyperparameter_the_fit_refuses_is_a_config_error_naming_the_method(tmp_path, small_folder, cache_dir):
     """`methods: {svm: {C: -1.0}}` has the default's kind; scikit-learn refuses it in the fit: a config error, not
     its InvalidParameterError traceback."""
-    from transferlab.study import StudyConfig, run_study
+    from transferlab.study import run_study
 
-    cfg = StudyConfig(
-        data=str(small_folder),
-        out=str(tmp_path / "out"),
-        backbone="test_efficientnet",
-        weights="random",
-        input_size=(32, 40),
-        epochs=2,
-        cache_dir=str(cache_dir),
-        progress=False,
-        num_workers=0,
-        data_efficiency=False,
-        methods=["svm"],
-        params={"svm": {"C": -1.0}},
-    )
+    cfg = tiny_study(small_folder, tmp_path / "out", cache_dir, data_efficiency=False, methods=["svm"])
+    cfg.params = {"svm": {"C": -1.0}}
     with pytest.raises(ConfigError, match=r"methods\.svm \{'C': -1\.0\} .*'C' parameter of SVC"):
         run_study(cfg)
