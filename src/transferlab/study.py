@@ -134,10 +134,11 @@ def warn_untrained_classes(ds, splits: dict[str, SplitFeatures], skipped: list[d
     named = {s.path for s in ds.split("train") if ds.classes[s.label] in found}
     rest = [s for s in skipped if s["path"] not in named]  # the class warnings above name the others
     if rest:
-        n = len(rest)
+        n, many = len(rest), len(rest) != 1
         warnings.warn(
-            f"{n} image{'s' * (n != 1)} could not be read and {'were' if n != 1 else 'was'} skipped "
-            f"(e.g. {rest[0]['path']}: {rest[0]['reason']}); the report's notes list {'them' if n != 1 else 'it'} (--strict stops instead)",
+            f"{n} image{'s' * many} could not be read and {'were' if many else 'was'} skipped (e.g. "
+            f"{rest[0]['path']}: {rest[0]['reason']}); the report's notes list {'them' if many else 'it'} "
+            "(--strict stops instead)",
             DatasetWarning,
             stacklevel=2,
         )
