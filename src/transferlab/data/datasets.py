@@ -323,9 +323,8 @@ def _csv_columns(manifest: Path, row: list[str]) -> tuple[int, int, int | None] 
 
 def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
     """Rows `path,label[,split]` (or separated by ';' or tabs, as the first line is), or the columns a header names
-    (`HEADER_NAMES`, e.g. `filename,class`); an empty
-    path or label, or a path listed twice with another label or split, is an error naming the line(s); a row
-    repeated exactly is read once, with a note."""
+    (`HEADER_NAMES`, e.g. `filename,class`). An empty path or label, or a path listed twice with another label or
+    split, is an error naming the line(s); a row repeated exactly is read once, with a note."""
     base = manifest.parent.resolve()
     rows = []
     first: dict[Path, tuple[str, str, int]] = {}  # file -> (label, split, line) of its first row
