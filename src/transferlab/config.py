@@ -73,15 +73,23 @@ class StudyConfig:
         for name in ("data", "out", "cache_dir", "weights"):
             if isinstance(getattr(self, name), PathLike):
                 setattr(self, name, str(getattr(self, name)))
-        size = self.input_size  # "224x288", 224 or [224, 288] as on the command line and in config files
-        if isinstance(size, (str, int)) and not isinstance(size, bool) and str(size).lower() != "auto":
-            self.input_size = parse_size(str(size))
-        elif isinstance(size, list):
-            self.input_size = tuple(size)
+        self.input_size = input_size_of(self.input_size)
 
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says why."""
+
+
+def input_size_of(size):
+    """An input size as given on the command line, in a config file or to `StudyConfig`: "224x288", 224 (a
+    square), [224, 288], "auto" or None, as (height, width), "auto" or None; anything else names the value."""
+    if size is None or (isinstance(size, str) and size.lower() == "auto"):
+        return size if size is None else "auto"
+    ok = isinstance(size, (str, int)) and not isinstance(size, bool)
+    ok = ok or (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int for v in size))
+    if not ok:
+        raise ConfigError(f"input_size must be [height, width], HxW, a side or auto, got {size!r}")
+    return parse_size(size if isinstance(size, (str, int)) else f"{size[0]}x{size[1]}")
 
 
 # What each preset adds to the default run (`--methods auto`): quick, its frozen-feature heads only; best,
@@ -216,17 +224,10 @@ def load(path) -> dict:
         kw["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     elif methods is not None and not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a list or a mapping of method -> hyperparameters")
-    size = kw.get("input_size")
-    if isinstance(size, str) and size.lower() == "auto":
-        kw["input_size"] = "auto"
-    elif size is not None:  # "224x288", 224 (a square), [224, 288]; anything else names the value
-        ok = isinstance(size, (str, int)) and not isinstance(size, bool)
-        ok = ok or (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int for v in size))
-        if not ok:
-            raise ConfigError(f"{path}: input_size must be [height, width], HxW, a side or auto, got {size!r}")
+    if "input_size" in kw:
         try:
-            kw["input_size"] = parse_size(size if isinstance(size, (str, int)) else f"{size[0]}x{size[1]}")
-        except BackboneError as exc:
+            kw["input_size"] = input_size_of(kw["input_size"])
+        except (BackboneError, ConfigError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
     if kw.get("data") is not None:
         kw["data"] = str(kw["data"])
