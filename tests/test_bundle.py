@@ -246,6 +246,20 @@ def test_predict_cli_folder_csv_topk_and_evaluate(trained, tiny_backbone, tmp_pa
     args[2] = str(test_dir / "ant")
     assert main(args + ["--evaluate"]) == 0
     assert {r["label"] for r in _rows(out)} == {"ant"} and "macro avg" in capsys.readouterr().out
+    # a CSV manifest (a data set given as one cannot be evaluated by folder): its test rows, labelled by it; it was
+    # "cannot decode" for the .csv itself
+    root = trained["root"]
+    test_rows = [f"{p.relative_to(root)},{p.parent.name},test" for p in sorted(test_dir.rglob("*.png"))]
+    train_rows = [f"{p.relative_to(root)},{p.parent.name},train" for p in sorted((root / "train").rglob("*.png"))]
+    (root / "m.csv").write_text("\n".join(["path,label,split", *train_rows[:4], *test_rows]) + "\n")
+    args[2] = str(root / "m.csv")
+    assert main(args + ["--evaluate"]) == 0
+    assert "on 9 images" in capsys.readouterr().out
+    assert sorted((Path(r["path"]).name, r["label"]) for r in _rows(out)) == sorted(
+        (Path(p.split(",")[0]).name, p.split(",")[1]) for p in test_rows
+    )
+    (root / "m.csv").write_text("\n".join(["filename,class", *(r.rsplit(",", 1)[0] for r in train_rows[:4])]) + "\n")
+    assert main(args) == 0 and len(_rows(out)) == 4  # no split column: every row
 
 
 def test_predict_cli_refusals(trained, tiny_backbone, tmp_path, capsys):

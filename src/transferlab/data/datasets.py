@@ -321,10 +321,12 @@ def _csv_columns(manifest: Path, row: list[str]) -> tuple[int, int, int | None] 
     return None
 
 
-def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
-    """Rows `path,label[,split]` (or separated by ';' or tabs, as the first line is), or the columns a header names
-    (`HEADER_NAMES`, e.g. `filename,class`). An empty path or label, or a path listed twice with another label or
-    split, is an error naming the line(s); a row repeated exactly is read once, with a note."""
+def read_manifest(manifest, allow_outside: bool = False) -> tuple[list[tuple[str, str, str, int]], list[str]]:
+    """A CSV manifest's rows as (path, label, split, line) and its notes. Rows `path,label[,split]` (or separated by
+    ';' or tabs, as the first line is), or the columns a header names (`HEADER_NAMES`, e.g. `filename,class`). An
+    empty path or label, or a path listed twice with another label or split, is an error naming the line(s); a row
+    repeated exactly is read once, with a note. Paths are relative to the manifest's folder."""
+    manifest = Path(manifest)
     base = manifest.parent.resolve()
     rows = []
     first: dict[Path, tuple[str, str, int]] = {}  # file -> (label, split, line) of its first row
@@ -375,13 +377,6 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
                 continue
             first[full] = (label, split, lineno)
             rows.append((str(base / path), label, split, lineno))
-    classes = sorted({label for _, label, split, _ in rows if split == "train"})
-    index = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for path, label, split, lineno in rows:
-        if label not in index:
-            raise DatasetError(f"{manifest}:{lineno}: class '{label}' ({split}) has no training images")
-        samples.append(Sample(path, index[label], split))
     notes = []
     if repeats:
         shown = ", ".join(str(line) for line, _ in repeats[:10]) + (", ..." if len(repeats) > 10 else "")
@@ -390,6 +385,19 @@ def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
             f"read once: lines {shown} (first listed on line(s) "
             f"{', '.join(str(line0) for _, line0 in repeats[:10])})"
         )
+    return rows, notes
+
+
+def _from_csv(manifest: Path, allow_outside: bool) -> ImageDataset:
+    """The data set a CSV manifest lists (`read_manifest`); its classes are those with training rows."""
+    rows, notes = read_manifest(manifest, allow_outside)
+    classes = sorted({label for _, label, split, _ in rows if split == "train"})
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for path, label, split, lineno in rows:
+        if label not in index:
+            raise DatasetError(f"{manifest}:{lineno}: class '{label}' ({split}) has no training images")
+        samples.append(Sample(path, index[label], split))
     return ImageDataset(manifest, classes, samples, "csv", notes)
 
 

@@ -39,12 +39,19 @@ class Predictions:
 
 
 def collect_images(inputs, classes: list[str]) -> list[tuple[str, str | None]]:
-    """(path, label or None) for every image file given or found (recursively) under a given folder."""
+    """(path, label or None) for every image file given or found (recursively) under a given folder, and every row
+    of a CSV manifest given (its test rows where it marks some, else all; labelled by the manifest)."""
+    from ..data.datasets import read_manifest
+
     known = set(classes)
     found: list[tuple[str, str | None]] = []
     for item in inputs:
         item = Path(item).expanduser()
-        if item.is_dir():
+        if item.is_file() and item.suffix.lower() in (".csv", ".tsv"):
+            rows, _ = read_manifest(item, allow_outside=True)  # the user names these images here: no data set root
+            test = [r for r in rows if r[2] == "test"]
+            found += [(path, label if label in known else None) for path, label, _, _ in test or rows]
+        elif item.is_dir():
             for p in list_images(item):
                 parts = p.relative_to(item).parts  # an image directly in the folder given: that folder is its own
                 first = parts[0] if len(parts) > 1 else item.resolve().name
