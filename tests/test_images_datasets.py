@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.data.datasets import DatasetError, discover
+from transferlab.data.datasets import DatasetError, DatasetWarning, discover
 from transferlab.data.images import ImageError, load_rgb
 
 from .conftest import make_image, make_imagefolder, make_photo
@@ -213,6 +213,19 @@ def test_one_class_holding_the_class_folders_names_the_folder_to_point_at(tmp_pa
         discover(tmp_path / "data")
     with pytest.raises(DatasetError, match=r"single class \(only\): a classifier needs at least two$"):
         discover(make_imagefolder(tmp_path / "s", {"train": {"only": 3}}))  # no hint where there is nothing below
+
+
+def test_unlabelled_test_images_beside_train_classes_are_named_not_silently_ignored(tmp_path):
+    """A competition's layout (train/<class>/, test/*.jpg unlabelled): the test images were passed over without a
+    word, and the report had no test split."""
+    root = make_imagefolder(tmp_path / "k", {"train": {"a": 4, "b": 4}})
+    make_imagefolder(tmp_path / "loose", {"x": {"y": 3}})
+    for p in (tmp_path / "loose" / "x" / "y").iterdir():
+        (root / "test").mkdir(exist_ok=True)
+        p.rename(root / "test" / p.name)
+    with pytest.warns(DatasetWarning, match=r"test holds 3 images outside class folders .*transferlab predict RUN"):
+        ds = discover(root)
+    assert not ds.split("test") and any("unlabelled" in n for n in ds.notes)
 
 
 def test_discover_never_writes_in_dataset(small_folder):

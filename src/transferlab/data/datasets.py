@@ -274,6 +274,14 @@ def _from_imagefolder(root: Path) -> ImageDataset:
             if not imgs:
                 notes.append(_no_images(cdir, skipped, before))
             samples += [Sample(str(p), index[cdir.name], split) for p in imgs]
+        loose = sorted(p.name for p in sdir.iterdir() if p.is_file() and is_image_file(p))
+        if loose:  # a competition's layout: test/ of unlabelled images beside train/<class>/
+            msg = (
+                f"{sdir} holds {len(loose)} image{'s' * (len(loose) != 1)} outside class folders (e.g. {loose[0]}): "
+                f"unlabelled, so not in the {split} split; `transferlab predict RUN {sdir}` predicts them"
+            )
+            notes.append(msg)
+            warnings.warn(msg, DatasetWarning, stacklevel=3)
     return ImageDataset(root, classes, samples, "imagefolder", notes, skipped)
 
 
