@@ -243,3 +243,18 @@ def test_a_hyperparameter_the_fit_refuses_is_a_config_error_naming_the_method(tm
     cfg.params = {"svm": {"C": -1.0}}
     with pytest.raises(ConfigError, match=r"methods\.svm \{'C': -1\.0\} .*'C' parameter of SVC"):
         run_study(cfg)
+
+
+def test_a_config_files_home_relative_paths_are_the_home_folders(tmp_path, monkeypatch):
+    """`out: ~/runs/x` in a config file made a folder named "~" in the working directory."""
+    from transferlab.study import StudyConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    f = tmp_path / "c.yaml"
+    f.write_text("data: ~/data\nout: ~/runs/x\ncache_dir: ~/cache\nweights: ~/w.pth\n")
+    cfg = StudyConfig(**load(f))
+    home = str(tmp_path / "home")
+    assert (cfg.data, cfg.out, cfg.cache_dir, cfg.weights) == tuple(
+        f"{home}/{p}" for p in ("data", "runs/x", "cache", "w.pth")
+    )
+    assert StudyConfig(data="d", weights="resnet50.tv_in1k").weights == "resnet50.tv_in1k"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
-from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,11 @@ class StudyConfig:
     preset: str = "quick"  # quick: frozen-feature heads (the default run); best: adds `finetune`, on the same folds
     time_budget: float | None = None  # seconds of wall time for the run (evaluation.budget); None: unlimited
 
-    def __post_init__(self):  # the Python API's pathlib paths kept (and written) as text, sizes as (h, w)
-        for name in ("data", "out", "cache_dir", "weights"):
-            if isinstance(getattr(self, name), PathLike):
-                setattr(self, name, str(getattr(self, name)))
+    def __post_init__(self):  # paths as text with "~" expanded (config files, the Python API), sizes as (h, w)
+        for name in ("data", "out", "cache_dir", "weights"):  # "~/runs" in a config file: the home folder's runs
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, os.path.expanduser(str(value)))
         self.input_size = input_size_of(self.input_size)
 
 
