@@ -121,6 +121,10 @@ def test_export_cli(data, tiny_backbone, tmp_path, capsys):
     ]
     x = np.zeros((5, 3, 32, 40), np.float32)  # the batch axis is dynamic
     assert sess.run(None, {"image": x})[0].shape == (5, 3)
+    (tmp_path / "dir").mkdir()  # --onnx an existing folder: was IsADirectoryError after tracing
+    assert main(["export", str(bundle), "--onnx", str(tmp_path / "dir")]) == 0
+    assert f"ONNX: {tmp_path / 'dir' / 'model.onnx'}" in capsys.readouterr().out
+    assert _session(tmp_path / "dir" / "model.onnx").run(None, {"image": x})[0].shape == (5, 3)
 
 
 @pytest.mark.parametrize("flag", ["tta", "flip_train"])

@@ -24,6 +24,7 @@ from ..features.runtime import ONNX_OPSET, trace_onnx
 from ..heads import registry
 from ..heads.probes import FeatureTransform, LinearSVMHead, ShrinkageLDAHead
 from ..heads.views import ViewAugmented
+from ..report.layout import output_file
 from .bundle import BundleError, Model, class_columns, load
 
 
@@ -222,7 +223,8 @@ def metadata(model: Model) -> dict[str, str]:
 
 
 def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
-    """Write backbone + head of `bundle` (a folder or a loaded Model) as one ONNX graph at `out`."""
+    """Write backbone + head of `bundle` (a folder or a loaded Model) as one ONNX graph at `out` (a file, or a
+    folder for out/model.onnx); returns the file written."""
     import onnx
 
     model = bundle if isinstance(bundle, Model) else load(bundle, weights=weights, device="cpu", precision="fp32")
@@ -235,7 +237,7 @@ def export_onnx(bundle, out, *, weights=None, opset: int = ONNX_OPSET) -> Path:
     head = head_module(model.estimator, model.classes)
     _check_head(head, model, model.backbone.num_features)
     full = _Full(model.backbone.model.float().cpu().eval(), head, tta=model.tta).eval()
-    out = Path(out)
+    out = output_file(out, "model.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     trace_onnx(full, model.backbone.input_size, out, output="probabilities", opset=opset)
     proto = onnx.load(str(out))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.datasets import list_images
+from ..report.layout import output_file
 from .bundle import BundleError, Model
 
 
@@ -92,10 +93,8 @@ def predict_paths(model: Model, inputs, *, progress: bool = True) -> Predictions
 
 
 def csv_path(out) -> Path:
-    """Where `--out` puts the predictions: the file named, or predictions.csv in a folder that exists (or is named
-    with a trailing slash); writing to the folder itself was an IsADirectoryError after every image was predicted."""
-    path = Path(out)
-    return path / "predictions.csv" if path.is_dir() or str(out).endswith(("/", "\\")) else path
+    """Where `--out` puts the predictions: the file named, or predictions.csv in a folder (`layout.output_file`)."""
+    return output_file(out, "predictions.csv")
 
 
 def write_csv(preds: Predictions, out, *, top_k: int = 1, with_labels: bool = False) -> Path:

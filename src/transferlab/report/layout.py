@@ -58,6 +58,13 @@ def foreign_files(out) -> list[str]:
     return found
 
 
+def output_file(out, default_name: str) -> Path:
+    """The file an `--out`/`--onnx` names: itself, or `default_name` inside it when it is a folder (one that exists,
+    or a name ending in a slash); writing to the folder itself was an IsADirectoryError after all the work."""
+    path = Path(out)
+    return path / default_name if path.is_dir() or str(out).endswith(("/", "\\")) else path
+
+
 def method_dir(out, name: str) -> Path:
     """methods/<name>/ of the run folder `out` (not created)."""
     return Path(out) / METHODS / name
