@@ -182,6 +182,9 @@ def test_extract_save_makes_its_folder_and_names_the_file_it_wrote(small_folder,
     assert main(["extract", str(small_folder), "--cache-dir", str(cache_dir), "--save", str(save), *TINY]) == 0
     assert f"saved {save}.npz" in capsys.readouterr().out
     assert np.load(f"{save}.npz")["features"].shape[0] == 34
+    # an existing folder: features.npz in it, as predict's and export's outputs (it wrote folder.npz beside it)
+    assert main(["extract", str(small_folder), "--cache-dir", str(cache_dir), "--save", str(save.parent), *TINY]) == 0
+    assert f"saved {save.parent / 'features.npz'}" in capsys.readouterr().out
 
 
 def test_averages_cover_only_classes_present_in_test(tmp_path, cache_dir):

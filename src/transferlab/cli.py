@@ -725,7 +725,9 @@ def cmd_extract(args) -> int:
         print(f"skipped {s['path']}: {s['reason']}")
     if args.save:
         by_path = {s.path: s for s in ds.samples}
-        save = Path(args.save)
+        from .report.layout import output_file
+
+        save = output_file(args.save, "features.npz")  # a folder given: features.npz in it
         save = save if save.suffix == ".npz" else save.with_name(save.name + ".npz")  # what np.savez writes
         save.parent.mkdir(parents=True, exist_ok=True)  # as predict's --out
         np.savez(
