@@ -4,6 +4,7 @@ one-SE rule, the aspect-aware input size, and a default run that never reads tes
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -451,6 +452,7 @@ def test_default_run_selects_by_repeated_cv_and_never_reads_test_labels(tmp_path
     )
 
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder
+    shutil.rmtree(cache_dir / "heads")  # the CV is computed again (its cached scores are keyed without test data)
     cfg = StudyConfig(
         data=str(wrong),
         out=str(tmp_path / "run2"),
@@ -494,6 +496,7 @@ def test_flip_train_default_run_selects_by_cv_on_both_views_without_test_labels(
         chosen = sel["cv"]["methods"][name]["params"]
         assert m["methods"][name]["tuning"]["best_params"] == {f"estimator__{k}": v for k, v in chosen.items()}
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # every test image in a wrong class folder
+    shutil.rmtree(cache_dir / "heads")  # the CV is computed again
     assert main(["run", str(wrong), "--out", str(tmp_path / "run2"), *args]) == 0
     m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert m2["selected"] == m["selected"]
@@ -636,6 +639,7 @@ def test_input_size_auto_compares_sizes_by_cv_without_test_labels(tmp_path, cach
     assert any(n.startswith(f"input size {'x'.join(map(str, best['size']))} chosen by") for n in m["notes"])
 
     wrong = _shuffle_test_folders(data, tmp_path / "wrong")  # test labels wrong: the same sizes, scores, choice
+    shutil.rmtree(cache_dir / "heads")  # every size's CV is computed again
     assert main(["run", str(wrong), "--out", str(tmp_path / "run2"), *args]) == 0
     m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert m2["input_size_selection"] == m["input_size_selection"] and m2["selected"] == m["selected"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,117 @@ def test_edited_code_changes_the_key_and_refits(first, small_folder, tmp_path, c
     again = run_study(_cfg(small_folder, tmp_path / "run2", cache_dir))
     assert not any(m["head_from_cache"] for m in again["methods"].values())
     _same_results(first, again)
+
+
+# ------------------------------------------------------------------ cross-validation outcomes
+
+
+def _cv_inputs():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    X = (rng.normal(size=(4, 16))[y] * 1.5 + rng.normal(size=(120, 16))).astype(np.float32)
+    return X, y
+
+
+def _counting_folds(monkeypatch):
+    """Counts the folds `cross_validate` fits, per method."""
+    from transferlab.evaluation import crossval
+
+    calls: dict[str, int] = {}
+    real = crossval._fold
+
+    def fold(*a, name=None, **kw):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*a, name=name, **kw)
+
+    monkeypatch.setattr(crossval, "_fold", fold)
+    return calls
+
+
+def test_a_rerun_reads_every_methods_cv_scores_from_the_cache(tmp_path, monkeypatch):
+    from transferlab.evaluation.crossval import cross_validate, plan
+    from transferlab.heads.cache import HeadCache
+
+    X, y = _cv_inputs()
+    n = len(plan(y, 0).folds)
+    cache = HeadCache(tmp_path)
+    calls = _counting_folds(monkeypatch)
+    first = cross_validate(X, y, ["logreg", "lda", "ensemble"], seed=0, cache=cache)
+    assert calls == {"logreg": n, "lda": n, "svm_tuned": n}  # the ensemble's members are cross-validated for it
+    calls.clear()
+    again = cross_validate(X, y, ["logreg", "lda", "ensemble"], seed=0, cache=cache)
+    assert calls == {}  # nothing fitted
+    for name in ("logreg", "lda", "ensemble"):
+        a, b = first["methods"][name], again["methods"][name]
+        assert (a["score"], a["fold_scores"], a["params"], a["se"]) == (
+            b["score"],
+            b["fold_scores"],
+            b["params"],
+            b["se"],
+        )
+    assert again["method"] == first["method"]
+    assert again["methods"]["logreg"]["cached"] is True and "cached" not in first["methods"]["logreg"]
+    assert again["methods"]["logreg"]["seconds"] == first["methods"]["logreg"]["seconds"]  # its cost when computed
+
+    calls.clear()  # an added method is the only one cross-validated
+    cross_validate(X, y, ["logreg", "lda", "svm"], seed=0, cache=cache)
+    assert calls == {"svm": n}
+
+
+def test_cv_scores_are_recomputed_when_data_seed_or_code_differ(tmp_path, monkeypatch):
+    from transferlab.evaluation.crossval import cross_validate, plan
+    from transferlab.heads import cache as head_cache
+    from transferlab.heads.cache import HeadCache
+
+    X, y = _cv_inputs()
+    n = len(plan(y, 0).folds)
+    cache = HeadCache(tmp_path)
+    cross_validate(X, y, ["lda"], seed=0, cache=cache)
+    calls = _counting_folds(monkeypatch)
+    cross_validate(X, y, ["lda"], seed=1, cache=cache)  # other folds
+    X2 = X.copy()
+    X2[0, 0] += 1
+    cross_validate(X2, y, ["lda"], seed=0, cache=cache)  # one feature of one image
+    y2 = y.copy()
+    y2[[0, 119]] = y2[[119, 0]]
+    cross_validate(X, y2, ["lda"], seed=0, cache=cache)  # two labels swapped
+    monkeypatch.setattr(head_cache, "code_fingerprint", lambda: "edited")
+    cross_validate(X, y, ["lda"], seed=0, cache=cache)
+    assert calls == {"lda": 4 * n}
+
+
+def test_an_unreadable_cv_cache_entry_warns_and_is_computed_again(tmp_path, monkeypatch):
+    from transferlab.evaluation.crossval import cross_validate, plan
+    from transferlab.heads.cache import HeadCache
+
+    X, y = _cv_inputs()
+    cache = HeadCache(tmp_path)
+    first = cross_validate(X, y, ["lda"], seed=0, cache=cache)
+    (entry,) = (tmp_path / "heads" / "cv").glob("*.safetensors")
+    entry.write_bytes(b"not a safetensors file")
+    calls = _counting_folds(monkeypatch)
+    with pytest.warns(UserWarning, match="could not be read"):
+        again = cross_validate(X, y, ["lda"], seed=0, cache=cache)
+    assert calls == {"lda": len(plan(y, 0).folds)}
+    assert again["methods"]["lda"]["score"] == first["methods"]["lda"]["score"]
+    assert "cached" not in again["methods"]["lda"]
+    assert entry.stat().st_size > 100  # stored afresh
+
+
+def test_a_rerun_of_the_default_study_cross_validates_nothing(small_folder, tmp_path, cache_dir, monkeypatch):
+    from .conftest import tiny_study
+
+    first = run_study(tiny_study(small_folder, tmp_path / "a", cache_dir))
+    calls = _counting_folds(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run_study(tiny_study(small_folder, tmp_path / "b", cache_dir))
+    assert calls == {}
+    assert not [w for w in caught if "tasks" in str(w.message)]  # joblib's "0 tasks ... cancelled": none ran
+    assert again["selected"] == first["selected"]
+    cv_a, cv_b = first["selection"]["cv"]["methods"], again["selection"]["cv"]["methods"]
+    assert {n: r["score"] for n, r in cv_a.items()} == {n: r["score"] for n, r in cv_b.items()}
+    assert all(r.get("cached") for n, r in cv_b.items() if n != "ensemble")
+    assert "(cached)" in (tmp_path / "b" / "report.md").read_text()

@@ -272,6 +272,7 @@ def select_by_cv(cfg: StudyConfig, splits: dict[str, SplitFeatures], bar, budget
         on_step=step,
         deadline=deadline,
         views=views,
+        cache=HeadCache(cfg.cache_dir),
     )
     if finetune:
         with paused(bar):  # Lightning shows its own bars

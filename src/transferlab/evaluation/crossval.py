@@ -146,6 +146,7 @@ def cross_validate(
     n_jobs: int | None = None,
     deadline: float | None = None,
     views=None,
+    cache=None,
 ) -> dict:
     """Score `methods` (registered heads on features, each with a fold path) by repeated CV; choose one.
 
@@ -159,7 +160,9 @@ def cross_validate(
     that method and every costlier one are dropped (`out_of_time`: method -> why; an ensemble none of whose members
     was scored too). The cheapest method always runs to the end. `views` (`--flip-train`): each image's plain and flipped
     features side by side, X being their mean; every fold then fits on both views of its fit images and scores its
-    held images on X, as the final models do (`_parts`).
+    held images on X, as the final models do (`_parts`). `cache` (`heads.cache.HeadCache`): each method's scores on
+    every fold are read from it where these very inputs were cross-validated before (`cv_key`), and stored after;
+    a cached method's `seconds` are those its folds took when computed (`cached`: true).
     """
     if metric not in METRICS:
         raise ValueError(f"select metric must be one of {', '.join(METRICS)}, got '{metric}'")
@@ -200,18 +203,24 @@ def cross_validate(
     order = sorted(paths, key=lambda n: (COST_RANK.get(registry.get(n).cost, len(COST_RANK)), len(paths[n][1])))
     paths = {n: paths[n] for n in order}  # cheapest first: under a deadline, the cheap candidates are scored
     dropped: dict[str, str] = {}  # method -> why it was dropped for the deadline
+    seconds, done = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0)
+    keys, cached = _cached_scores(cache, paths, X, y, views, plan_, seed, epochs, seconds)
+    n_folds = len(plan_.folds)
+    for name in cached:
+        for j in range(n_folds):
+            step(f"CV {name}: fold {j + 1}/{n_folds} (cached)")
     tasks, labels = [], []
     # Under a deadline the cheap methods run first (they are scored whatever happens); without one, the costliest
     # first, so the threads end together instead of one running a long method's last folds alone (at 101
     # classes: 3.5 s of one idle core behind the tuned SVM's folds).
     for name in order if deadline is not None else order[::-1]:
+        if name in cached:
+            continue
         cv, points, _ = paths[name]
         for j, (_, a, b) in enumerate(plan_.folds):
             kw = {"seed": seed, "epochs": epochs, "name": name, "dropped": dropped, "views": views}
             tasks.append((_fold, (cv, X, y, a, b, k, points), kw))
             labels.append((name, j))
-    seconds, done = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0)
-    n_folds = len(plan_.folds)
     with thread_budget(jobs):
         for (name, j), (scores, sec) in zip(labels, thread_map(tasks, jobs)):
             if scores is None:  # dropped
@@ -233,6 +242,9 @@ def cross_validate(
                         dropped.setdefault(m, f"costlier than {name}, which did not fit the time budget")
     for name in dropped:
         del paths[name]
+    for name in paths:
+        if keys and name not in cached:
+            cache.put_scores(keys[name], paths[name][2], seconds[name])
     for name, (cv, points, S) in paths.items():
         hon, chosen, overall = _honest(S, y, plan_, metric)
         state[name] = (S, chosen, points, cv)
@@ -244,6 +256,7 @@ def cross_validate(
             "params": params,
             "grid_points": len(points),
             "seconds": seconds[name],
+            **({"cached": True} if name in cached else {}),
             # the chosen point's own pooled OOF score: the best of the grid, so above the honest `score`
             "point_score": {m: float(np.mean([s[m] for s in pooled])) for m in METRICS},
         }
@@ -288,6 +301,28 @@ def cross_validate(
         "stepped_aside": stepped_aside,
         "out_of_time": out_of_time,
     }
+
+
+def _cached_scores(cache, paths: dict, X, y, views, plan_: Plan, seed: int, epochs: int, seconds: dict):
+    """Each method's cache key, and the methods whose scores the cache holds (read into `paths`, their fitting
+    seconds into `seconds`)."""
+    if cache is None:
+        return {}, set()
+    from ..heads.cache import cv_key
+
+    folds = [np.asarray([r, len(a), len(b)]) for r, a, b in plan_.folds] + [
+        i for _, a, b in plan_.folds for i in (a, b)
+    ]
+    arrays = (X, y, *folds) + (() if views is None else (views,))
+    keys = {name: cv_key(name, points, seed, epochs, arrays) for name, (_, points, _) in paths.items()}
+    cached = set()
+    for name, (_, _, S) in paths.items():
+        hit = cache.scores(keys[name])
+        if hit is not None and hit[0].shape == S.shape and hit[0].dtype == S.dtype:
+            S[...] = hit[0]
+            seconds[name] = hit[1]
+            cached.add(name)
+    return keys, cached
 
 
 # The order in which methods within one standard error of the best are preferred: the linear heads first

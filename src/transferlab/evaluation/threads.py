@@ -47,6 +47,6 @@ def _timed(fn, args, kw):
 def thread_map(tasks: list, n_jobs: int):
     """(result, seconds) of each (fn, args, kwargs) task, in order, as they finish: in `n_jobs` threads, or
     in-process for one. Run it inside `thread_budget(n_jobs)`."""
-    if n_jobs <= 1:
+    if n_jobs <= 1 or not tasks:  # (joblib warns that "0 tasks" were cancelled when given none)
         return (_timed(*t) for t in tasks)
     return Parallel(n_jobs=n_jobs, backend="threading", return_as="generator")(delayed(_timed)(*t) for t in tasks)

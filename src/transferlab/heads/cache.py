@@ -12,7 +12,13 @@ an entry that fails to load is set aside with a warning and the head is fitted a
 Results computed from a fitted head alone (the data-efficiency curve) are kept beside it as JSON
 (`extra`/`put_extra`), keyed by the head and the computation's own arguments.
 
-Layout: `<cache root>/heads/<key>/{meta.json, head.safetensors | head.skops, <name>.json}`.
+A method's cross-validation outcome (`evaluation.crossval`: every grid point's out-of-fold scores on every fold)
+is cached the same way (`scores`/`put_scores`, key `cv_key`: the method, its grid, the seed, the folds, the
+features and labels of train + valid, the versions and the code), so a rerun over cached features, or one that adds
+a method, cross-validates only what it has not before.
+
+Layout: `<cache root>/heads/<key>/{meta.json, head.safetensors | head.skops, <name>.json}`, and
+`<cache root>/heads/cv/<key>.safetensors` (the scores; their fitting seconds in its metadata).
 """
 
 from __future__ import annotations
@@ -73,6 +79,35 @@ def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
     return h.hexdigest()[:24]
 
 
+def cv_key(name: str, points: list[dict], seed: int, epochs: int, arrays: tuple) -> str:
+    """SHA-256 (first 24 hex digits) of a method's CV outcome's inputs: the method, its grid points, the seed, the
+    epochs (the softmax heads'), the arrays (features, labels, the folds' indices, the views), versions and code."""
+    import sklearn
+    import torch
+
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "cv": name,
+                "points": repr(points),
+                "seed": seed,
+                "epochs": epochs,
+                "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
+                "code": code_fingerprint(),
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    _digest_arrays(h, *arrays)
+    return h.hexdigest()[:24]
+
+
+# A CV outcome larger than this is not cached (points x repeats x images x classes float32: 256 MiB is e.g. 9
+# points of 50,000 images and 150 classes); it is recomputed instead of filling the disk.
+MAX_SCORES_BYTES = 256 * 2**20
+
+
 class HeadCache:
     """`get(key)` -> (estimator, meta) or None; `put(key, estimator, meta)` stores a fitted head."""
 
@@ -113,6 +148,40 @@ class HeadCache:
             warnings.warn(f"fitted head not cached ({type(exc).__name__}: {exc})", stacklevel=2)
             return False
         return True
+
+    def scores(self, key: str) -> tuple[np.ndarray, float] | None:
+        """A cached CV outcome: (the scores array, the seconds its folds took to fit), or None."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.dir / "cv" / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor("scores"), float((f.metadata() or {})["seconds"])
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+            warnings.warn(f"cached CV scores {path} could not be read ({exc}); computing them again", stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put_scores(self, key: str, scores: np.ndarray, seconds: float) -> None:
+        """Store a CV outcome (atomically; skipped above MAX_SCORES_BYTES; a failure only warns)."""
+        if scores.nbytes > MAX_SCORES_BYTES:
+            return
+        from safetensors.numpy import save_file
+
+        folder = self.dir / "cv"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".safetensors", dir=folder)
+            os.close(fd)
+            try:
+                save_file({"scores": np.ascontiguousarray(scores)}, tmp, metadata={"seconds": repr(float(seconds))})
+                os.replace(tmp, folder / f"{key}.safetensors")
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as exc:
+            warnings.warn(f"CV scores not cached ({exc})", stacklevel=2)
 
     def extra(self, key: str, name: str):
         """A JSON result stored beside head `key` (None if absent or unreadable)."""

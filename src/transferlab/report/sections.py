@@ -101,23 +101,25 @@ def tuned_section(tuned: dict, cvsel: dict | None, metric: str, tag: str, protoc
                 params = {f"{m}.{k.split('__')[-1]}": v for m, p in params.items() for k, v in p.items()}
             value = c.get("point_score", c["score"])[metric]
             points, secs, failed = c["grid_points"], c["seconds"], 0
+            cached = c.get("cached", False)
         else:
             params = t["best_params"] or t.get("inner", {}).get("best_params", {})
             value, points, secs, failed = t["valid"][metric], t["grid_points"], t["search_seconds"], t["failed"]
+            cached = False
         rows.append(
             [
                 n,
                 ", ".join(_param(k, v) for k, v in params.items()),
                 number(value),
                 str(points) + (f" ({failed} failed)" if failed else ""),
-                f"{secs:.1f} s",
+                f"{secs:.1f} s" + (" (cached)" if cached else ""),
             ]
         )
     note = (
         [
             f"Under {protocol}: the {tag} {name} of the chosen point is its pooled out-of-fold score, the "
             "best of its grid, so it sits above the method's honest score in the table above; search is the CV's "
-            "fitting time, summed over its threads. The final fit on train is scored on validation in the results "
+            "fitting time, summed over its threads (cached: when it was computed; this run read the scores from the cache). The final fit on train is scored on validation in the results "
             "table.",
             "",
         ]
