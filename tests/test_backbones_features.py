@@ -273,13 +273,49 @@ def test_feature_code_digest_covers_decode_resize_and_forward_code_only(tmp_path
     (pkg / "report" / "writer.py").write_text((pkg / "report" / "writer.py").read_text() + "\n# edited\n")
     (pkg / "heads" / "probes.py").write_text((pkg / "heads" / "probes.py").read_text() + "\n# edited\n")
     assert digest(str(pkg)) == base  # a report or head edit keeps the features
-    for name in ("data/images.py", "features/backbones.py", "features/extract.py"):
-        (pkg / name).write_text((pkg / name).read_text() + "\n# edited\n")
+    for name in ("data/images.py", "features/backbones.py", "features/extract.py", "features/runtime.py"):
+        (pkg / name).write_text((pkg / name).read_text() + "\n_EDITED = 1\n")
         assert digest(str(pkg)) != base, name
         base = digest(str(pkg))
     key = tiny_backbone.cache_key("fp32")
     monkeypatch.setattr(backbones, "feature_code_digest", lambda *a: "0" * 64)
     assert tiny_backbone.cache_key("fp32") != key
+
+
+def test_feature_code_digest_ignores_comments_docstrings_and_messages(tmp_path):
+    # The digest hashed whole files: rewording an error message in backbones.py made every user's cached features
+    # recompute once. Only code counts now.
+    from transferlab.features.backbones import _code_of
+
+    base = '''"""Module doc."""
+import warnings
+
+
+def load(path):
+    """Doc."""
+    if not path:
+        raise ValueError(f"no such file: {path}")
+    warnings.warn("careful", UserWarning, stacklevel=2)
+    return path * 2  # doubled
+'''
+    same = [
+        base.replace("# doubled", "# twice"),
+        base.replace('"""Doc."""', '"""Another doc,\n    on two lines."""'),
+        base.replace('"""Module doc."""', ""),
+        base.replace('f"no such file: {path}"', '"the file " + str(path) + " is missing"'),
+        base.replace('"careful"', 'f"be careful with {path}"'),
+        base.replace("return path * 2", "return (\n        path * 2\n    )"),
+    ]
+    for text in same:
+        assert _code_of(text) == _code_of(base), text
+    other = [
+        base.replace("path * 2", "path * 3"),
+        base.replace("raise ValueError", "raise KeyError"),  # another error type is other behaviour
+        base.replace("UserWarning", "RuntimeWarning"),
+        base.replace("if not path:", "if path is None:"),
+    ]
+    for text in other:
+        assert _code_of(text) != _code_of(base), text
 
 
 def test_library_upgrade_recomputes_features_and_key_is_readable(small_folder, tiny_backbone, cache_dir, monkeypatch):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 from PIL import Image, features
 
-from transferlab.cli import build_parser
+from transferlab.cli import METHODS_HELP, build_parser
 from transferlab.data.datasets import DatasetError, DatasetWarning, discover
 from transferlab.data.images import IMAGE_EXTENSIONS, load_rgb
 
@@ -346,3 +348,34 @@ def test_photos_with_a_corrupt_exif_block_are_read_without_a_warning_each(tmp_pa
         assert len(model.predict(sorted(map(str, root.rglob("*.jpg"))))) == 16
     assert metrics["n_train"] + metrics["n_valid"] + metrics["n_test"] == 16 and not metrics["skipped"]
     assert not [str(w.message) for w in caught if "EXIF" in str(w.message)]
+
+
+def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_argument_errors_and_compare_answer_without_loading_torch(tmp_path):
+    # `transferlab run --bogus` (and --help, and compare) imported timm, torch and scikit-learn first: 5 s here
+    # before a one-line error. The parser and the error now need neither.
+    check = "import sys; heavy = sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules); print(heavy)"
+    r = _in_fresh_process(
+        "from transferlab.cli import main\ntry:\n    main(['run', 'data', '--bogus'])\nexcept SystemExit as e:\n"
+        f"    assert e.code == 2\n{check}"
+    )
+    assert "unrecognized arguments: --bogus" in r.stderr and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"methods": {}, "selected": null, "backbone": "x", "input_size": [8, 8], "n_train": 0}')
+    r = _in_fresh_process(f"from transferlab.cli import main\nmain(['compare', {str(tmp_path / 'run')!r}])\n{check}")
+    assert r.stdout.strip().splitlines()[-1] == "[]", (r.stdout, r.stderr)
+
+
+def test_run_help_still_lists_every_registered_method():
+    from transferlab.heads import registry
+
+    text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    flat = " ".join(text.split())
+    assert METHODS_HELP not in text
+    for kind in registry.KINDS:
+        for name in registry.names(kind):
+            assert name in flat, name

@@ -15,7 +15,7 @@ from .config import ConfigError
 from .data.datasets import DatasetError, DatasetWarning
 from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
 from .features.cache import default_cache_dir
-from .features.extract import PRECISIONS, RUNTIMES, ExtractionError
+from .features.options import PRECISIONS, RUNTIMES, ExtractionError
 
 
 class OutputError(OSError):
@@ -465,8 +465,27 @@ def _methods_help() -> str:
     return "; ".join(by_kind) + "; 'all' is every method but end-to-end ones"
 
 
+METHODS_HELP = "{the registered methods}"  # filled in only when help is shown: the registry imports torch (~3 s)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with the method list read from the registry when a help text is printed, not when the parser is
+    built: an argument error or `compare` does not wait for torch and scikit-learn to load."""
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action) or ""
+        return text.replace(METHODS_HELP, _methods_help()) if METHODS_HELP in text else text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (its subcommands' too: they are made of its class) uses `_HelpFormatter`."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transferlab", description=__doc__)
+    parser = _Parser(prog="transferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the frozen-backbone study: extract (cached), train heads, evaluate, report")
@@ -479,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="auto",
         help="comma-separated methods, 'auto' (the default: the seed's two as baselines and the candidates, "
-        "chosen by repeated CV) or 'all' (" + _methods_help() + ")",
+        "chosen by repeated CV) or 'all' (" + METHODS_HELP + ")",
     )
     run.add_argument("--epochs", type=_positive_int, default=50, help="softmax head epochs")
     _add_selection_args(run)

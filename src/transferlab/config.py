@@ -13,20 +13,30 @@ import inspect
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from .features.backbones import DEFAULT_BACKBONE, BackboneError, parse_size
-from .heads.search import ValidationSearch
 
 NOT_SAVED = ("out", "progress", "params")  # params are saved under `methods`
 GOVERNED = ("seed", "random_state", "epochs", "scoring", "flip_train")  # set from top-level keys (--seed, --epochs,
 # --select-metric, --flip-train)
 # A tuned head's search settings (cv, holdout, grid, ...): the study's protocol, set by top-level keys (--cv) or by
 # transferlab itself, never a head's hyperparameter: neither written under `methods` nor taken from there.
-PROTOCOL = tuple(sorted(set(inspect.signature(ValidationSearch).parameters) - set(GOVERNED)))
+
+
+@cache
+def protocol_keys() -> tuple[str, ...]:
+    """The tuned heads' search settings (`heads.search.ValidationSearch`'s parameters less GOVERNED); imported when
+    first needed, so that the command line parses its arguments without scikit-learn and torch loaded."""
+    from .heads.search import ValidationSearch
+
+    return tuple(sorted(set(inspect.signature(ValidationSearch).parameters) - set(GOVERNED)))
+
+
 FIRST = ("data", "backbone", "weights", "input_size", "precision", "seed", "methods", "epochs")
 DEST_TO_FIELD = {"workers": "num_workers", "no_progress": "progress"}
 
@@ -139,7 +149,7 @@ def head_params(estimator) -> dict:
     return {
         k: _plain(v)
         for k, v in estimator.get_params(deep=False).items()
-        if k not in GOVERNED + PROTOCOL and isinstance(_plain(v), (bool, int, float, str, type(None)))
+        if k not in GOVERNED + protocol_keys() and isinstance(_plain(v), (bool, int, float, str, type(None)))
     }
 
 
@@ -211,7 +221,7 @@ def load(path) -> dict:
         bad = [n for n, p in methods.items() if p is not None and not isinstance(p, dict)]
         if bad:
             raise ConfigError(f"{path}: methods.{bad[0]} must be a mapping of hyperparameters")
-        protocol = sorted({f"methods.{n}.{k}" for n, p in methods.items() for k in (p or {}) if k in PROTOCOL})
+        protocol = sorted({f"methods.{n}.{k}" for n, p in methods.items() for k in (p or {}) if k in protocol_keys()})
         if protocol:  # written by transferlab before 0.2: the study's top-level keys (cv) decide these
             warnings.warn(
                 f"{path}: ignoring {', '.join(protocol)}: the study's protocol is set by top-level keys "
@@ -219,7 +229,7 @@ def load(path) -> dict:
             )
         kw["params"] = {
             **kw.get("params", {}),
-            **{n: {k: v for k, v in p.items() if k not in PROTOCOL} for n, p in methods.items() if p},
+            **{n: {k: v for k, v in p.items() if k not in protocol_keys()} for n, p in methods.items() if p},
         }
     elif isinstance(methods, str):
         kw["methods"] = [m.strip() for m in methods.split(",") if m.strip()]

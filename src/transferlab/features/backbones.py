@@ -24,10 +24,11 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch and timm are imported where used: the command line parses arguments without them
+    import torch
+    from torch import nn
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -57,17 +58,48 @@ EMBEDDED = {
 
 # transferlab's code that features depend on: decoding (data/images.py), resizing and normalising
 # (Backbone.transform, here) and the batched forward pass (features/extract.py, features/runtime.py). Whole files, so a helper
-# added to one of them is covered too; editing any other module (reports, heads) keeps cached features.
+# added to one of them is covered too; editing any other module (reports, heads) keeps cached features. What the
+# digest reads of them is their code (`_code_of`): comments, docstrings and the messages of errors and warnings
+# are left out, so rewording a message does not make every user's cached features recompute.
 FEATURE_CODE = ("data/images.py", "features/backbones.py", "features/extract.py", "features/runtime.py")
+
+
+def _code_of(source: str) -> str:
+    """The syntax tree of a module, without docstrings and with the text of raised errors and `warnings.warn`
+    messages blanked (their types kept), dumped without line numbers: equal for two versions of a file that
+    differ only in comments, docstrings, messages or layout."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+        message = None
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            message = node.exc
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn":
+            message = node
+        if message is not None:
+            message.args = [
+                ast.Constant("") if isinstance(a, (ast.JoinedStr, ast.Constant, ast.BinOp)) else a for a in message.args
+            ]
+    return ast.dump(tree)
 
 
 @cache
 def feature_code_digest(package_dir: str = str(Path(__file__).parent.parent)) -> str:
-    """SHA-256 of the FEATURE_CODE files (names and contents) under the package directory."""
+    """SHA-256 of the FEATURE_CODE files' names and code (`_code_of`) under the package directory."""
     h = hashlib.sha256()
     for name in FEATURE_CODE:
         h.update(name.encode() + b"\0")
-        h.update((Path(package_dir) / name).read_bytes() + b"\0")
+        h.update(_code_of((Path(package_dir) / name).read_text()).encode() + b"\0")
     return h.hexdigest()
 
 
@@ -75,6 +107,8 @@ def feature_library_versions() -> dict[str, str]:
     """Versions of the libraries that decode (Pillow), resize (timm's transform on torchvision) and run
     (torch, timm) the backbone. numpy is left out: decoding uses it only for exact integer/float rescaling."""
     import PIL
+    import timm
+    import torch
     import torchvision
 
     return {
@@ -113,6 +147,8 @@ class Backbone:
 
     def transform(self):
         """PIL RGB image -> normalised CHW float tensor at `input_size`, via timm's eval transform."""
+        import timm.data
+
         return timm.data.create_transform(
             input_size=(3, *self.input_size),
             interpolation=self.interpolation,
@@ -156,6 +192,8 @@ class Backbone:
 
 
 def state_dict_digest(model: nn.Module) -> str:
+    import torch
+
     h = hashlib.sha256()
     for key, tensor in model.state_dict().items():
         h.update(key.encode())
@@ -173,6 +211,8 @@ def _unpickler_reason(exc: Exception) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a weights file without executing pickled code."""
+    import torch
+
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -231,6 +271,9 @@ def load_backbone(
     name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None
 ) -> Backbone:
     """Resolve `name` (any timm model name, optionally with a pretrained tag) to a frozen Backbone."""
+    import timm
+    import timm.data
+
     arch = name.split(".")[0]
     extra: dict = {}
     if not timm.is_model(arch):

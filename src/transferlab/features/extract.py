@@ -32,15 +32,10 @@ from . import distributed
 from . import runtime as ort_runtime
 from .backbones import Backbone
 from .cache import FeatureCache, default_cache_dir
+from .options import PRECISIONS, RUNTIMES, ExtractionError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEWS = ("plain", "hflip")
-RUNTIMES = ("auto", "torch", "onnxruntime")
 TORCH_BATCH_SIZE = 64
-
-
-class ExtractionError(RuntimeError):
-    """Extraction cannot go on (e.g. --strict and an unreadable image)."""
 
 
 class SettingsError(ExtractionError, ValueError):
