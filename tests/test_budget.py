@@ -272,3 +272,17 @@ def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(mon
     assert fitted_by["svm"] == threading.current_thread().name  # taken by the candidates' thread
     assert list(results) == ["logreg", "lda", "svm", "softmax"]
     assert shown[-1] == "heads: svm"  # the bar names the baseline this thread fits
+
+
+def test_a_rerun_under_a_tight_budget_loads_what_the_cache_holds_instead_of_skipping_it(tmp_path, cache_dir):
+    # A rerun with --time-budget skipped final fits and the data-efficiency curve by their expected cost although
+    # the cache held them: loading costs nothing, so nothing is skipped.
+    data, args = _small_run(tmp_path, cache_dir)
+    assert main(["run", str(data), "--out", str(tmp_path / "free"), *args]) == 0
+    free = json.loads((tmp_path / "free" / "metrics.json").read_text())
+    assert main(["run", str(data), "--out", str(tmp_path / "tight"), "--time-budget", "0.001s", *args]) == 0
+    m = json.loads((tmp_path / "tight" / "metrics.json").read_text())
+    assert m["budget"]["skipped"] == []
+    assert set(m["methods"]) == set(free["methods"]) and m["selected"] == free["selected"]
+    assert all(r["train_note"].startswith("fitted head loaded from the cache") for r in m["methods"].values())
+    assert m["data_efficiency"] == free["data_efficiency"]

@@ -170,6 +170,20 @@ def chosen_head(name: str, cfg: StudyConfig, params: dict):
     return est
 
 
+def _head_and_key(name: str, cfg: StudyConfig, splits: dict[str, SplitFeatures], chosen: dict | None):
+    """The unfitted head `fit_method` fits (`chosen`: the CV's hyperparameters) and its head-cache key."""
+    if chosen is not None:
+        est = chosen_head(name, cfg, chosen)
+    else:
+        est = make_head(
+            name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv, flip_train=cfg.flip_train
+        )
+    if cfg.params.get(name):
+        est.set_params(**cfg.params[name])
+    tr, va = splits["train"], splits["valid"]
+    return est, head_key(name, est, cfg.seed, (tr.fit_X, tr.y, va.fit_X, va.y))
+
+
 def fit_method(
     name: str,
     cfg: StudyConfig,
@@ -185,16 +199,8 @@ def fit_method(
     `prefit_seconds`: their training times, which the ensemble's train time then includes (it is what training it
     costs; its own step is a few milliseconds)."""
     tr, va, te = splits["train"], splits["valid"], splits["test"]
-    if chosen is not None:
-        est = chosen_head(name, cfg, chosen)
-    else:
-        est = make_head(
-            name, seed=cfg.seed, epochs=cfg.epochs, scoring=cfg.select_metric, cv=cfg.cv, flip_train=cfg.flip_train
-        )
-    if cfg.params.get(name):
-        est.set_params(**cfg.params[name])
+    est, key = _head_and_key(name, cfg, splits, chosen)
     heads = HeadCache(cfg.cache_dir)  # a head fitted on these very features before is loaded
-    key = head_key(name, est, cfg.seed, (tr.fit_X, tr.y, va.fit_X, va.y))
     t0 = time.perf_counter()
     hit = heads.get(key)
     if hit is not None:
@@ -418,7 +424,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
 
     def fits_budget(name: str) -> bool:
         expected = _expected_fit_seconds(name, cv_selection)
-        if name == chosen_method or budget.fits(expected):
+        if name == chosen_method or budget.fits(expected) or _head_cached(name, cfg, splits, cv_selection):
             return True
         ds.notes.append(budget.skip(name, budget.short(expected, "its final fit")))
         return False
@@ -492,6 +498,19 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             results.update({m: side_results[m] for m in started if m in side_results})  # in their order
 
 
+def _head_cached(name: str, cfg: StudyConfig, splits, cv_selection: dict | None) -> bool:
+    """Whether `fit_method` would load this head from the cache (a rerun): then it costs no time, whatever the budget
+    says is left."""
+    if method_info(name).kind == "end-to-end":
+        return False
+    chosen = (cv_selection or {}).get("methods", {}).get(name, {}).get("params")
+    try:
+        _, key = _head_and_key(name, cfg, splits, chosen)
+    except ValueError:
+        return False
+    return HeadCache(cfg.cache_dir).has(key)
+
+
 def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
     """A final fit's expected cost: one CV fold of it (a fold fits 1 - 1/K of the images; a grid's fold fits
     every point, the final fit one: an overestimate). 0 when CV did not time it (it is then tried)."""
@@ -502,16 +521,19 @@ def _expected_fit_seconds(name: str, cv_selection: dict | None) -> float:
     return r["seconds"] / (k if name == "finetune" else k * repeats)
 
 
-def _efficiency_fits(budget, results: dict, cv_selection: dict | None, notes: list[str]) -> bool:
+def _efficiency_fits(cfg: StudyConfig, budget, results: dict, cv_selection: dict | None, notes: list[str]) -> bool:
     """Whether the data-efficiency curve fits the time left: about 10 points x its draws of the selected head,
-    each at most its full fit, shared by the cores."""
+    each at most its full fit, shared by the cores; or is kept beside the head in the cache (a rerun: no cost)."""
     if budget.seconds is None or not results:
         return True
-    from .evaluation.analysis import efficiency_repeats
+    from .evaluation.analysis import efficiency_memo, efficiency_repeats
     from .evaluation.threads import default_jobs
 
     chosen = (cv_selection or {}).get("method") or next(iter(results))
     if chosen not in results:
+        return True
+    key = results[chosen].get("head_key")
+    if key and HeadCache(cfg.cache_dir).extra(key, efficiency_memo(cfg.select_metric, cfg.seed, chosen)) is not None:
         return True
     draws = 10 * efficiency_repeats(chosen)
     expected = results[chosen].get("train_seconds", 0.0) * draws / default_jobs(draws)
@@ -663,7 +685,7 @@ def _run_study(cfg: StudyConfig) -> dict:
         t0 = time.perf_counter()
         task = bar.add_task("analysis: selection, statistics, leakage", total=2)
         _seed_everything(cfg.seed)
-        efficiency = cfg.data_efficiency and _efficiency_fits(budget, results, cv_selection, ds.notes)
+        efficiency = cfg.data_efficiency and _efficiency_fits(cfg, budget, results, cv_selection, ds.notes)
         if efficiency and not len(splits["valid"].y):  # the curve is scored on validation
             efficiency = False
             ds.notes.append("no data-efficiency curve: the validation split is empty (too few images per class)")

@@ -62,6 +62,11 @@ def efficiency_repeats(method: str) -> int:
     return 1 if registry.get(method).kind == "ensemble" else 3
 
 
+def efficiency_memo(metric: str, seed: int, method: str) -> str:
+    """The name the data-efficiency curve of `method`'s fitted head is kept under beside it (`HeadCache.memo`)."""
+    return f"data_efficiency-{metric}-{seed}-r{efficiency_repeats(method)}-final"
+
+
 def analyse(
     results: dict,
     splits: dict,
@@ -107,7 +112,7 @@ def analyse(
         curve = _memo(
             cache,
             results[chosen],
-            f"data_efficiency-{metric}-{seed}-r{efficiency_repeats(chosen)}-final",
+            efficiency_memo(metric, seed, chosen),
             lambda: data_efficiency(
                 results[chosen]["estimator"],
                 _fit_X(tr),

@@ -114,6 +114,10 @@ class HeadCache:
     def __init__(self, root=None):
         self.dir = Path(root or default_cache_dir()) / "heads"
 
+    def has(self, key: str) -> bool:
+        """Whether head `key` is stored (without loading it)."""
+        return (self.dir / key / "meta.json").is_file()
+
     def get(self, key: str):
         entry = self.dir / key
         meta_path = entry / "meta.json"
