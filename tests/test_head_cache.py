@@ -222,3 +222,28 @@ def test_a_rerun_of_the_default_study_cross_validates_nothing(small_folder, tmp_
     assert {n: r["score"] for n, r in cv_a.items()} == {n: r["score"] for n, r in cv_b.items()}
     assert all(r.get("cached") for n, r in cv_b.items() if n != "ensemble")
     assert "(cached)" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_an_interrupted_cv_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    # The scores were stored after the whole CV: Ctrl-C during its last method lost every finished one.
+    from transferlab.evaluation import crossval
+    from transferlab.evaluation.crossval import cross_validate, plan
+    from transferlab.heads.cache import HeadCache
+
+    X, y = _cv_inputs()
+    cache = HeadCache(tmp_path)
+    real = crossval._fold
+
+    def interrupted(*a, name=None, **kw):
+        if name == "lda":  # the cheaper method runs last
+            raise KeyboardInterrupt
+        return real(*a, name=name, **kw)
+
+    monkeypatch.setattr(crossval, "_fold", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(X, y, ["lda", "logreg"], seed=0, cache=cache, n_jobs=1)
+    monkeypatch.setattr(crossval, "_fold", real)
+    calls = _counting_folds(monkeypatch)
+    again = cross_validate(X, y, ["lda", "logreg"], seed=0, cache=cache, n_jobs=1)
+    assert calls == {"lda": len(plan(y, 0).folds)}
+    assert again["methods"]["logreg"]["cached"] is True

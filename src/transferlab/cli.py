@@ -837,8 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "\ntransferlab: interrupted. Features finished so far are kept in the cache; "
-            "rerun the same command to resume.",
+            "\ntransferlab: interrupted. Features, cross-validated methods and fitted heads finished so far are kept "
+            "in the cache; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130

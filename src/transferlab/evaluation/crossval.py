@@ -231,6 +231,8 @@ def cross_validate(
             done[name] += 1
             for g, s in enumerate(scores):
                 paths[name][2][g, r, b] = s
+            if keys and done[name] == n_folds:  # stored as soon as it is whole: an interrupted run keeps it
+                cache.put_scores(keys[name], paths[name][2], seconds[name])
             if deadline is not None and name != order[0] and name not in dropped:
                 eta = time.perf_counter() + seconds[name] / done[name] * (n_folds - done[name]) / jobs
                 if eta > deadline:  # this method and every costlier one after it
@@ -242,9 +244,6 @@ def cross_validate(
                         dropped.setdefault(m, f"costlier than {name}, which did not fit the time budget")
     for name in dropped:
         del paths[name]
-    for name in paths:
-        if keys and name not in cached:
-            cache.put_scores(keys[name], paths[name][2], seconds[name])
     for name, (cv, points, S) in paths.items():
         hon, chosen, overall = _honest(S, y, plan_, metric)
         state[name] = (S, chosen, points, cv)
