@@ -60,3 +60,38 @@ def test_the_summary_prints_the_stage_times_on_one_line(monkeypatch, capsys):
     console_summary({"backbone": "b", "input_size": [128, 128], "methods": {"lda": metric}, "timings": stages})
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time:")]
     assert line.endswith("total 15.86 s"), line
+
+
+def _terminal():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=True, width=100)
+
+
+def test_a_command_shows_what_it_does_while_it_starts_and_gives_way_to_the_first_bar():
+    # `transferlab run` showed nothing for ~6 s (imports, reading the folder, loading the backbone) before its
+    # first bar; now a spinner line says what it is doing, and the first progress bar replaces it.
+    from transferlab import progress as prog
+
+    console = _terminal()
+    prog.starting("starting: loading torch", console=console)
+    prog.starting("starting: reading data")  # the same line, new text
+    assert prog._startup["status"].status == "starting: reading data"
+    with prog.progress(console=console) as bar:  # rich allows one live display: a bar after a spinner raised
+        bar.add_task("features", total=1)
+    assert "status" not in prog._startup
+    prog.starting("quiet", enabled=False)
+    assert "status" not in prog._startup
+
+
+def test_a_user_error_while_starting_takes_the_spinner_away(tmp_path, monkeypatch, capsys):
+    from transferlab import progress as prog
+    from transferlab.cli import main
+
+    console = _terminal()
+    monkeypatch.setattr(prog, "get_console", lambda: console)
+    assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "status" not in prog._startup and "error" in capsys.readouterr().err
+    assert "starting: " in console.file.getvalue()  # (the spinner was shown)

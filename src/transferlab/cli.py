@@ -16,6 +16,7 @@ from .data.datasets import DatasetError, DatasetWarning
 from .features.backbones import DEFAULT_BACKBONE, EMBEDDED, BackboneError, parse_size
 from .features.cache import default_cache_dir
 from .features.options import PRECISIONS, RUNTIMES, ExtractionError
+from .progress import started, starting
 
 
 class OutputError(OSError):
@@ -630,6 +631,7 @@ def _study_config(args, **over):
 
 
 def cmd_run(args) -> int:
+    starting("starting: loading torch, timm and scikit-learn", enabled=not args.no_progress)
     from .report.writer import console_summary
     from .study import check_out_outside_data, run_study
 
@@ -680,6 +682,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
     from .config import StudyConfig
     from .data.demo import build_demo_dataset
     from .report.writer import console_summary
@@ -698,6 +701,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
     import numpy as np
 
     from .data.datasets import discover
@@ -762,6 +766,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
     from .evaluation.metrics import format_report
     from .model.bundle import load
     from .model.predict import csv_path, evaluate_predictions, predict_paths, write_csv
@@ -833,15 +838,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except USER_ERRORS as exc:
+        started()
         print(f"transferlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        started()
         print(
             "\ntransferlab: interrupted. Features, cross-validated methods and fitted heads finished so far are kept "
             "in the cache; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130
+    finally:
+        started()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .heads.cache import HeadCache, head_key
 from .heads.registry import get as method_info
 from .heads.registry import make_head, resolve_methods
 from .heads.views import through_views
-from .progress import paused, progress
+from .progress import paused, progress, starting
 from .report import layout
 from .report import writer as report
 
@@ -621,6 +621,9 @@ def _run_study(cfg: StudyConfig) -> dict:
         except ValueError as exc:
             raise ConfigError(f"fine-tuning: {exc}") from None
     _seed_everything(cfg.seed)
+    from .features.distributed import is_main
+
+    starting(f"starting: reading {cfg.data}", enabled=cfg.progress and is_main())
     ds = discover(
         cfg.data,
         seed=cfg.seed,
@@ -630,6 +633,10 @@ def _run_study(cfg: StudyConfig) -> dict:
     )
     _check_validation(cfg, ds)
     auto_size = cfg.input_size == "auto"
+    starting(
+        f"starting: {len(ds.samples)} images, {len(ds.classes)} classes; loading {cfg.backbone}",
+        enabled=cfg.progress and is_main(),
+    )
     bb = load_backbone(cfg.backbone, weights=cfg.weights, input_size=None if auto_size else cfg.input_size)
     cv_selection = size_choice = None
     if cfg.input_size is None or auto_size:  # the images' typical aspect at the backbone's native scale
