@@ -173,3 +173,39 @@ def test_class_distribution_bar_lengths_are_the_counts(tmp_path, drawn):
         assert all(abs(c - i) < 0.5 for i, c in enumerate(centres))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0 ant", "1 bee", "2 cat"]
     assert [t.get_text() for t in ax.texts if t.get_text()] == ["12", "8", "5", "4", "2"]  # bar labels
+
+
+def test_class_names_no_font_draws_give_one_note_not_a_warning_per_glyph(tmp_path, cache_dir):
+    # A class named in Chinese drew boxes and printed matplotlib's "Glyph ... missing from font(s)" 42 times in a
+    # 4-class run. Fonts that draw more scripts are used where installed; what none draws is said once.
+    import warnings
+
+    from transferlab.data.datasets import DatasetWarning
+    from transferlab.report.plots import missing_glyphs
+    from transferlab.study import run_study
+
+    from .conftest import make_imagefolder, tiny_study
+
+    odd = "\U00013000"  # an Egyptian hieroglyph: none of the fonts looked for draws it
+    assert missing_glyphs(["café", "a&b<c>", "two words"]) == []
+    assert missing_glyphs([f"x{odd}y", f"{odd}"]) == [odd]
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"plain": 8, f"odd{odd}": 8}, "test": {"plain": 3, f"odd{odd}": 3}}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = run_study(tiny_study(data, tmp_path / "out", cache_dir, methods=["softmax", "svm"]))
+    glyphs = [w for w in caught if str(w.message).startswith("Glyph ")]
+    notes = [w for w in caught if issubclass(w.category, DatasetWarning) and "no installed font" in str(w.message)]
+    assert glyphs == [] and len(notes) == 1 and odd in str(notes[0].message)
+    assert any("no installed font draws" in n for n in m["notes"])
+    assert "no installed font draws" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_scripts_an_installed_fallback_font_draws_are_not_reported_missing():
+    from transferlab.report.plots import font_families, missing_glyphs
+
+    cjk = {"Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback", "Source Han Sans"}
+    if not cjk & set(font_families()):
+        pytest.skip("no CJK font installed on this machine (e.g. apt install fonts-wqy-zenhei)")
+    assert missing_glyphs(["日本 猫", "한국어"]) in ([], ["국", "어", "한"])  # WenQuanYi draws Hangul too

@@ -5,13 +5,107 @@ Uses ``matplotlib.figure.Figure`` directly (Agg canvas), so no global pyplot sta
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
+from ..warning_filters import warning_filter
+
 DPI = 120
+
+# Fonts that draw the scripts matplotlib's DejaVu Sans lacks (CJK, Devanagari, Thai, ...), tried in this order after
+# it where installed (matplotlib falls back glyph by glyph): class names in Chinese or Japanese were drawn as boxes,
+# with one warning per glyph per figure (42 for a 4-class run).
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "Microsoft YaHei",
+    "SimHei",
+    "Yu Gothic",
+    "Meiryo",
+    "MS Gothic",
+    "Malgun Gothic",
+    "PingFang SC",
+    "Hiragino Sans",
+    "Apple SD Gothic Neo",
+    "Noto Sans",
+    "Noto Sans Devanagari",
+    "Noto Sans Arabic",
+    "Noto Sans Hebrew",
+    "Noto Sans Thai",
+    "Arial Unicode MS",
+)
+GLYPH_WARNING = "Glyph "  # matplotlib's "Glyph 29483 (...) missing from font(s) DejaVu Sans."
+
+
+@functools.cache
+def font_families() -> tuple[str, ...]:
+    """DejaVu Sans, then the FALLBACK_FONTS installed here."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
+
+
+@functools.cache
+def _drawable() -> frozenset[int]:
+    """The code points some font of `font_families()` has a glyph for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    points: set[int] = set()
+    for family in font_families():
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        points |= set(FT2Font(path).get_charmap())
+    return frozenset(points)
+
+
+def missing_glyphs(texts) -> list[str]:
+    """The characters of `texts` no font of `font_families()` draws (the figures show them as boxes)."""
+    chars = {c for t in texts for c in str(t) if not c.isspace() and c.isprintable()}
+    with _quiet_font_manager():
+        drawable = _drawable()
+    return sorted(c for c in chars if ord(c) not in drawable)
+
+
+def _fonts(plot):
+    """Draw `plot` with `font_families()` and without matplotlib's per-glyph warnings (the report says once which
+    characters no installed font draws: `missing_glyphs`)."""
+
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs):
+        with (
+            matplotlib.rc_context({"font.family": list(font_families())}),
+            warning_filter("ignore", UserWarning, GLYPH_WARNING),
+            _quiet_font_manager(),
+        ):
+            return plot(*args, **kwargs)
+
+    return drawn
+
+
+@contextlib.contextmanager
+def _quiet_font_manager():
+    """matplotlib's font manager logs "findfont: Failed to find font weight normal for <fallback font>, now using
+    500" (some CJK fonts have only a medium weight) at every figure: nothing to act on."""
+    log = logging.getLogger("matplotlib.font_manager")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _save(fig: Figure, path) -> Path:
@@ -41,6 +135,7 @@ def _no_data(ax, text="no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
+@_fonts
 def plot_learning_curves(history: dict[str, list[float]], path, title: str = "") -> Path:
     """Loss and accuracy (train / valid) per epoch, side by side; missing or NaN validation is skipped."""
     epochs = _epochs(history)
@@ -67,6 +162,7 @@ def plot_learning_curves(history: dict[str, list[float]], path, title: str = "")
     return _save(fig, path)
 
 
+@_fonts
 def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> Path:
     """Learning rate per epoch as a step line, log y axis."""
     epochs = _epochs(history)
@@ -88,6 +184,7 @@ def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> 
 MAX_CONFUSION_INCHES = 14.0
 
 
+@_fonts
 def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normalize: bool = True) -> Path:
     """Confusion matrix (rows = true class), colour = row-normalised share, cells annotated with counts."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -137,6 +234,7 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
     return _save(fig, path)
 
 
+@_fonts
 def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str], path, title: str = "") -> Path:
     """Images per class for each split as grouped horizontal bars, log count axis."""
     splits = list(counts)
@@ -167,6 +265,7 @@ def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str
     return _save(fig, path)
 
 
+@_fonts
 def plot_data_efficiency(
     points: dict[str, list[tuple[int, float]]], path, ylabel: str = "validation macro-F1", title: str = ""
 ) -> Path:

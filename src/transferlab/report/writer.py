@@ -12,11 +12,13 @@ import csv
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
+from ..data.datasets import DatasetWarning
 from ..evaluation.metrics import format_report
 from . import layout, plots, sections
 from .format import number, seconds
@@ -121,6 +123,15 @@ def write(
         **({"leakage": leakage} if leakage is not None else {}),  # duplicates across splits (leakage.py)
         "timings": dict(timings or {}),
     }
+    missing = plots.missing_glyphs(classes)
+    if missing:  # matplotlib drew boxes for them, with a warning per glyph per figure
+        msg = (
+            f"class names use characters no installed font draws ({''.join(missing[:12])}"
+            f"{'...' if len(missing) > 12 else ''}): the figures show boxes for them (the tables name them); install "
+            "a font that covers them (e.g. Noto Sans CJK: fonts-noto-cjk) for readable figures"
+        )
+        metrics["notes"].append(msg)
+        warnings.warn(msg, DatasetWarning, stacklevel=2)
     figures = {"data": [class_distribution(out, metrics)], "curves": [], "confusion": []}
     for name, res in results.items():
         curves, confusion = write_method(out, name, res, splits["test"], classes)
