@@ -276,10 +276,14 @@ def test_progress_shows_each_stage_after_extraction(small_folder, tmp_path, cach
     monkeypatch.setattr(rich, "_console", Console(width=120))  # wide enough for every description whole
     cfg = _cfg(small_folder, tmp_path / "run", cache_dir, valid_fraction=0.25)
     cfg.progress = True
-    run_study(cfg)
+    m = run_study(cfg)
     shown = capsys.readouterr().out
     for stage in ("heads", "analysis: selection, statistics, leakage", "report: bundles, tables, plots, report.html"):
         assert stage in shown
+    # the report advances per method's files and plots, not in two steps (16 s at 150 classes with one step left)
+    steps = len(m["methods"]) + 5
+    (line,) = [r for r in shown.splitlines() if "report: bundles, tables" in r]
+    assert f"{steps}/{steps}" in line, line
 
 
 def test_three_images_a_class_run_by_default_and_refuse_validation_selection_before_extraction(

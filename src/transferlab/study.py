@@ -719,7 +719,7 @@ def _run_study(cfg: StudyConfig) -> dict:
         from .model.bundle import save_study_bundles  # DIR/models/<method>/ for `transferlab predict`, transferlab.load
 
         t0 = time.perf_counter()
-        task = bar.add_task("report: bundles, tables, plots, report.html", total=2)
+        task = bar.add_task("report: bundles", total=report.write_steps(results) + 2)
         moved = layout.set_aside(out, set(results), since=started)
         if moved:  # --out held an earlier run's methods this run did not fit: its report no longer describes them
             msg = (
@@ -736,7 +736,7 @@ def _run_study(cfg: StudyConfig) -> dict:
             precision=extract_info["precision"],
             extra={"data": str(Path(cfg.data).resolve()), "seed": cfg.seed},
         )
-        bar.advance(task)
+        bar.update(task, description="report: tables, plots, report.html", advance=1)
         metrics = report.write(
             out,
             cfg=asdict(cfg),
@@ -748,10 +748,11 @@ def _run_study(cfg: StudyConfig) -> dict:
             analysis=analysis,
             leakage=leakage,
             timings=timings,
+            on_step=lambda d: bar.update(task, description=d, advance=1),
         )
         write_config(out / "config.yaml", cfg, bb, extract_info, results)  # `run --config` reruns this study
         layout.remove_unlinked_plots(out)  # an earlier run's figures this report does not show
-        bar.advance(task)
+        bar.update(task, description="report: bundles, tables, plots, report.html", advance=1)
     timings.update(report=time.perf_counter() - t0, total=time.perf_counter() - start)
     report.write_timings(out, metrics, timings)  # the last two are known only now
     return metrics
