@@ -209,3 +209,27 @@ def test_scripts_an_installed_fallback_font_draws_are_not_reported_missing():
     if not cjk & set(font_families()):
         pytest.skip("no CJK font installed on this machine (e.g. apt install fonts-wqy-zenhei)")
     assert missing_glyphs(["日本 猫", "한국어"]) in ([], ["국", "어", "한"])  # WenQuanYi draws Hangul too
+
+
+def test_above_forty_classes_only_the_selected_methods_confusion_matrix_is_drawn(tmp_path, cache_dir):
+    # "a confusion matrix of 101 classes needs no 9 copies" (issue 16): at 150 classes six of them took 12 s.
+    from transferlab.study import run_study
+
+    from .conftest import make_imagefolder, tiny_study
+
+    names = [f"c{i:02d}" for i in range(41)]
+    data = make_imagefolder(tmp_path / "data", {"train": dict.fromkeys(names, 3), "test": dict.fromkeys(names, 1)})
+    m = run_study(tiny_study(data, tmp_path / "out", cache_dir))
+    drawn = sorted(p.parent.name for p in (tmp_path / "out" / "methods").glob("*/confusion.png"))
+    assert drawn == [m["selected"]] and len(m["methods"]) > 1
+    assert all((tmp_path / "out" / "methods" / n / "report.tsv").exists() for n in m["methods"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "only the selected method's confusion matrix is drawn" in md
+    assert md.count("/confusion.png)") == 1
+
+    few = make_imagefolder(
+        tmp_path / "few", {"train": dict.fromkeys(names[:3], 6), "test": dict.fromkeys(names[:3], 2)}
+    )
+    m = run_study(tiny_study(few, tmp_path / "out2", cache_dir))
+    drawn = sorted(p.parent.name for p in (tmp_path / "out2" / "methods").glob("*/confusion.png"))
+    assert drawn == sorted(m["methods"])

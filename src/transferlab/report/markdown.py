@@ -249,6 +249,13 @@ def render_markdown(metrics: dict, figures: dict) -> str:
         ]
     if figures["curves"] or figures["confusion"]:
         md += ["## Plots", ""] + [f"![{t}]({f})" for t, f in figures["curves"] + figures["confusion"]] + [""]
+        if len(classes) > sections.CONFUSION_ALL_MAX and len(metrics["methods"]) > 1:
+            md += [
+                f"With {len(classes)} classes only the selected method's confusion matrix is drawn; every method's "
+                "per-class precision, recall and F1 are in `methods/<method>/report.tsv`, its predictions in "
+                "`predictions.csv`.",
+                "",
+            ]
     if metrics.get("leakage"):
         md += sections.leakage_section(metrics["leakage"])
     md += ["## Findings", ""] + [f"- {line}" for line in findings(metrics, classes)] + [""]

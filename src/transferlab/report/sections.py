@@ -16,6 +16,11 @@ from .format import interval, markdown_table, number, p_value
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
+# Above this many classes only the selected method's confusion matrix is drawn (the others' per-class numbers are in
+# their report.tsv and predictions.csv): at 150 classes each took 2 s to draw, 12 s for six methods' unreadable grids.
+CONFUSION_ALL_MAX = 40
+
+
 def selection_column(metrics: dict) -> tuple[str, dict]:
     """The score each method was selected on, as a results table's column: (header, {method: value}). Under CV
     the CV score ("CV macro-F1"; none for a baseline CV did not score, e.g. the seed's softmax), else the

@@ -138,8 +138,10 @@ def write(
         warnings.warn(msg, DatasetWarning, stacklevel=2)
     figures = {"data": [class_distribution(out, metrics)], "curves": [], "confusion": []}
     step("report: class counts")
+    chosen = metrics.get("selected") or next(iter(results), None)
     for name, res in results.items():
-        curves, confusion = write_method(out, name, res, splits["test"], classes)
+        drawn = len(classes) <= sections.CONFUSION_ALL_MAX or name == chosen
+        curves, confusion = write_method(out, name, res, splits["test"], classes, draw_confusion=drawn)
         figures["curves"] += curves
         figures["confusion"] += confusion
         step(f"report: {name}")
@@ -186,8 +188,11 @@ def class_distribution(out: Path, metrics: dict) -> tuple[str, str]:
     return "Class distribution", layout.relative(out, p)
 
 
-def write_method(out: Path, name: str, res: dict, test, classes: list[str]) -> tuple[list, list]:
-    """methods/<name>/: report.tsv, predictions.csv, history.csv and the method's plots.
+def write_method(
+    out: Path, name: str, res: dict, test, classes: list[str], draw_confusion: bool = True
+) -> tuple[list, list]:
+    """methods/<name>/: report.tsv, predictions.csv, history.csv and the method's plots (its confusion matrix only
+    with `draw_confusion`; an earlier run's is removed otherwise).
 
     Returns the (caption, relative path) of its curve plots and of its confusion matrix, for report.md.
     """
@@ -206,8 +211,11 @@ def write_method(out: Path, name: str, res: dict, test, classes: list[str]) -> t
             (f"{name} learning curves", layout.relative(out, p)),
             (f"{name} learning rate", layout.relative(out, q)),
         ]
+    if "test" in res and not draw_confusion:
+        (folder / layout.CONFUSION).unlink(missing_ok=True)
     if "test" in res:
         (folder / layout.REPORT_TSV).write_text(format_report(res["test"], classes) + "\n")
+    if "test" in res and draw_confusion:
         p = plots.plot_confusion_matrix(
             np.array(res["test"]["confusion_matrix"]),
             classes,
