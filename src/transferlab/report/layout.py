@@ -27,7 +27,7 @@ LR = "lr.png"
 
 README = f"""\
 report.html: the report to open (self-contained); report.md: the same as markdown; metrics.json: every number; config.yaml: reruns this study (transferlab run --config config.yaml).
-{METHODS}/<method>/: per method {REPORT_TSV} (the seed's table layout), {PREDICTIONS} (one row per test image), {HISTORY}, {CONFUSION}, {LEARNING_CURVES}, {LR}; fine-tuning also keeps its checkpoints and logs there.
+{METHODS}/<method>/: per method {REPORT_TSV} (the seed's table layout), {PREDICTIONS} (one row per test image), {HISTORY}, {CONFUSION} (above 40 classes: the selected method's only), {LEARNING_CURVES}, {LR}; fine-tuning also keeps its checkpoints and logs there.
 {MODELS}/<method>/: the saved models (transferlab predict, transferlab.load); {PLOTS}/: plots of the data and the selection (class distribution, data efficiency); {EARLIER}/<time>/ (after a rerun here): an earlier run's methods/ and models/ entries for methods the later run did not fit, moved aside whole.
 """
 
