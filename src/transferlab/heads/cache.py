@@ -56,51 +56,27 @@ def code_fingerprint(package_dir: str = str(Path(__file__).parent.parent)) -> st
     return h.hexdigest()
 
 
-def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
-    """SHA-256 (first 24 hex digits) of the method, every hyperparameter, the seed, the data, the versions and
-    the code."""
+def _key(fields: dict, arrays: tuple) -> str:
+    """SHA-256 (first 24 hex digits) of `fields`, the library versions, the code and the arrays' bytes."""
     import sklearn
     import torch
 
+    versions = [__version__, sklearn.__version__, torch.__version__, np.__version__]
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "method": name,
-                "seed": seed,
-                "estimator": estimator.__repr__(N_CHAR_MAX=10**9),
-                "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
-                "code": code_fingerprint(),
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    h.update(json.dumps({**fields, "versions": versions, "code": code_fingerprint()}, sort_keys=True).encode())
     _digest_arrays(h, *arrays)
     return h.hexdigest()[:24]
+
+
+def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
+    """The key of a fitted head: the method, every hyperparameter, the seed, the data, the versions and the code."""
+    return _key({"method": name, "seed": seed, "estimator": estimator.__repr__(N_CHAR_MAX=10**9)}, arrays)
 
 
 def cv_key(name: str, points: list[dict], seed: int, epochs: int, arrays: tuple) -> str:
-    """SHA-256 (first 24 hex digits) of a method's CV outcome's inputs: the method, its grid points, the seed, the
-    epochs (the softmax heads'), the arrays (features, labels, the folds' indices, the views), versions and code."""
-    import sklearn
-    import torch
-
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "cv": name,
-                "points": repr(points),
-                "seed": seed,
-                "epochs": epochs,
-                "versions": [__version__, sklearn.__version__, torch.__version__, np.__version__],
-                "code": code_fingerprint(),
-            },
-            sort_keys=True,
-        ).encode()
-    )
-    _digest_arrays(h, *arrays)
-    return h.hexdigest()[:24]
+    """The key of a method's CV outcome: the method, its grid points, the seed, the epochs (the softmax heads'), the
+    arrays (features, labels, the folds' indices, the views), the versions and the code."""
+    return _key({"cv": name, "points": repr(points), "seed": seed, "epochs": epochs}, arrays)
 
 
 # A CV outcome larger than this is not cached (points x repeats x images x classes float32: 256 MiB is e.g. 9
