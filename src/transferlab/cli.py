@@ -682,7 +682,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
+    starting("starting: loading torch and timm", enabled=not args.no_progress)
     from .config import StudyConfig
     from .data.demo import build_demo_dataset
     from .report.writer import console_summary
@@ -701,7 +701,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
+    starting("starting: loading torch and timm", enabled=not args.no_progress)
     import numpy as np
 
     from .data.datasets import discover
@@ -766,7 +766,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    starting("starting: loading torch and timm", enabled=not getattr(args, "no_progress", False))
+    starting("starting: loading torch and timm", enabled=not args.no_progress)
     from .evaluation.metrics import format_report
     from .model.bundle import load
     from .model.predict import csv_path, evaluate_predictions, predict_paths, write_csv
