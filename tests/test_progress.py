@@ -95,3 +95,16 @@ def test_a_user_error_while_starting_takes_the_spinner_away(tmp_path, monkeypatc
     assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "status" not in prog._startup and "error" in capsys.readouterr().err
     assert "starting: " in console.file.getvalue()  # (the spinner was shown)
+
+
+def test_the_processes_started_for_other_devices_show_no_spinner(tmp_path, monkeypatch):
+    # Lightning re-runs the command once per extra device, on the same terminal: each showed its own spinner.
+    from transferlab import progress as prog
+    from transferlab.cli import main
+
+    console = _terminal()
+    monkeypatch.setattr(prog, "get_console", lambda: console)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # set by the launcher; the process then joins the group as rank 1
+    monkeypatch.setattr("transferlab.features.distributed.rank", lambda: 1)
+    assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "starting: " not in console.file.getvalue()

@@ -630,8 +630,15 @@ def _study_config(args, **over):
     )
 
 
+def _shows_progress(args) -> bool:
+    """Whether this process shows progress before a study starts: not with --no-progress, and not in the processes
+    Lightning or torchrun start for the other devices (they run this same command: one spinner each on one
+    terminal), which set RANK / LOCAL_RANK."""
+    return not args.no_progress and all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK"))
+
+
 def cmd_run(args) -> int:
-    starting("starting: loading torch, timm and scikit-learn", enabled=not args.no_progress)
+    starting("starting: loading torch, timm and scikit-learn", enabled=_shows_progress(args))
     from .report.writer import console_summary
     from .study import check_out_outside_data, run_study
 
@@ -682,7 +689,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    starting("starting: loading torch and timm", enabled=not args.no_progress)
+    starting("starting: loading torch and timm", enabled=_shows_progress(args))
     from .config import StudyConfig
     from .data.demo import build_demo_dataset
     from .report.writer import console_summary
@@ -701,7 +708,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    starting("starting: loading torch and timm", enabled=not args.no_progress)
+    starting("starting: loading torch and timm", enabled=_shows_progress(args))
     import numpy as np
 
     from .data.datasets import discover
@@ -766,7 +773,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    starting("starting: loading torch and timm", enabled=not args.no_progress)
+    starting("starting: loading torch and timm", enabled=_shows_progress(args))
     from .evaluation.metrics import format_report
     from .model.bundle import load
     from .model.predict import csv_path, evaluate_predictions, predict_paths, write_csv
