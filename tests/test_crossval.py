@@ -766,9 +766,46 @@ def test_lda_pooled_covariances_hold_no_full_weighted_copy_of_the_rows(monkeypat
     # the standardised rows (0.5), the centred rows (1), a class's float64 copy and one weighted block; before:
     # also a float64 copy of all rows and two weighted copies (4.8)
     assert peak < 3 * centred, peak / centred
-    means, pooled = lda.pooled_covariances(X, y, rules)
+    means, Z, parts = lda.pooled_parts(X, y, rules)
+    pooled = [lda.pooled_matrix(Z, w, diag) for w, diag in parts]
     monkeypatch.setattr(lda, "BLOCK_ROWS", n)  # one block: one product
-    ref_means, ref = lda.pooled_covariances(X.astype(np.float64), y, rules)
+    ref_means, Z, parts = lda.pooled_parts(X.astype(np.float64), y, rules)
     np.testing.assert_array_equal(means, ref_means)
-    for p, r in zip(pooled, ref):
-        np.testing.assert_allclose(p, r, rtol=1e-10, atol=1e-12)
+    for p, (w, diag) in zip(pooled, parts):
+        np.testing.assert_allclose(p, lda.pooled_matrix(Z, w, diag), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("priors", [None, "uniform"])
+def test_lda_on_fewer_images_than_half_its_columns_solves_by_woodbury_with_scikit_learns_numbers(priors, monkeypatch):
+    """Below half as many images as features (the data-efficiency curve's small draws, few-shot folds) the shrunk
+    pooled covariance is solved through an n x n system (Woodbury) instead of d x d: the same coefficients as
+    scikit-learn's and as the d x d solve, also with a constant column; with a class of two images (kept to its
+    diagonal, unlike scikit-learn) the same as the d x d solve."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from transferlab.heads import lda
+
+    rng = np.random.default_rng(3)
+    n, d, k = 40, 200, 4
+    y = np.repeat(np.arange(k), n // k)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, d) + y[:, None] * rng.normal(size=d)
+    X[:, 5] = 1.5  # a constant column
+    two = y.copy()
+    two[-2:] = k  # a class of two images
+    real = lda._low_rank
+    for labels in (y, two):
+        p = None if priors is None else np.full(len(np.unique(labels)), 1 / len(np.unique(labels)))
+        _, _, ((weight, diag),) = lda.pooled_parts(
+            X, np.unique(labels, return_inverse=True)[1], [np.bincount(labels) / n]
+        )
+        assert real(weight, diag)
+        monkeypatch.setattr(lda, "_low_rank", real)
+        ours = lda.fitted_lda(X, labels, p)
+        monkeypatch.setattr(lda, "_low_rank", lambda *a: False)  # the d x d Cholesky solve
+        full = lda.fitted_lda(X, labels, p)
+        np.testing.assert_allclose(ours.coef_, full.coef_, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(ours.intercept_, full.intercept_, rtol=1e-9, atol=1e-11)
+        if labels is y:
+            ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto", priors=p).fit(X, labels)
+            np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-7, atol=1e-9)

@@ -32,7 +32,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from ..warning_filters import warning_filter
 from .lbfgs import logistic_path
-from .lda import lda_coefficients, pooled_covariances
+from .lda import lda_coefficients, pooled_parts
 from .pairwise import fit_temperature, ovr_decision, per_class, tempered
 from .probes import sq_distances
 
@@ -106,10 +106,10 @@ def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
         np.full(len(present), 1 / len(present)) if p.get("clf__class_weight") == "balanced" else counts / counts.sum()
         for p in points
     ]
-    means, pooled = pooled_covariances(Xf, y_idx, rules)
+    means, Z, parts = pooled_parts(Xf, y_idx, rules)
     out = []
-    for priors, cov in zip(rules, pooled):
-        coef, intercept = lda_coefficients(means, cov, priors)
+    for priors, (weight, diag) in zip(rules, parts):
+        coef, intercept = lda_coefficients(means, priors, Z, weight, diag)
         out.append(_full(softmax(Xh @ coef.T + intercept, axis=1), present, k))
     return out
 
