@@ -363,3 +363,22 @@ def test_arrays_and_empty_input_predict_like_files(trained, tiny_backbone, tmp_p
     assert model.predict_proba([]).shape == (0, k) and model.predict([]).shape == (0,)
     with pytest.raises(ValueError, match=r"must be uint8, H x W or H x W x 3 .* got float32 \(32, 40, 3\)"):
         model.predict(np.zeros((32, 40, 3), dtype=np.float32))
+
+
+def test_predict_says_what_it_does_while_it_works_and_leaves_the_terminal_clean(
+    trained, tiny_backbone, tmp_path, monkeypatch
+):
+    # The start-up spinner said "loading torch and timm" through the whole prediction.
+    import io
+
+    from rich.console import Console
+
+    from transferlab import progress as prog
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(prog, "get_console", lambda: console)
+    bundle = save_bundle(tmp_path / "b", _fit("softmax", trained), tiny_backbone, trained["ds"].classes)
+    args = ["predict", str(bundle), str(trained["root"] / "test"), "--out", str(tmp_path / "p.csv")]
+    assert main([*args, "--cache-dir", str(tmp_path / "c"), "--workers", "0"]) == 0
+    assert "status" not in prog._startup
+    assert "predicting with b" in console.file.getvalue()

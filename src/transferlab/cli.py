@@ -790,9 +790,11 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
     )
+    starting(f"predicting with {model.path.name}", enabled=_shows_progress(args))
     if model.path != Path(args.bundle):
         print(f"model: {model.path} (the selected method of the run in {args.bundle})", file=sys.stderr)
     preds = predict_paths(model, args.images, progress=not args.no_progress)
+    started()
     out = write_csv(preds, args.out, top_k=args.top_k, with_labels=args.evaluate)
     for s in preds.skipped:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
