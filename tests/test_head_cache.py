@@ -247,3 +247,19 @@ def test_an_interrupted_cv_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     again = cross_validate(X, y, ["lda", "logreg"], seed=0, cache=cache, n_jobs=1)
     assert calls == {"lda": len(plan(y, 0).folds)}
     assert again["methods"]["logreg"]["cached"] is True
+
+
+def test_cv_scores_that_cannot_be_stored_only_warn(tmp_path, monkeypatch):
+    # a full disk while writing (safetensors raises its own error type, not OSError) must not lose the CV
+    import numpy as np
+
+    from transferlab.heads import cache as head_cache
+
+    def full(*_a, **_k):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", full)
+    cache = head_cache.HeadCache(tmp_path)
+    with pytest.warns(UserWarning, match="CV scores not cached"):
+        cache.put_scores("k" * 24, np.zeros((2, 1, 5, 3), dtype=np.float32), 1.0)
+    assert cache.scores("k" * 24) is None and not list((tmp_path / "heads" / "cv").iterdir())

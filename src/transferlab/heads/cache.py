@@ -145,7 +145,7 @@ class HeadCache:
             return None
 
     def put_scores(self, key: str, scores: np.ndarray, seconds: float) -> None:
-        """Store a CV outcome (atomically; skipped above MAX_SCORES_BYTES; a failure only warns)."""
+        """Store a CV outcome (atomically; skipped above MAX_SCORES_BYTES). Never raises: a failure only warns."""
         if scores.nbytes > MAX_SCORES_BYTES:
             return
         from safetensors.numpy import save_file
@@ -160,8 +160,8 @@ class HeadCache:
                 os.replace(tmp, folder / f"{key}.safetensors")
             finally:
                 Path(tmp).unlink(missing_ok=True)
-        except OSError as exc:
-            warnings.warn(f"CV scores not cached ({exc})", stacklevel=2)
+        except Exception as exc:  # a full disk, a read-only cache: the run goes on without it
+            warnings.warn(f"CV scores not cached ({type(exc).__name__}: {exc})", stacklevel=2)
 
     def extra(self, key: str, name: str):
         """A JSON result stored beside head `key` (None if absent or unreadable)."""
