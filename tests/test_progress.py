@@ -108,3 +108,16 @@ def test_the_processes_started_for_other_devices_show_no_spinner(tmp_path, monke
     monkeypatch.setattr("transferlab.features.distributed.rank", lambda: 1)
     assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "starting: " not in console.file.getvalue()
+
+
+def test_a_study_that_fails_while_starting_leaves_no_spinner_from_python(tmp_path, monkeypatch):
+    # transferlab.run("missing") in a terminal REPL: the "reading ..." spinner went on spinning after the error.
+    import transferlab
+    from transferlab import progress as prog
+    from transferlab.data.datasets import DatasetError
+
+    console = _terminal()
+    monkeypatch.setattr(prog, "get_console", lambda: console)
+    with pytest.raises(DatasetError):
+        transferlab.run(tmp_path / "missing", out=tmp_path / "out")
+    assert "starting: reading" in console.file.getvalue() and "status" not in prog._startup

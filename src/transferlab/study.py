@@ -593,10 +593,14 @@ def run_study(cfg: StudyConfig) -> dict:
     """Run the whole study and write DIR/report.md, DIR/metrics.json and the plots; returns the metrics.
 
     metrics.json's `timings` holds the wall time of each stage (extract, heads, analysis, report) and the total."""
+    from .progress import started
     from .warning_filters import quiet_decoding
 
-    with quiet_decoding():
-        return _run_study(cfg)
+    try:
+        with quiet_decoding():
+            return _run_study(cfg)
+    finally:
+        started()  # a start-up spinner an error left (from Python, no command line takes it away)
 
 
 def _run_study(cfg: StudyConfig) -> dict:
