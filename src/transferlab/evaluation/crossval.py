@@ -307,13 +307,13 @@ def _cached_scores(cache, paths: dict, X, y, views, plan_: Plan, seed: int, epoc
     seconds into `seconds`)."""
     if cache is None:
         return {}, set()
-    from ..heads.cache import cv_key
+    from ..heads.cache import cv_key, data_digest
 
     folds = [np.asarray([r, len(a), len(b)]) for r, a, b in plan_.folds] + [
         i for _, a, b in plan_.folds for i in (a, b)
     ]
-    arrays = (X, y, *folds) + (() if views is None else (views,))
-    keys = {name: cv_key(name, points, seed, epochs, arrays) for name, (_, points, _) in paths.items()}
+    data = data_digest(X, y, *folds, *(() if views is None else (views,)))  # once: every method's key shares it
+    keys = {name: cv_key(name, points, seed, epochs, data) for name, (_, points, _) in paths.items()}
     cached = set()
     for name, (_, _, S) in paths.items():
         hit = cache.scores(keys[name])

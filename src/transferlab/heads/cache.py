@@ -73,10 +73,17 @@ def head_key(name: str, estimator, seed: int, arrays: tuple) -> str:
     return _key({"method": name, "seed": seed, "estimator": estimator.__repr__(N_CHAR_MAX=10**9)}, arrays)
 
 
-def cv_key(name: str, points: list[dict], seed: int, epochs: int, arrays: tuple) -> str:
+def data_digest(*arrays) -> str:
+    """SHA-256 of arrays' dtypes, shapes and bytes: computed once for inputs that many keys share."""
+    h = hashlib.sha256()
+    _digest_arrays(h, *arrays)
+    return h.hexdigest()
+
+
+def cv_key(name: str, points: list[dict], seed: int, epochs: int, data: str) -> str:
     """The key of a method's CV outcome: the method, its grid points, the seed, the epochs (the softmax heads'), the
-    arrays (features, labels, the folds' indices, the views), the versions and the code."""
-    return _key({"cv": name, "points": repr(points), "seed": seed, "epochs": epochs}, arrays)
+    `data_digest` of its inputs (features, labels, the folds' indices, the views), the versions and the code."""
+    return _key({"cv": name, "points": repr(points), "seed": seed, "epochs": epochs, "data": data}, ())
 
 
 # A CV outcome larger than this is not cached (points x repeats x images x classes float32: 256 MiB is e.g. 9
