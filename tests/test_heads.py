@@ -32,9 +32,7 @@ def test_cached_features_training_equals_training_through_frozen_backbone(tiny_b
     torch.manual_seed(1)
     head_b = torch.nn.Linear(tiny_backbone.num_features, 3)
     hist_a = fit_linear_softmax(head_a, feats, targets, epochs=4, lr=1e-2, batch_size=8, seed=5)
-    hist_b = fit_linear_softmax(
-        head_b, images, targets, forward=lambda x: head_b(backbone(x)), epochs=4, lr=1e-2, batch_size=8, seed=5
-    )
+    hist_b = fit_linear_softmax(head_b, images, targets, embed=backbone, epochs=4, lr=1e-2, batch_size=8, seed=5)
     torch.testing.assert_close(head_a.weight, head_b.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head_a.bias, head_b.bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(hist_a["train_loss"], hist_b["train_loss"], rtol=1e-5)
@@ -77,7 +75,9 @@ def _seed_loop_with_torch_optim(linear, inputs, targets, epochs, lr, batch_size,
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_softmax_loop_is_torch_optims_adam_and_reduce_lr_on_plateau_bit_for_bit(weight_decay):
+def test_softmax_loop_is_torch_optims_adam_and_reduce_lr_on_plateau(weight_decay):
+    """The loop on NumPy arrays with its gradient written out is torch's (autograd, `torch.optim.Adam`,
+    `ReduceLROnPlateau`) to float32 rounding: the same learning-rate cuts, losses and weights."""
     rng = np.random.default_rng(0)
     X = torch.from_numpy(rng.normal(size=(60, 12)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 3, 60))  # random labels: the loss plateaus and the lr is cut
@@ -86,13 +86,16 @@ def test_softmax_loop_is_torch_optims_adam_and_reduce_lr_on_plateau_bit_for_bit(
     ours = torch.nn.Linear(12, 3)
     ref = torch.nn.Linear(12, 3)
     ref.load_state_dict(ours.state_dict())
+    init = ours.weight.detach().clone()
     hist = fit_linear_softmax(
         ours, X, y, epochs=60, lr=0.3, batch_size=16, seed=2, weight_decay=weight_decay, class_weight=w
     )
     losses, lrs = _seed_loop_with_torch_optim(ref, X, y, 60, 0.3, 16, 2, weight_decay, w)
     assert hist["lr"] == lrs and min(lrs) < 0.3 / 10 / 2  # cut at least twice
-    assert hist["train_loss"] == losses
-    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    np.testing.assert_allclose(hist["train_loss"], losses, rtol=1e-6)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.bias, ref.bias, rtol=1e-5, atol=1e-6)
+    assert (ours.weight - init).abs().max() > 0.1
 
 
 def test_plateau_rule_is_reduce_lr_on_plateau_at_its_defaults():
