@@ -234,10 +234,10 @@ def test_without_a_deadline_cv_runs_the_costliest_method_first_and_with_one_the_
 
 
 def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(monkeypatch):
-    """Final fits on 2 cores: the seed baselines go to a second thread, the longest (the softmax, which has no CV
-    timing) first; once the candidates are fitted, their thread fits the baselines still waiting (at 101 classes
-    the second thread had fitted the SVM, then the softmax's 7.5 s, while the candidates took 5 s). `results`
-    keeps the order it had: the candidates, then the baselines in their fit order."""
+    """Final fits on 2 cores under a time budget: the seed baselines go to a second thread, the longest (the
+    softmax, which has no CV timing) first; once the candidates are fitted, their thread fits the baselines still
+    waiting (at 101 classes the second thread had fitted the SVM, then the softmax's 7.5 s, while the candidates
+    took 5 s). `results` keeps the order it had: the candidates, then the baselines in their fit order."""
     import os
     import threading
     from types import SimpleNamespace
@@ -267,11 +267,58 @@ def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(mon
     shown: list[str] = []
     bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: shown.append(kw["description"]))
     results: dict = {}
-    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
-    assert fitted_by["softmax"].startswith("baselines")
+    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(3600), results, bar, 0)
+    assert fitted_by["softmax"].startswith("final fits")
     assert fitted_by["svm"] == threading.current_thread().name  # taken by the candidates' thread
     assert list(results) == ["logreg", "lda", "svm", "softmax"]
     assert shown[-1] == "heads: svm"  # the bar names the baseline this thread fits
+
+
+def test_without_a_budget_both_threads_share_every_final_fit_and_the_ensemble_waits_for_its_members(monkeypatch):
+    """Without a time budget the candidates' final fits are shared between the two threads too (brain_mri4: the
+    tuned SVM, logreg, LDA and the ensemble, 1.4 s one after the other in one thread, while the other had fitted the
+    baselines in 0.8 s and waited). Here logreg's fit can only end if LDA's starts while it runs, which needs
+    two threads fitting candidates; the ensemble, which votes with its members' fits, comes after all of them."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import transferlab.study as study
+
+    lda_started = threading.Event()
+    log: list[tuple[str, str]] = []
+
+    def fake_fit(name, *a, **kw):
+        log.append(("start", name))
+        if name == "lda":
+            lda_started.set()
+        if name == "logreg":
+            assert lda_started.wait(timeout=10), "LDA's fit did not start while logreg's ran"
+        log.append(("end", name))
+        return {"estimator": name, "train_seconds": 0.0}
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(study, "fit_method", fake_fit)
+    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
+    timed = {"svm": 0.5, "svm_tuned": 1.0, "logreg": 2.0, "lda": 0.2}
+    cv = {
+        "method": "ensemble",
+        "metric": "macro_f1",
+        "k": 5,
+        "repeats": 1,
+        "methods": {
+            **{n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
+            "ensemble": {"seconds": 0.0, "score": {"macro_f1": 0.95}, "params": {}},
+        },
+    }
+    cfg = SimpleNamespace(methods=methods, seed=0)
+    ds = SimpleNamespace(notes=[], classes=["a", "b"])
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    results: dict = {}
+    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
+    assert set(results) == set(methods)
+    ends = [n for what, n in log if what == "end"]
+    assert log[-2:] == [("start", "ensemble"), ("end", "ensemble")] and len(ends) == len(methods)
 
 
 def test_a_rerun_under_a_tight_budget_loads_what_the_cache_holds_instead_of_skipping_it(tmp_path, cache_dir):

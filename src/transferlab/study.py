@@ -425,18 +425,24 @@ def _fit_order(methods: list[str], cv_selection: dict | None) -> list[str]:
 def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, budget, results: dict, bar, task) -> None:
     """Fit every method on train (`fit_method`) into `results`, in `_fit_order`, each only if the budget has room.
 
-    After a CV selection, on more than one core, the seed baselines (no other fit waits for them; each runs on one
-    thread: the softmax's 50 epochs of small batches, libsvm) are fitted in a second thread, the longest first,
-    while the candidates are fitted here; this thread then takes the baselines not yet started. Both sides get
-    one BLAS/OpenMP/torch thread (`thread_budget`), so nothing depends on which thread fits what, and `results`
-    keeps one order. `bar`'s `task` names the fit starting here and advances per method."""
+    After a CV selection, on more than one core, fits are shared with a second thread through a queue, the longest
+    first (by their CV folds' time; the seed softmax, which has none, counts as longest): every head on features but
+    the ensembles when there is no time budget (an ensemble votes with its members' fits: it is fitted here once
+    both threads have emptied the queue); under a budget only the seed baselines, while this thread fits the
+    candidates in `_fit_order`, the selected first, each as the budget allows. Fits on features need no global
+    random state (each head seeds its own), and each side gets one BLAS/OpenMP/torch thread (`thread_budget`), so
+    nothing depends on which thread fits what; `results` keeps one order. `bar`'s `task` names the fit starting
+    here and advances per method."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .evaluation.threads import default_jobs, thread_budget
 
     order = _fit_order(cfg.methods, cv_selection)
     chosen_method = (cv_selection or {}).get("method")
-    side = [m for m in order if cv_selection and method_info(m).kind == "seed" and m != chosen_method]
+    if cv_selection and budget.seconds is None:
+        side = [m for m in order if method_info(m).kind not in ("ensemble", "end-to-end")]
+    else:
+        side = [m for m in order if cv_selection and method_info(m).kind == "seed" and m != chosen_method]
     jobs = default_jobs(2) if side else 1
 
     def fits_budget(name: str) -> bool:
@@ -471,7 +477,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     def done() -> None:
         bar.advance(task)
 
-    queue: deque[str] = deque()  # baselines not started yet: either thread takes the next (popleft is atomic)
+    queue: deque[str] = deque()  # fits not started yet: either thread takes the next (popleft is atomic)
 
     def take() -> str | None:
         try:
@@ -489,7 +495,7 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             done()
         return out
 
-    with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="baselines") as pool:
+    with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="final fits") as pool:
         alongside, started = None, []
         if jobs > 1:
             started = [m for m in side if fits_budget(m)]
@@ -498,21 +504,32 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             # the longest first: a baseline with no CV timing (the seed softmax's 50 epochs) counts as longest
             queue.extend(sorted(started, key=lambda m: -(_expected_fit_seconds(m, cv_selection) or float("inf"))))
             alongside = pool.submit(fit_side)
+
+        def join() -> None:
+            """This thread takes the queue's fits the other has not started (at 101 classes the other thread had
+            fitted the SVM and then the softmax, 10 s, while the candidates took 5 s), then waits for the other's."""
+            nonlocal alongside
+            if alongside is None:
+                return
+            mine = fit_side(here=True)
+            side_results = {**alongside.result(), **mine}
+            results.update({m: side_results[m] for m in started if m in side_results})  # in their order
+            alongside = None
+
         for name in order:
-            if alongside is not None and name in side:
+            if name in started or (alongside is not None and name in side):  # queued, or left out by the budget
                 continue
-            bar.update(task, description=f"heads: {name}" + (f" (+ {', '.join(started)} alongside)" if started else ""))
+            info = method_info(name)
+            if info.kind == "ensemble" and info.cv is not None and set(info.cv.members) & set(side):
+                join()  # it votes with its members' fits
+            also = f" (+ {', '.join(started)} alongside)" if started and alongside is not None else ""
+            bar.update(task, description=f"heads: {name}{also}")
             if fits_budget(name):
                 _seed_everything(cfg.seed)
                 if (r := fit(name, results)) is not None:
                     results[name] = r
             done()
-        if alongside is not None:
-            # The candidates are fitted: this thread takes the baselines the other has not started (at 101
-            # classes the other thread had fitted the SVM and then the softmax, 10 s, while the candidates took 5 s).
-            mine = fit_side(here=True)
-            side_results = {**alongside.result(), **mine}
-            results.update({m: side_results[m] for m in started if m in side_results})  # in their order
+        join()
 
 
 def _head_cached(name: str, cfg: StudyConfig, splits, cv_selection: dict | None) -> bool:
