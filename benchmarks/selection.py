@@ -3,7 +3,7 @@
 Run by hand, not in CI:
     uv run python benchmarks/selection.py [--data-root ../shared/data] [--datasets boats16,imagewoof10,...]
                                           [--cache-dir DIR] [--input-size HxW] [--time-budget 30s] [--tag NAME]
-                                          [--flip-train] [--selection validation]
+                                          [--flip-train] [--selection validation] [--repeats 3]
 
 For each dataset: `transferlab run DATA` with the defaults (methods `auto`, selection by repeated CV over
 train + valid, the aspect-aware input size unless --input-size), then, from its metrics.json:
@@ -13,6 +13,10 @@ train + valid, the aspect-aware input size unless --input-size), then, from its 
   the regret the one-SE rule (`evaluation.crossval`, rule="one_se") would have had, for comparison;
 - the time split: extraction (cold, from the run's own `extract.cold_seconds`), heads (CV + final fits),
   analysis, report, total; and (heads + analysis) / cold extraction.
+With `--repeats N` each dataset runs N times, each cold (a fresh feature and head cache): its row is the first
+run's, with the median of each timing and of the (heads + analysis) / cold extraction ratios, each ratio measured
+within one run (this 2-core machine's timings vary by 10-20% from run to run); `repeats` keeps every run's timings
+and `same_choice` whether every run chose and scored the same.
 Test labels are read here, after every run has finished: they played no part in any choice. Writes
 benchmarks/results/selection[_TAG].json and prints a markdown table.
 """
@@ -23,6 +27,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -71,6 +77,19 @@ def summarise(name: str, m: dict) -> dict:
         "timings": {**t, "extract_cold": cold},
         "heads_analysis_over_cold_extract": (t["heads"] + t["analysis"]) / cold if cold else None,
     }
+
+
+def with_medians(runs: list[dict]) -> dict:
+    """The first run's row, its timings and ratio replaced by the medians over `runs` (rows of one dataset)."""
+    row = dict(runs[0])
+    row["repeats"] = [
+        {"timings": r["timings"], "heads_analysis_over_cold_extract": r["heads_analysis_over_cold_extract"]}
+        for r in runs
+    ]
+    row["timings"] = {k: statistics.median(r["timings"][k] for r in runs) for k in runs[0]["timings"]}
+    row["heads_analysis_over_cold_extract"] = statistics.median(r["heads_analysis_over_cold_extract"] for r in runs)
+    row["same_choice"] = all(r["selected"] == runs[0]["selected"] and r["test"] == runs[0]["test"] for r in runs)
+    return row
 
 
 def _why(r: dict) -> str:
@@ -128,23 +147,30 @@ def main() -> None:
     ap.add_argument("--time-budget", default=None, help="pass --time-budget DURATION to every run (e.g. 30s)")
     ap.add_argument("--flip-train", action="store_true", help="pass --flip-train to every run (CV fits both views)")
     ap.add_argument("--selection", default="auto", help="pass --selection (e.g. validation, to compare)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per dataset, each cold in a fresh cache (medians)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    if args.repeats > 1 and args.cache_dir:
+        ap.error("--repeats runs every dataset cold in fresh caches: leave out --cache-dir")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):
-            out = Path(args.out or tmp) / name
-            cfg = StudyConfig(
-                data=str(Path(args.data_root) / name),
-                out=str(out),
-                cache_dir=args.cache_dir or str(Path(tmp) / "cache"),
-                input_size=parse_size(args.input_size),
-                progress=False,
-                time_budget=args.time_budget,
-                flip_train=args.flip_train,
-                selection=args.selection,
-            )
-            rows.append(summarise(name, run_study(cfg)))
+            runs = []
+            for i in range(args.repeats):
+                cfg = StudyConfig(
+                    data=str(Path(args.data_root) / name),
+                    out=str(Path(args.out or tmp) / name),
+                    cache_dir=args.cache_dir or str(Path(tmp) / f"cache{i}"),
+                    input_size=parse_size(args.input_size),
+                    progress=False,
+                    time_budget=args.time_budget,
+                    flip_train=args.flip_train,
+                    selection=args.selection,
+                )
+                runs.append(summarise(name, run_study(cfg)))
+                if args.repeats > 1:
+                    shutil.rmtree(Path(tmp) / f"cache{i}", ignore_errors=True)
+            rows.append(with_medians(runs) if len(runs) > 1 else runs[0])
             print(table(rows[-1:]), flush=True)
     regrets = [r["regret"] for r in rows]
     summary = {
@@ -166,6 +192,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"selection{'_' + args.tag if args.tag else ''}.json"
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
+    summary["repeats"] = args.repeats
     path.write_text(json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {path}")
 
