@@ -321,6 +321,95 @@ def test_without_a_budget_both_threads_share_every_final_fit_and_the_ensemble_wa
     assert log[-2:] == [("start", "ensemble"), ("end", "ensemble")] and len(ends) == len(methods)
 
 
+def test_the_ensemble_is_fitted_once_its_members_are_not_after_the_whole_queue(monkeypatch):
+    """The ensemble needs its members' fits only: it starts while the other thread still fits a baseline queued
+    after them (here the seed's SVM, whose fit ends only once the ensemble's has started; before, the ensemble
+    waited for the whole queue: the 0.2-0.3 s of its fit ran alone at the end of the final fits on brain_mri4)."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import transferlab.study as study
+
+    ensemble_started = threading.Event()
+
+    def fake_fit(name, *a, prefit=None, **kw):
+        if name == "ensemble":
+            assert set(prefit) >= {"svm_tuned", "logreg", "lda"}  # it votes with its members' fits
+            ensemble_started.set()
+        if name == "softmax":
+            time.sleep(0.3)
+        if name == "svm":
+            assert ensemble_started.wait(timeout=10), "the ensemble waited for the seed SVM's fit"
+        return {"estimator": name, "train_seconds": 0.0}
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(study, "fit_method", fake_fit)
+    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
+    timed = {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1}  # the queue: softmax, members, svm
+    cv = {
+        "method": "ensemble",
+        "metric": "macro_f1",
+        "k": 5,
+        "repeats": 1,
+        "methods": {
+            **{n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
+            "ensemble": {"seconds": 0.0, "score": {"macro_f1": 0.95}, "params": {}},
+        },
+    }
+    cfg = SimpleNamespace(methods=methods, seed=0)
+    ds = SimpleNamespace(notes=[], classes=["a", "b"])
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    results: dict = {}
+    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
+    assert set(results) == set(methods)
+
+
+@pytest.mark.parametrize("failing", ["lda", "softmax"])
+def test_an_error_in_either_final_fit_thread_is_raised_not_waited_on(monkeypatch, failing):
+    """A fit that raises (not a ValueError, which leaves a method out) in whichever thread fits it ends the final
+    fits with that error; the study's thread, waiting for the ensemble's members, does not wait forever."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import transferlab.study as study
+
+    def fake_fit(name, *a, **kw):
+        time.sleep(0.05)
+        if name == failing:
+            raise RuntimeError(f"{name} broke")
+        return {"estimator": name, "train_seconds": 0.0}
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(study, "fit_method", fake_fit)
+    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
+    timed = {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1}
+    cv = {
+        "method": "ensemble",
+        "metric": "macro_f1",
+        "k": 5,
+        "repeats": 1,
+        "methods": {n: {"seconds": s, "score": {"macro_f1": 0.9}, "params": {}} for n, s in timed.items()},
+    }
+    cfg = SimpleNamespace(methods=methods, seed=0)
+    ds = SimpleNamespace(notes=[], classes=["a", "b"])
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    raised = []
+
+    def run():
+        try:
+            study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), {}, bar, 0)
+        except RuntimeError as exc:
+            raised.append(str(exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "the final fits hung on the failed fit"
+    assert raised == [f"{failing} broke"]
+
+
 def test_a_rerun_under_a_tight_budget_loads_what_the_cache_holds_instead_of_skipping_it(tmp_path, cache_dir):
     # A rerun with --time-budget skipped final fits and the data-efficiency curve by their expected cost although
     # the cache held them: loading costs nothing, so nothing is skipped.

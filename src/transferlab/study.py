@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import threading
 import time
 import warnings
 from collections import deque
@@ -477,23 +478,37 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     def done() -> None:
         bar.advance(task)
 
-    queue: deque[str] = deque()  # fits not started yet: either thread takes the next (popleft is atomic)
+    queue: deque[str] = deque()  # fits not started yet: either thread takes one
+    taking = threading.Lock()
+    finished: dict[str, dict | None] = {}  # queued fits done, by either thread (None: left out)
+    changed = threading.Condition()
 
-    def take() -> str | None:
-        try:
-            return queue.popleft()
-        except IndexError:
+    def take(among=None) -> str | None:
+        """The next queued fit (the first of `among` in the queue, when given)."""
+        with taking:
+            for name in queue:
+                if among is None or name in among:
+                    queue.remove(name)
+                    return name
             return None
 
-    def fit_side(here: bool = False) -> dict:
-        out = {}
-        while (name := take()) is not None:
-            if here:  # the candidates' thread, whose fits the bar names
-                bar.update(task, description=f"heads: {name}")
-            if (r := fit(name, {})) is not None:
-                out[name] = r
-            done()
-        return out
+    def fit_queued(name: str, here: bool) -> None:
+        if here:  # the study's thread, whose fits the bar names
+            bar.update(task, description=f"heads: {name}")
+        try:
+            finished[name] = fit(name, {})
+        finally:
+            with changed:
+                changed.notify_all()
+        done()
+
+    def fit_side() -> None:
+        try:
+            while (name := take()) is not None:
+                fit_queued(name, here=False)
+        finally:  # an error too: whoever waits on this thread must not wait forever
+            with changed:
+                changed.notify_all()
 
     with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="final fits") as pool:
         alongside, started = None, []
@@ -505,31 +520,36 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             queue.extend(sorted(started, key=lambda m: -(_expected_fit_seconds(m, cv_selection) or float("inf"))))
             alongside = pool.submit(fit_side)
 
-        def join() -> None:
-            """This thread takes the queue's fits the other has not started (at 101 classes the other thread had
-            fitted the SVM and then the softmax, 10 s, while the candidates took 5 s), then waits for the other's."""
-            nonlocal alongside
-            if alongside is None:
-                return
-            mine = fit_side(here=True)
-            side_results = {**alongside.result(), **mine}
-            results.update({m: side_results[m] for m in started if m in side_results})  # in their order
-            alongside = None
+        def wait_for(names) -> dict:
+            """This thread takes the queued fits of `names` (all of the queue: None) until none is left, then waits
+            for those the other thread fits (at 101 classes the other thread had fitted the SVM and then the
+            softmax, 10 s, while the candidates took 5 s); their results. The other thread's error is raised here."""
+            names = [m for m in (started if names is None else names) if m in started]
+            while (name := take(names)) is not None:
+                fit_queued(name, here=True)
+            with changed:
+                changed.wait_for(lambda: all(m in finished for m in names) or alongside.done())
+            if not all(m in finished for m in names):
+                alongside.result()  # raises what stopped it
+            return {m: finished[m] for m in names if finished[m] is not None}
 
         for name in order:
             if name in started or (alongside is not None and name in side):  # queued, or left out by the budget
                 continue
             info = method_info(name)
-            if info.kind == "ensemble" and info.cv is not None and set(info.cv.members) & set(side):
-                join()  # it votes with its members' fits
-            also = f" (+ {', '.join(started)} alongside)" if started and alongside is not None else ""
+            members = info.cv.members if info.kind == "ensemble" and info.cv is not None else ()
+            mine = wait_for(members) if alongside is not None and set(members) & set(started) else {}
+            also = f" (+ {', '.join(started)} alongside)" if started and not alongside.done() else ""
             bar.update(task, description=f"heads: {name}{also}")
             if fits_budget(name):
                 _seed_everything(cfg.seed)
-                if (r := fit(name, results)) is not None:
+                if (r := fit(name, {**results, **mine})) is not None:  # an ensemble votes with its members' fits
                     results[name] = r
             done()
-        join()
+        if alongside is not None:
+            got = wait_for(None)
+            alongside.result()
+            results.update({m: got[m] for m in started if m in got})  # in their order
 
 
 def _head_cached(name: str, cfg: StudyConfig, splits, cv_selection: dict | None) -> bool:
