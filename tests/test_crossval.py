@@ -775,6 +775,35 @@ def test_lda_pooled_covariances_hold_no_full_weighted_copy_of_the_rows(monkeypat
         np.testing.assert_allclose(p, lda.pooled_matrix(Z, w, diag), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_class", [300, 20])
+def test_lda_pooled_matrices_of_several_prior_rules_are_each_rules_own_product(per_class, monkeypatch):
+    """The LDA fold path's two prior rules: with large classes each class's scatter is computed once and added to
+    both rules' matrices (one product of the rows, not two), with small ones each rule's matrix is its own product;
+    either way the matrices are `pooled_matrix`'s, and a rule solved by Woodbury (fewer images than half the columns)
+    gets none."""
+    from transferlab.heads import lda
+
+    rng = np.random.default_rng(1)
+    k, d = 3, 48
+    y = np.repeat(np.arange(k), [per_class, per_class // 2, per_class * 2])
+    X = rng.normal(size=(len(y), d)) * rng.uniform(0.5, 3, d) + y[:, None] * rng.normal(size=d)
+    counts = np.bincount(y)
+    rules = [np.full(k, 1 / k), counts / counts.sum()]
+    monkeypatch.setattr(lda, "BLOCK_ROWS", 64)  # several blocks per class
+    means, Z, parts = lda.pooled_parts(X, y, rules)
+    expected = [lda.pooled_matrix(Z, w, diag) for w, diag in parts]
+    calls = []
+    real = lda.pooled_matrix
+    monkeypatch.setattr(lda, "pooled_matrix", lambda *a: calls.append(1) or real(*a))
+    got = lda.pooled_matrices(Z, y, parts)
+    assert len(calls) == (0 if per_class == 300 else 2)  # class by class (7 x 100 rows) or one product per rule
+    for cov, ref in zip(got, expected):
+        np.testing.assert_allclose(cov, ref, rtol=1e-10, atol=1e-10)
+    few = np.repeat(np.arange(k), 4)  # 12 images of 48 columns: Woodbury, no d x d matrix
+    _, Zf, parts_f = lda.pooled_parts(X[: len(few)] + few[:, None], few, rules)
+    assert lda.pooled_matrices(Zf, few, parts_f) == [None, None]
+
+
 @pytest.mark.parametrize("priors", [None, "uniform"])
 def test_lda_on_fewer_images_than_half_its_columns_solves_by_woodbury_with_scikit_learns_numbers(priors, monkeypatch):
     """Below half as many images as features (the data-efficiency curve's small draws, few-shot folds) the shrunk

@@ -91,6 +91,45 @@ def pooled_matrix(Z: np.ndarray, weight: np.ndarray, diag: np.ndarray) -> np.nda
     return cov
 
 
+# Below this many rows per class on average a class's own product is too small to run fast and the k scaled d x d
+# additions cost more than the second product saves: `pooled_matrices` then forms each rule's matrix from all rows at
+# once. Two rules at 1280 columns, one thread: 101 classes of 30 rows 0.21 s one product per rule against 0.52 s
+# class by class, 50 of 64 0.23 against 0.31, 20 of 128 0.175 against 0.166, 4 of 540 (brain_mri4) 0.146 against 0.088.
+MIN_CLASS_ROWS = 128
+
+
+def pooled_matrices(Z: np.ndarray, y_idx: np.ndarray, parts: list) -> list[np.ndarray | None]:
+    """`pooled_matrix` for each (weight, diag) of `pooled_parts` (one per prior rule), None where
+    `lda_coefficients` solves without it (the Woodbury identity). The weights are constant within a class, so with
+    several rules and large classes each class's scatter Z_c'Z_c is computed once and added to every rule's matrix,
+    scaled: one n x d x d product instead of one per rule (the LDA fold path's two rules)."""
+    dense = [i for i, (w, dg) in enumerate(parts) if not _low_rank(w, dg)]
+    out: list[np.ndarray | None] = [None] * len(parts)
+    k = int(y_idx.max()) + 1 if len(y_idx) else 0
+    if len(dense) < 2 or len(Z) < MIN_CLASS_ROWS * k:
+        for i in dense:
+            out[i] = pooled_matrix(Z, *parts[i])
+        return out
+    from scipy.linalg.blas import daxpy
+
+    d = Z.shape[1]
+    for i in dense:
+        out[i] = np.zeros((d, d))
+    for c in range(k):
+        rows = np.flatnonzero(y_idx == c)
+        if not len(rows):
+            continue
+        scatter = None
+        for start in range(0, len(rows), BLOCK_ROWS):
+            Zc = Z[rows[start : start + BLOCK_ROWS]]
+            scatter = Zc.T @ Zc if scatter is None else scatter + Zc.T @ Zc
+        for i in dense:  # in place: cov += w_c^2 * scatter (the class's row weight, squared)
+            daxpy(scatter.ravel(), out[i].ravel(), a=float(parts[i][0][rows[0]]) ** 2)
+    for i in dense:
+        out[i][np.diag_indices(d)] += parts[i][1]
+    return out
+
+
 def _low_rank(weight: np.ndarray, diag: np.ndarray) -> bool:
     """Whether (Z * w)'(Z * w) + diag is solved cheaper by the Woodbury identity: fewer weighted rows than half the
     columns and a positive diagonal (every class's shrinkage is then part of it)."""

@@ -7,8 +7,8 @@ what is shared across a grid once per fold and give exactly the model the study 
 - `logistic_fold`: standardise once, one warm-started L-BFGS path over C (`heads.lbfgs`), probabilities;
 - `rbf_fold`: standardise (or not, for the seed's SVM) once, one distance matrix, one kernel per gamma reused
   across C (`SVC(kernel="precomputed")`); decision values, not probabilities;
-- `lda_fold`: standardise once, the class means and shrinkages once, one pooled covariance per prior rule
-  (`heads.lda`);
+- `lda_fold`: standardise once, the class means, shrinkages and (large classes) scatter matrices once, one pooled
+  covariance per prior rule from them (`heads.lda`);
 - `generic_fold`: any estimator, one fit per point (LDA, kNN, the softmax heads), `predict_proba`.
 `FoldPath.probabilities` gives a point's probabilities where the path gave decision values (the ensemble needs
 them): SVM decision values become probabilities at a temperature fitted on other folds' values (`heads.pairwise`).
@@ -32,7 +32,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from ..warning_filters import warning_filter
 from .lbfgs import logistic_path
-from .lda import lda_coefficients, pooled_parts
+from .lda import lda_coefficients, pooled_matrices, pooled_parts
 from .pairwise import fit_temperature, ovr_decision, per_class, tempered
 from .probes import sq_distances
 
@@ -108,8 +108,8 @@ def lda_fold(Xf, yf, Xh, k, points, *, seed=0):
     ]
     means, Z, parts = pooled_parts(Xf, y_idx, rules)
     out = []
-    for priors, (weight, diag) in zip(rules, parts):
-        coef, intercept = lda_coefficients(means, priors, Z, weight, diag)
+    for priors, (weight, diag), cov in zip(rules, parts, pooled_matrices(Z, y_idx, parts)):
+        coef, intercept = lda_coefficients(means, priors, Z, weight, diag, cov)
         out.append(_full(softmax(Xh @ coef.T + intercept, axis=1), present, k))
     return out
 
