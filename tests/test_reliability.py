@@ -23,7 +23,7 @@ from PIL import Image
 from transferlab.cli import main
 from transferlab.evaluation.leakage import check, compare, nearest
 
-from .conftest import make_image, make_imagefolder
+from .conftest import make_image, make_imagefolder, tiny_study
 
 TINY = [
     "--backbone",
@@ -421,6 +421,28 @@ def test_leakage_counts_exact_and_near_duplicates(tmp_path):
     clean = compare([str(files[5])], test_X[2:], list(map(str, files[:4])), train_X, threshold=0.95)
     assert clean["exact"] == clean["near"] == 0 and clean["pairs"] == []
     assert "valid-train" not in leak["comparisons"]  # no valid split given
+
+
+def test_a_study_checks_leakage_with_the_extractions_hashes_without_reading_the_images_again(
+    tmp_path, cache_dir, monkeypatch
+):
+    """The exact-duplicate check used to read and hash every image once more after the heads (3,840 files on
+    brain_mri4; each photo's bytes again on large images): the extraction's content hashes, its feature cache
+    keys, are the same hashes. A copy of a training image in test is still found."""
+    from transferlab.data.hashing import content_hash
+    from transferlab.evaluation import leakage
+    from transferlab.study import run_study
+
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"a": 6, "b": 6}, "valid": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}}
+    )
+    first = sorted((data / "train" / "a").iterdir())[0]
+    shutil.copy(first, data / "test" / "a" / "copy.png")
+    read = []
+    monkeypatch.setattr(leakage, "content_hash", lambda p: read.append(p) or content_hash(p))
+    m = run_study(tiny_study(data, tmp_path / "out", cache_dir))
+    assert read == []
+    assert m["leakage"]["comparisons"]["test-train"]["exact"] == 1
 
 
 # --- read-only dataset ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class SplitFeatures:
     y: np.ndarray
     paths: list[str]
     views: np.ndarray | None = None  # --flip-train: plain and flipped features side by side, for fitting heads
+    hashes: list[bytes] | None = None  # each image's content hash (its feature cache key), for the leakage check
 
     @property
     def fit_X(self) -> np.ndarray:
@@ -108,6 +109,7 @@ def extract_splits(cfg: StudyConfig, ds, bb) -> tuple[dict[str, SplitFeatures], 
             y=np.array([s.label for s in samples], dtype=np.int64),
             paths=[s.path for s in samples],
             views=None if views is None else views[[row[s.path] for s in samples]],
+            hashes=[first.hashes[s.path] for s in samples] if first.hashes else None,
         )
     info = {
         "seconds": first.seconds,

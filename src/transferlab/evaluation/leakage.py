@@ -86,10 +86,15 @@ def compare(
 
 
 def check(splits: dict, *, threshold: float = 0.95, max_pairs: int = 20, block: int = 2048) -> dict:
-    """Leakage between the splits of a study (`splits[name]` has `.X` and `.paths`); `warning` is None when clean."""
+    """Leakage between the splits of a study (`splits[name]` has `.X` and `.paths`, and may have `.hashes`, the
+    files' content hashes, as the extraction computed them: those files are not read again); `warning` is None
+    when clean."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"duplicate threshold must be in (0, 1], got {threshold}")
     hashes: dict[str, bytes] = {}
+    for split in splits.values():
+        if getattr(split, "hashes", None) is not None:
+            hashes.update(zip(split.paths, split.hashes))
     out = {"threshold": threshold, "comparisons": {}}
     for query, ref in COMPARISONS:
         a, b = splits.get(query), splits.get(ref)

@@ -54,6 +54,7 @@ class Extraction:
     device: str = "cpu"
     cold_seconds: float = float("nan")
     runtime: str = "torch"
+    hashes: dict[str, bytes] = field(default_factory=dict)  # each path's content hash: its feature cache key
 
     @property
     def images_per_second(self) -> float:
@@ -397,6 +398,7 @@ def extract_features(
         device=str(dev),
         cold_seconds=cold,
         runtime=plan.runtime,
+        hashes={p: keys[p] for p in kept},
     )
 
 
