@@ -359,10 +359,14 @@ def test_the_ensemble_is_fitted_once_its_members_are_not_after_the_whole_queue(m
     }
     cfg = SimpleNamespace(methods=methods, seed=0)
     ds = SimpleNamespace(notes=[], classes=["a", "b"])
-    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
+    shown: list[str] = []
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: shown.append(kw["description"]))
     results: dict = {}
     study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
     assert set(results) == set(methods)
+    # the bar names what the other thread still fits, not what is done (it listed every queued fit)
+    (line,) = [d for d in shown if d.startswith("heads: ensemble")]
+    assert "svm" in line and not any(m in line for m in ("svm_tuned", "logreg", "lda")), line
 
 
 @pytest.mark.parametrize("failing", ["lda", "softmax"])

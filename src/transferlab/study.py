@@ -541,7 +541,8 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             info = method_info(name)
             members = info.cv.members if info.kind == "ensemble" and info.cv is not None else ()
             mine = wait_for(members) if alongside is not None and set(members) & set(started) else {}
-            also = f" (+ {', '.join(started)} alongside)" if started and not alongside.done() else ""
+            busy = [m for m in started if m not in finished]  # queued, or being fitted by the other thread
+            also = f" (+ {', '.join(busy)} alongside)" if busy else ""
             bar.update(task, description=f"heads: {name}{also}")
             if fits_budget(name):
                 _seed_everything(cfg.seed)
