@@ -233,3 +233,33 @@ def test_above_forty_classes_only_the_selected_methods_confusion_matrix_is_drawn
     m = run_study(tiny_study(few, tmp_path / "out2", cache_dir))
     drawn = sorted(p.parent.name for p in (tmp_path / "out2" / "methods").glob("*/confusion.png"))
     assert drawn == sorted(m["methods"])
+
+
+def test_a_figure_drawn_from_the_same_data_is_kept_not_drawn_again(tmp_path, monkeypatch):
+    """A rerun redrew every figure (60% of a warm `transferlab demo`); a PNG drawn from the same arguments by the same
+    code is now kept. Other data, another title, a PNG of an earlier version (no key) or a damaged file: drawn."""
+    from matplotlib.figure import Figure
+
+    saves = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: saves.append(a[0]) or real(self, *a, **kw))
+    cm = np.array([[5, 1], [2, 7]])
+    path = tmp_path / "cm.png"
+    plots.plot_confusion_matrix(cm, ["a", "b"], path, title="svm")
+    first = path.read_bytes()
+    assert len(saves) == 1 and Image.open(path).text[plots.FIGURE_KEY]
+    plots.plot_confusion_matrix(cm.copy(), ["a", "b"], path, title="svm")
+    assert len(saves) == 1 and path.read_bytes() == first  # the same data: kept
+    plots.plot_confusion_matrix(cm, ["a", "b"], path, title="logreg")
+    plots.plot_confusion_matrix(cm + np.eye(2, dtype=int), ["a", "b"], path, title="logreg")
+    assert len(saves) == 3
+    Image.open(path).convert("RGB").save(path)  # an earlier version's PNG: no key
+    plots.plot_confusion_matrix(cm + np.eye(2, dtype=int), ["a", "b"], path, title="logreg")
+    path.write_bytes(b"not a png")
+    plots.plot_confusion_matrix(cm + np.eye(2, dtype=int), ["a", "b"], path, title="logreg")
+    assert len(saves) == 5 and Image.open(path).format == "PNG"
+    history = {"epoch": [1, 2], "lr": [1e-3, 1e-4]}
+    plots.plot_lr_schedule(history, tmp_path / "lr.png")
+    plots.plot_lr_schedule({"epoch": [1, 2], "lr": [1e-3, 1e-5]}, tmp_path / "lr.png")
+    plots.plot_lr_schedule({"epoch": [1, 2], "lr": [1e-3, 1e-5]}, path=tmp_path / "lr.png")
+    assert len(saves) == 7
