@@ -263,3 +263,47 @@ def test_a_figure_drawn_from_the_same_data_is_kept_not_drawn_again(tmp_path, mon
     plots.plot_lr_schedule({"epoch": [1, 2], "lr": [1e-3, 1e-5]}, tmp_path / "lr.png")
     plots.plot_lr_schedule({"epoch": [1, 2], "lr": [1e-3, 1e-5]}, path=tmp_path / "lr.png")
     assert len(saves) == 7
+
+
+def test_figures_kept_in_the_store_are_copied_into_another_folder_not_drawn(tmp_path, monkeypatch):
+    """A warm rerun into another folder redrew every figure: the cache's `figures/` store keeps each by its key. A
+    store that cannot be written costs nothing but the copy."""
+    from matplotlib.figure import Figure
+
+    saves = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: saves.append(a[0]) or real(self, *a, **kw))
+    cm = np.array([[5, 1], [2, 7]])
+    store = tmp_path / "cache" / "figures"
+    with plots.figure_store(store):
+        plots.plot_confusion_matrix(cm, ["a", "b"], tmp_path / "run1" / "cm.png", title="svm")
+        plots.plot_confusion_matrix(cm, ["a", "b"], tmp_path / "run2" / "methods" / "cm.png", title="svm")
+    assert len(saves) == 1 and len(list(store.glob("*.png"))) == 1
+    assert (tmp_path / "run2" / "methods" / "cm.png").read_bytes() == (tmp_path / "run1" / "cm.png").read_bytes()
+    plots.plot_confusion_matrix(cm, ["a", "b"], tmp_path / "run3" / "cm.png", title="svm")  # no store: drawn
+    assert len(saves) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the store's folder would be")
+    with plots.figure_store(blocked / "figures"):
+        plots.plot_confusion_matrix(cm, ["a", "b"], tmp_path / "run4" / "cm.png", title="svm")
+    assert len(saves) == 3 and (tmp_path / "run4" / "cm.png").is_file()
+
+
+def test_a_study_rerun_into_another_folder_draws_no_figure_again(tmp_path, cache_dir, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from transferlab.study import run_study
+
+    from .conftest import make_imagefolder, tiny_study
+
+    data = make_imagefolder(
+        tmp_path / "data", {"train": {"a": 6, "b": 6}, "valid": {"a": 2, "b": 2}, "test": {"a": 3, "b": 3}}
+    )
+    run_study(tiny_study(data, tmp_path / "run1", cache_dir))
+    saves = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: saves.append(a[0]) or real(self, *a, **kw))
+    run_study(tiny_study(data, tmp_path / "run2", cache_dir))
+    assert saves == []
+    first = sorted(p.relative_to(tmp_path / "run1") for p in (tmp_path / "run1").rglob("*.png"))
+    assert first and first == sorted(p.relative_to(tmp_path / "run2") for p in (tmp_path / "run2").rglob("*.png"))

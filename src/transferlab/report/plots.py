@@ -11,6 +11,9 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -84,6 +87,30 @@ def missing_glyphs(texts) -> list[str]:
 
 FIGURE_KEY = "transferlab-figure"  # the PNG text chunk holding what a figure was drawn from (`figure_key`)
 _key: contextvars.ContextVar[str | None] = contextvars.ContextVar("figure_key", default=None)
+_store: contextvars.ContextVar[Path | None] = contextvars.ContextVar("figure_store", default=None)
+
+
+@contextlib.contextmanager
+def figure_store(directory):
+    """Meanwhile, every figure drawn is also kept in `directory` under its `figure_key`, and a figure found there is
+    copied instead of drawn: a rerun into another folder (the study's warm rerun) draws none it drew before. None: no
+    store. A store that cannot be written (read-only) is only not written."""
+    token = _store.set(None if directory is None else Path(directory))
+    try:
+        yield
+    finally:
+        _store.reset(token)
+
+
+def _keep(path: Path, kept: Path) -> None:
+    """Copy the figure at `path` into the store as `kept` (whole or not at all); never raises."""
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(f".{kept.name}.{os.getpid()}.{threading.get_ident()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, kept)
+    except OSError:
+        pass
 
 
 def _feed(h, obj) -> None:
@@ -133,8 +160,9 @@ def _drawn_from(path: Path) -> str | None:
 def _fonts(plot):
     """Draw `plot` with `font_families()` and without matplotlib's per-glyph warnings (the report says once which
     characters no installed font draws: `missing_glyphs`). A PNG already at its `path` that was drawn from the same
-    arguments by the same code (its `figure_key`, stored in the file) is kept as it is: a rerun of a study redrew
-    every figure, 60% of a warm rerun of `transferlab demo` (the figures are the same bytes either way)."""
+    arguments by the same code (its `figure_key`, stored in the file) is kept as it is, and one in the
+    `figure_store` is copied: a rerun of a study redrew every figure, 60% of a warm rerun of `transferlab demo` (the
+    figures are the same bytes either way)."""
     signature = inspect.signature(plot)
 
     @functools.wraps(plot)
@@ -145,6 +173,12 @@ def _fonts(plot):
         key = figure_key(plot.__name__, bound.arguments)
         if path.is_file() and _drawn_from(path) == key:
             return path
+        store = _store.get()
+        kept = store / f"{key}.png" if store is not None and path.suffix.lower() == ".png" else None
+        if kept is not None and kept.is_file() and _drawn_from(kept) == key:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, path)
+            return path
         token = _key.set(key)
         try:
             with (
@@ -152,9 +186,12 @@ def _fonts(plot):
                 warning_filter("ignore", UserWarning, GLYPH_WARNING),
                 _quiet_font_manager(),
             ):
-                return plot(*args, **kwargs)
+                out = plot(*args, **kwargs)
         finally:
             _key.reset(token)
+        if kept is not None:
+            _keep(path, kept)
+        return out
 
     return drawn
 

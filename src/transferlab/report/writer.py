@@ -84,7 +84,16 @@ def method_metrics(res: dict) -> dict:
     return m
 
 
-def write(
+def write(out: Path, *, cfg: dict, **kw) -> dict:
+    """Write the run folder (`_write`), the figures kept in the cache's `figures/` (`plots.figure_store`): a study
+    rerun into another folder copies the figures it drew before."""
+    from ..features.cache import default_cache_dir
+
+    with plots.figure_store(Path(cfg.get("cache_dir") or default_cache_dir()) / "figures"):
+        return _write(out, cfg=cfg, **kw)
+
+
+def _write(
     out: Path,
     *,
     cfg: dict,
