@@ -274,16 +274,44 @@ def test_the_candidates_thread_takes_the_baselines_the_other_has_not_started(mon
     assert shown[-1] == "heads: svm"  # the bar names the baseline this thread fits
 
 
+SIX = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
+
+
+def _final_fits_on_two_cores(monkeypatch, fake_fit, timed: dict, shown: list | None = None) -> dict:
+    """`study._final_fits` of the default run's six methods, the ensemble selected, without a time budget, on 2
+    cores, each fit by `fake_fit(name, ...)`; `timed`: the CV seconds that order the queue. Its results."""
+    import os
+    from types import SimpleNamespace
+
+    import transferlab.study as study
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(study, "fit_method", fake_fit)
+    cv = {
+        "method": "ensemble",
+        "metric": "macro_f1",
+        "k": 5,
+        "repeats": 1,
+        "methods": {
+            **{n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
+            "ensemble": {"seconds": 0.0, "score": {"macro_f1": 0.95}, "params": {}},
+        },
+    }
+    cfg = SimpleNamespace(methods=list(SIX), seed=0)
+    ds = SimpleNamespace(notes=[], classes=["a", "b"])
+    show = shown.append if shown is not None else (lambda _d: None)
+    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: show(kw["description"]))
+    results: dict = {}
+    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
+    return results
+
+
 def test_without_a_budget_both_threads_share_every_final_fit_and_the_ensemble_waits_for_its_members(monkeypatch):
     """Without a time budget the candidates' final fits are shared between the two threads too (brain_mri4: the
     tuned SVM, logreg, LDA and the ensemble, 1.4 s one after the other in one thread, while the other had fitted the
     baselines in 0.8 s and waited). Here logreg's fit can only end if LDA's starts while it runs, which needs
     two threads fitting candidates; the ensemble, which votes with its members' fits, comes after all of them."""
-    import os
     import threading
-    from types import SimpleNamespace
-
-    import transferlab.study as study
 
     lda_started = threading.Event()
     log: list[tuple[str, str]] = []
@@ -297,39 +325,17 @@ def test_without_a_budget_both_threads_share_every_final_fit_and_the_ensemble_wa
         log.append(("end", name))
         return {"estimator": name, "train_seconds": 0.0}
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(study, "fit_method", fake_fit)
-    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
-    timed = {"svm": 0.5, "svm_tuned": 1.0, "logreg": 2.0, "lda": 0.2}
-    cv = {
-        "method": "ensemble",
-        "metric": "macro_f1",
-        "k": 5,
-        "repeats": 1,
-        "methods": {
-            **{n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
-            "ensemble": {"seconds": 0.0, "score": {"macro_f1": 0.95}, "params": {}},
-        },
-    }
-    cfg = SimpleNamespace(methods=methods, seed=0)
-    ds = SimpleNamespace(notes=[], classes=["a", "b"])
-    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
-    results: dict = {}
-    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
-    assert set(results) == set(methods)
+    results = _final_fits_on_two_cores(monkeypatch, fake_fit, {"svm": 0.5, "svm_tuned": 1.0, "logreg": 2.0, "lda": 0.2})
+    assert set(results) == set(SIX)
     ends = [n for what, n in log if what == "end"]
-    assert log[-2:] == [("start", "ensemble"), ("end", "ensemble")] and len(ends) == len(methods)
+    assert log[-2:] == [("start", "ensemble"), ("end", "ensemble")] and len(ends) == len(SIX)
 
 
 def test_the_ensemble_is_fitted_once_its_members_are_not_after_the_whole_queue(monkeypatch):
     """The ensemble needs its members' fits only: it starts while the other thread still fits a baseline queued
     after them (here the seed's SVM, whose fit ends only once the ensemble's has started; before, the ensemble
     waited for the whole queue: the 0.2-0.3 s of its fit ran alone at the end of the final fits on brain_mri4)."""
-    import os
     import threading
-    from types import SimpleNamespace
-
-    import transferlab.study as study
 
     ensemble_started = threading.Event()
 
@@ -343,27 +349,9 @@ def test_the_ensemble_is_fitted_once_its_members_are_not_after_the_whole_queue(m
             assert ensemble_started.wait(timeout=10), "the ensemble waited for the seed SVM's fit"
         return {"estimator": name, "train_seconds": 0.0}
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(study, "fit_method", fake_fit)
-    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
-    timed = {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1}  # the queue: softmax, members, svm
-    cv = {
-        "method": "ensemble",
-        "metric": "macro_f1",
-        "k": 5,
-        "repeats": 1,
-        "methods": {
-            **{n: {"seconds": s, "score": {"macro_f1": 0.9 - s / 10}, "params": {}} for n, s in timed.items()},
-            "ensemble": {"seconds": 0.0, "score": {"macro_f1": 0.95}, "params": {}},
-        },
-    }
-    cfg = SimpleNamespace(methods=methods, seed=0)
-    ds = SimpleNamespace(notes=[], classes=["a", "b"])
     shown: list[str] = []
-    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: shown.append(kw["description"]))
-    results: dict = {}
-    study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), results, bar, 0)
-    assert set(results) == set(methods)
+    timed = {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1}  # the queue: softmax, members, svm
+    assert set(_final_fits_on_two_cores(monkeypatch, fake_fit, timed, shown)) == set(SIX)
     # the bar names what the other thread still fits, not what is done (it listed every queued fit)
     (line,) = [d for d in shown if d.startswith("heads: ensemble")]
     assert "svm" in line and not any(m in line for m in ("svm_tuned", "logreg", "lda")), line
@@ -373,11 +361,7 @@ def test_the_ensemble_is_fitted_once_its_members_are_not_after_the_whole_queue(m
 def test_an_error_in_either_final_fit_thread_is_raised_not_waited_on(monkeypatch, failing):
     """A fit that raises (not a ValueError, which leaves a method out) in whichever thread fits it ends the final
     fits with that error; the study's thread, waiting for the ensemble's members, does not wait forever."""
-    import os
     import threading
-    from types import SimpleNamespace
-
-    import transferlab.study as study
 
     def fake_fit(name, *a, **kw):
         time.sleep(0.05)
@@ -385,25 +369,11 @@ def test_an_error_in_either_final_fit_thread_is_raised_not_waited_on(monkeypatch
             raise RuntimeError(f"{name} broke")
         return {"estimator": name, "train_seconds": 0.0}
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(study, "fit_method", fake_fit)
-    methods = ["softmax", "svm", "svm_tuned", "logreg", "lda", "ensemble"]
-    timed = {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1}
-    cv = {
-        "method": "ensemble",
-        "metric": "macro_f1",
-        "k": 5,
-        "repeats": 1,
-        "methods": {n: {"seconds": s, "score": {"macro_f1": 0.9}, "params": {}} for n, s in timed.items()},
-    }
-    cfg = SimpleNamespace(methods=methods, seed=0)
-    ds = SimpleNamespace(notes=[], classes=["a", "b"])
-    bar = SimpleNamespace(advance=lambda task: None, update=lambda task, **kw: None)
     raised = []
 
     def run():
         try:
-            study._final_fits(cfg, {}, ds, None, cv, TimeBudget(None), {}, bar, 0)
+            _final_fits_on_two_cores(monkeypatch, fake_fit, {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1})
         except RuntimeError as exc:
             raised.append(str(exc))
 
