@@ -55,7 +55,6 @@ def _import_in_background(module: str) -> None:
     the tuned SVM's final fit, on the critical path); imported while the CV's threads compute in BLAS and libsvm, it
     costs no wall time. A failed import is left for the import that needs it to report."""
     import importlib
-    import threading
 
     def run() -> None:
         try:
@@ -431,11 +430,11 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
     After a CV selection, on more than one core, fits are shared with a second thread through a queue, the longest
     first (by their CV folds' time; the seed softmax, which has none, counts as longest): every head on features but
     the ensembles when there is no time budget (an ensemble votes with its members' fits: it is fitted here once
-    both threads have emptied the queue); under a budget only the seed baselines, while this thread fits the
-    candidates in `_fit_order`, the selected first, each as the budget allows. Fits on features need no global
-    random state (each head seeds its own), and each side gets one BLAS/OpenMP/torch thread (`thread_budget`), so
-    nothing depends on which thread fits what; `results` keeps one order. `bar`'s `task` names the fit starting
-    here and advances per method."""
+    they are, this thread taking only queued members meanwhile); under a budget only the seed baselines, while this
+    thread fits the candidates in `_fit_order`, the selected first, each as the budget allows. Fits on features
+    need no global random state (each head seeds its own), and each side gets one BLAS/OpenMP/torch thread
+    (`thread_budget`), so nothing depends on which thread fits what; `results` keeps one order. `bar`'s `task`
+    names the fit starting here and advances per method."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .evaluation.threads import default_jobs, thread_budget
