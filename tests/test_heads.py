@@ -87,10 +87,16 @@ def test_softmax_loop_is_torch_optims_adam_and_reduce_lr_on_plateau(weight_decay
     ref = torch.nn.Linear(12, 3)
     ref.load_state_dict(ours.state_dict())
     init = ours.weight.detach().clone()
+    Xv, yv = X[:20] + 0.1, y[:20].flip(0)
     hist = fit_linear_softmax(
-        ours, X, y, epochs=60, lr=0.3, batch_size=16, seed=2, weight_decay=weight_decay, class_weight=w
+        ours, X, y, epochs=60, lr=0.3, batch_size=16, seed=2, weight_decay=weight_decay, class_weight=w, valid=(Xv, yv)
     )
     losses, lrs = _seed_loop_with_torch_optim(ref, X, y, 60, 0.3, 16, 2, weight_decay, w)
+    with torch.no_grad():  # the validation loss after the last epoch: torch's weighted sum over the images
+        ref_valid = torch.nn.CrossEntropyLoss(weight=w, reduction="sum")(ref(Xv), yv).item() / len(yv)
+        ref_acc = (ref(Xv).argmax(1) == yv).float().mean().item()
+    assert hist["valid_loss"][-1] == pytest.approx(ref_valid, rel=1e-5), (hist["valid_loss"][-1], ref_valid)
+    assert hist["valid_acc"][-1] == pytest.approx(ref_acc), (hist["valid_acc"][-1], ref_acc)
     assert hist["lr"] == lrs and min(lrs) < 0.3 / 10 / 2  # cut at least twice
     np.testing.assert_allclose(hist["train_loss"], losses, rtol=1e-6)
     torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-5, atol=1e-6)

@@ -75,16 +75,19 @@ class _Adam:
             q -= np.float32(step_size) * (m / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _cross_entropy(z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> tuple[float, np.ndarray]:
-    """`nn.CrossEntropyLoss(weight=w)` (mean reduction: the class-weighted mean) of logits z for labels y, and its
-    gradient with respect to z."""
-    rows = np.arange(len(y))
+def _nll(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's cross-entropy -log softmax(z)[y], and softmax(z)."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     total = e.sum(axis=1, keepdims=True)
-    nll = np.log(total[:, 0]) - z[rows, y]
-    g = e / total
-    g[rows, y] -= 1
+    return np.log(total[:, 0]) - z[np.arange(len(y)), y], e / total
+
+
+def _cross_entropy(z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """`nn.CrossEntropyLoss(weight=w)` (mean reduction: the class-weighted mean) of logits z for labels y, and its
+    gradient with respect to z."""
+    nll, g = _nll(z, y)
+    g[np.arange(len(y)), y] -= 1
     wi = np.ones(len(y), np.float32) if w is None else w[y]
     norm = wi.sum()
     g *= (wi / norm)[:, None]
@@ -158,7 +161,8 @@ def fit_linear_softmax(
         vloss = vacc = math.nan
         if vX is not None:
             vz = vX @ W.T + b
-            vloss = _weighted_sum_loss(vz, vy, w) / len(vy)
+            nll = _nll(vz, vy)[0]  # nn.CrossEntropyLoss(weight=w, reduction="sum") / images
+            vloss = float((nll if w is None else w[vy] * nll).sum()) / len(vy)
             vacc = float((vz.argmax(axis=1) == vy).mean())
         history["valid_loss"].append(vloss)
         history["valid_acc"].append(vacc)
@@ -166,14 +170,6 @@ def fit_linear_softmax(
         linear.weight.copy_(torch.from_numpy(W))
         linear.bias.copy_(torch.from_numpy(b))
     return history
-
-
-def _weighted_sum_loss(z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> float:
-    """`nn.CrossEntropyLoss(weight=w, reduction="sum")`: the sum of each image's (weighted) loss."""
-    rows = np.arange(len(y))
-    z = z - z.max(axis=1, keepdims=True)
-    nll = np.log(np.exp(z).sum(axis=1)) - z[rows, y]
-    return float(nll.sum() if w is None else (w[y] * nll).sum())
 
 
 def _seeded_linear(d: int, k: int, seed: int) -> nn.Linear:
