@@ -157,7 +157,7 @@ def _drawn_from(path: Path) -> str | None:
         return None
 
 
-def _fonts(plot):
+def _figure(plot):
     """Draw `plot` with `font_families()` and without matplotlib's per-glyph warnings (the report says once which
     characters no installed font draws: `missing_glyphs`). A PNG already at its `path` that was drawn from the same
     arguments by the same code (its `figure_key`, stored in the file) is kept as it is, and one in the
@@ -238,7 +238,7 @@ def _no_data(ax, text="no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
-@_fonts
+@_figure
 def plot_learning_curves(history: dict[str, list[float]], path, title: str = "") -> Path:
     """Loss and accuracy (train / valid) per epoch, side by side; missing or NaN validation is skipped."""
     epochs = _epochs(history)
@@ -265,7 +265,7 @@ def plot_learning_curves(history: dict[str, list[float]], path, title: str = "")
     return _save(fig, path)
 
 
-@_fonts
+@_figure
 def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> Path:
     """Learning rate per epoch as a step line, log y axis."""
     epochs = _epochs(history)
@@ -287,7 +287,7 @@ def plot_lr_schedule(history: dict[str, list[float]], path, title: str = "") -> 
 MAX_CONFUSION_INCHES = 14.0
 
 
-@_fonts
+@_figure
 def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normalize: bool = True) -> Path:
     """Confusion matrix (rows = true class), colour = row-normalised share, cells annotated with counts."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -337,7 +337,7 @@ def plot_confusion_matrix(cm, classes: list[str], path, title: str = "", normali
     return _save(fig, path)
 
 
-@_fonts
+@_figure
 def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str], path, title: str = "") -> Path:
     """Images per class for each split as grouped horizontal bars, log count axis."""
     splits = list(counts)
@@ -368,7 +368,7 @@ def plot_class_distribution(counts: dict[str, dict[str, int]], classes: list[str
     return _save(fig, path)
 
 
-@_fonts
+@_figure
 def plot_data_efficiency(
     points: dict[str, list[tuple[int, float]]], path, ylabel: str = "validation macro-F1", title: str = ""
 ) -> Path:
