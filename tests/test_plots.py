@@ -307,3 +307,15 @@ def test_a_study_rerun_into_another_folder_draws_no_figure_again(tmp_path, cache
     assert saves == []
     first = sorted(p.relative_to(tmp_path / "run1") for p in (tmp_path / "run1").rglob("*.png"))
     assert first and first == sorted(p.relative_to(tmp_path / "run2") for p in (tmp_path / "run2").rglob("*.png"))
+
+
+def test_reading_a_figures_key_does_not_decode_its_pixels(tmp_path, monkeypatch):
+    """Checking whether a figure can be kept read the whole PNG (PIL's `text` decodes the image to find chunks after
+    the pixels): 0.12 s of a 0.57 s warm report. The key is written before the pixels and read from there."""
+    from PIL import ImageFile
+
+    path = plots.plot_lr_schedule({"epoch": [1, 2], "lr": [1e-3, 1e-4]}, tmp_path / "lr.png")
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real(self))
+    assert plots._drawn_from(path) and loads == []

@@ -147,12 +147,13 @@ def figure_key(name: str, arguments: dict) -> str:
 
 
 def _drawn_from(path: Path) -> str | None:
-    """The `figure_key` stored in the PNG at `path` (None: none, or not a readable PNG)."""
+    """The `figure_key` stored in the PNG at `path` (None: none, or not a readable PNG). Read from the chunks before
+    the pixels, as `_save` writes it: PIL's `text` would decode the whole image to look for chunks after them."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.text.get(FIGURE_KEY) if im.format == "PNG" else None
+            return im.info.get(FIGURE_KEY) if im.format == "PNG" else None
     except (OSError, ValueError, SyntaxError):
         return None
 
