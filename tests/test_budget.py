@@ -384,6 +384,34 @@ def test_an_error_in_either_final_fit_thread_is_raised_not_waited_on(monkeypatch
     assert raised == [f"{failing} broke"]
 
 
+def test_a_member_failing_in_the_other_thread_while_the_ensemble_waits_for_it_is_raised(monkeypatch):
+    """The study's thread has fitted its members and waits for one the other thread fits, which then fails: the wait
+    ends with that error (the other thread's last wake-up came before its future was done, so the wait went on)."""
+    import threading
+
+    def fake_fit(name, *a, **kw):
+        if not threading.current_thread().name.startswith("final fits"):
+            time.sleep(0.2)  # the study's thread: slow enough that the other takes a member
+        elif name != "softmax":
+            time.sleep(0.8)  # the other thread's member fails once the study's thread waits for it
+            raise RuntimeError(f"{name} broke")
+        return {"estimator": name, "train_seconds": 0.0}
+
+    raised = []
+
+    def run():
+        try:
+            _final_fits_on_two_cores(monkeypatch, fake_fit, {"logreg": 2.0, "svm_tuned": 1.0, "lda": 0.2, "svm": 0.1})
+        except RuntimeError as exc:
+            raised.append(str(exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "the study's thread went on waiting for the failed fit"
+    assert len(raised) == 1 and raised[0].endswith("broke")
+
+
 def test_a_rerun_under_a_tight_budget_loads_what_the_cache_holds_instead_of_skipping_it(tmp_path, cache_dir):
     # A rerun with --time-budget skipped final fits and the data-efficiency curve by their expected cost although
     # the cache held them: loading costs nothing, so nothing is skipped.

@@ -493,23 +493,20 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
                     return name
             return None
 
+    def notify(_=None) -> None:
+        with changed:
+            changed.notify_all()
+
     def fit_queued(name: str, here: bool) -> None:
         if here:  # the study's thread, whose fits the bar names
             bar.update(task, description=f"heads: {name}")
-        try:
-            finished[name] = fit(name, {})
-        finally:
-            with changed:
-                changed.notify_all()
+        finished[name] = fit(name, {})
+        notify()
         done()
 
     def fit_side() -> None:
-        try:
-            while (name := take()) is not None:
-                fit_queued(name, here=False)
-        finally:  # an error too: whoever waits on this thread must not wait forever
-            with changed:
-                changed.notify_all()
+        while (name := take()) is not None:
+            fit_queued(name, here=False)
 
     with thread_budget(jobs), ThreadPoolExecutor(max_workers=1, thread_name_prefix="final fits") as pool:
         alongside, started = None, []
@@ -520,6 +517,9 @@ def _final_fits(cfg: StudyConfig, splits, ds, bb, cv_selection: dict | None, bud
             # the longest first: a baseline with no CV timing (the seed softmax's 50 epochs) counts as longest
             queue.extend(sorted(started, key=lambda m: -(_expected_fit_seconds(m, cv_selection) or float("inf"))))
             alongside = pool.submit(fit_side)
+            # once its future is done, an error included: a wake-up from inside fit_side would come before that,
+            # and a wait for a fit that failed there would go on
+            alongside.add_done_callback(notify)
 
         def wait_for(names) -> dict:
             """This thread takes the queued fits of `names` (all of the queue: None) until none is left, then waits
